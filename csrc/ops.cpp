@@ -1,0 +1,38 @@
+// Every schema of the gptmod namespace, in one place. Backends register implementations with
+// TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd live in
+// python/gptmod_ext/ops.py. The contracts are in design.md section 2.
+#include <torch/library.h>
+
+#include "gptmod/cpu_dispatch.h"
+
+namespace gptmod {
+
+// Which per-capability build the CPU kernels run (DEFAULT, AVX2 or AVX512); for tests and
+// benchmark reports.
+static std::string cpu_capability() {
+  return ::gptmod::cpu::capability_name(::gptmod::cpu::detected_capability());
+}
+
+TORCH_LIBRARY(gptmod, m) {
+  // Rotary position embedding of x [B, T, H, D] by tables cos/sin [max_pos, D/2]; out of place.
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, Tensor? positions=None, "
+        "bool interleaved=False, bool inverse=False) -> Tensor");
+  // The same rotation written into x.
+  m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin, Tensor? positions=None, "
+        "bool interleaved=False, bool inverse=False) -> ()");
+  // silu(gate) * up for gate_up [..., 2F] = [gate | up] -> [..., F].
+  m.def("swiglu(Tensor gate_up) -> Tensor");
+  // Gradient of swiglu with respect to gate_up, recomputing sigmoid(gate): -> [..., 2F].
+  m.def("swiglu_backward(Tensor grad_out, Tensor gate_up) -> Tensor");
+  // Causal GQA attention of q [B, Tq, Hq, D] over caches [B, S_max, Hkv, D] holding
+  // cache_seqlens[b] valid rows (the Tq new ones included). num_splits=0 picks a split count.
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
+        "float scale, float softcap=0.0, int num_splits=0) -> Tensor");
+  // Writes k_new/v_new [B, Tn, Hkv, D] into the caches at rows cache_seqlens[b] + t, where
+  // cache_seqlens (int32 [B]) holds each sequence's length before the write.
+  m.def("kv_cache_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, "
+        "Tensor cache_seqlens) -> ()");
+  m.def("cpu_capability() -> str", &cpu_capability);
+}
+
+}  // namespace gptmod

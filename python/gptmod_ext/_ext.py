@@ -1,0 +1,78 @@
+"""Finding and loading the compiled op libraries.
+
+The ops live in two shared libraries next to this file (or in $GPTMOD_EXT_LIB_DIR, or in the
+source checkout's build/ directory for development builds):
+  libgptmod_cpu.so   every schema plus the CPU kernels
+  libgptmod_cuda.so  the CUDA kernels (only in CUDA builds)
+They are plain libraries loaded with torch.ops.load_library: they use no Python C API.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+REBUILD_HINT = "rebuild it against the torch you have with `pip install --no-build-isolation .`"
+
+
+class ExtensionNotAvailable(ImportError):
+    """The compiled ops cannot be used; the message says why and how to fix it."""
+
+
+def _candidate_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("GPTMOD_EXT_LIB_DIR"):
+        dirs.append(Path(os.environ["GPTMOD_EXT_LIB_DIR"]))
+    here = Path(__file__).resolve().parent
+    dirs.append(here)
+    # A source checkout: python/gptmod_ext/ -> <repo>/build (cmake -B build).
+    dirs.append(here.parent.parent / "build")
+    return dirs
+
+
+def _torch_release(version: str) -> str:
+    return version.split("+")[0]
+
+
+def _load() -> tuple[Path | None, bool, str | None]:
+    """Returns (library dir, cuda library loaded, error message or None)."""
+    for d in _candidate_dirs():
+        cpu_lib = d / "libgptmod_cpu.so"
+        if not cpu_lib.exists():
+            continue
+        info_file = d / "_build_info.json"
+        if info_file.exists():
+            built = json.loads(info_file.read_text())
+            if _torch_release(built["torch_version"]) != _torch_release(torch.__version__):
+                return d, False, (
+                    f"gptmod_ext's compiled ops in {d} were built against torch "
+                    f"{built['torch_version']} but torch {torch.__version__} is running; "
+                    f"{REBUILD_HINT}.")
+        try:
+            torch.ops.load_library(str(cpu_lib))
+        except OSError as e:
+            return d, False, f"gptmod_ext could not load {cpu_lib} ({e}); {REBUILD_HINT}."
+        cuda_lib = d / "libgptmod_cuda.so"
+        cuda_loaded = False
+        if cuda_lib.exists() and torch.version.cuda:
+            try:
+                torch.ops.load_library(str(cuda_lib))
+                cuda_loaded = True
+            except OSError as e:
+                return d, False, f"gptmod_ext could not load {cuda_lib} ({e}); {REBUILD_HINT}."
+        return d, cuda_loaded, None
+    return None, False, ("gptmod_ext's compiled ops were not found (looked in "
+                         + ", ".join(str(d) for d in _candidate_dirs())
+                         + "); install the package with `pip install .`.")
+
+
+LIB_DIR, CUDA_LOADED, LOAD_ERROR = _load()
+AVAILABLE = LOAD_ERROR is None
+
+
+def require() -> None:
+    """Raises ExtensionNotAvailable with the reason when the compiled ops cannot be used."""
+    if not AVAILABLE:
+        raise ExtensionNotAvailable(LOAD_ERROR)

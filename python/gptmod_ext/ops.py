@@ -1,0 +1,222 @@
+"""Python registrations for the gptmod ops: fake (meta) kernels and autograd.
+
+The schemas and the CPU/CUDA kernels are C++ (csrc/ops.cpp, csrc/cpu, csrc/cuda). Here each op
+gets a fake kernel, so torch.compile can trace through it, and rope/swiglu get autograd. The fake
+kernels run the same checks as the C++ entry points (ranks, sizes, dtypes, devices), so a bad call
+fails the same way while tracing.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+
+AVAILABLE = _ext.AVAILABLE
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise RuntimeError(msg)
+
+
+def _check_last_dim_contiguous(op: str, name: str, t: torch.Tensor) -> None:
+    _check(t.dim() == 0 or t.stride(-1) == 1 or t.size(-1) == 1,
+           f"{op}: {name} must have stride 1 in its last dim, got strides {tuple(t.stride())}")
+
+
+def check_rope_args(op, x, cos, sin, positions):
+    _check(x.dim() == 4, f"{op}: x must be 4-D [B, T, H, D], got {x.dim()}-D")
+    _check(x.dtype in _FLOATS, f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    D = x.size(3)
+    _check(D % 2 == 0, f"{op}: x head dim D must be even, got {D}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        _check(t.dim() == 2 and t.size(1) == D // 2,
+               f"{op}: {name} must be [max_pos, D/2] = [*, {D // 2}], got {tuple(t.shape)}")
+        want = (torch.float32, torch.float64) if x.dtype == torch.float64 else (torch.float32,)
+        _check(t.dtype in want, f"{op}: {name} must be float32 (or float64 with float64 x), got {t.dtype}")
+        _check(t.device == x.device, f"{op}: {name} is on {t.device} but x is on {x.device}")
+        _check_last_dim_contiguous(op, name, t)
+    _check(cos.shape == sin.shape, f"{op}: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ")
+    _check(cos.dtype == sin.dtype, f"{op}: cos ({cos.dtype}) and sin ({sin.dtype}) dtypes differ")
+    _check_last_dim_contiguous(op, "x", x)
+    if positions is None:
+        _check(x.size(1) <= cos.size(0),
+               f"{op}: x has T={x.size(1)} tokens but cos/sin only cover {cos.size(0)} positions")
+        return
+    _check(positions.dtype in (torch.int32, torch.int64),
+           f"{op}: positions must be int32 or int64, got {positions.dtype}")
+    _check(positions.device == x.device,
+           f"{op}: positions is on {positions.device} but x is on {x.device}")
+    ok = (positions.dim() == 1 and positions.size(0) == x.size(1)) or (
+        positions.dim() == 2 and tuple(positions.shape) == (x.size(0), x.size(1)))
+    _check(ok, f"{op}: positions must be [T] or [B, T] = [{x.size(0)}, {x.size(1)}], "
+               f"got {tuple(positions.shape)}")
+
+
+def check_swiglu_args(op, gate_up, grad_out=None):
+    _check(gate_up.dim() >= 1, f"{op}: gate_up must have at least 1 dim")
+    _check(gate_up.dtype in _FLOATS,
+           f"{op}: gate_up must be float32, float16, bfloat16 or float64, got {gate_up.dtype}")
+    _check(gate_up.size(-1) % 2 == 0,
+           f"{op}: gate_up last dim must be even (2F), got {gate_up.size(-1)}")
+    _check_last_dim_contiguous(op, "gate_up", gate_up)
+    if grad_out is not None:
+        want = (*gate_up.shape[:-1], gate_up.size(-1) // 2)
+        _check(tuple(grad_out.shape) == want,
+               f"{op}: grad_out must be {want}, got {tuple(grad_out.shape)}")
+        _check(grad_out.dtype == gate_up.dtype,
+               f"{op}: grad_out dtype {grad_out.dtype} differs from gate_up's {gate_up.dtype}")
+        _check(grad_out.device == gate_up.device,
+               f"{op}: grad_out is on {grad_out.device} but gate_up is on {gate_up.device}")
+        _check_last_dim_contiguous(op, "grad_out", grad_out)
+
+
+def check_decode_attention_args(op, q, k_cache, v_cache, cache_seqlens):
+    _check(q.dim() == 4, f"{op}: q must be 4-D [B, Tq, Hq, D], got {q.dim()}-D")
+    _check(k_cache.dim() == 4, f"{op}: k_cache must be 4-D [B, S_max, Hkv, D], got {k_cache.dim()}-D")
+    _check(v_cache.dim() == 4, f"{op}: v_cache must be 4-D [B, S_max, Hkv, D], got {v_cache.dim()}-D")
+    _check(q.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+           f"{op}: q must be float32, float16 or bfloat16, got {q.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check(t.dtype == q.dtype, f"{op}: {name} dtype {t.dtype} differs from q's {q.dtype}")
+        _check(t.device == q.device, f"{op}: {name} is on {t.device} but q is on {q.device}")
+        _check_last_dim_contiguous(op, name, t)
+    _check_last_dim_contiguous(op, "q", q)
+    B, Tq, Hq, D = q.shape
+    _check(tuple(k_cache.shape) == tuple(v_cache.shape),
+           f"{op}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    _check(k_cache.size(0) == B, f"{op}: k_cache batch {k_cache.size(0)} differs from q's {B}")
+    _check(k_cache.size(3) == D, f"{op}: k_cache head dim {k_cache.size(3)} differs from q's {D}")
+    Hkv = k_cache.size(2)
+    _check(Hkv > 0 and Hq % Hkv == 0,
+           f"{op}: q heads Hq={Hq} must be a multiple of the cache's KV heads Hkv={Hkv}")
+    _check(cache_seqlens.dtype == torch.int32,
+           f"{op}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    _check(cache_seqlens.dim() == 1 and cache_seqlens.size(0) == B,
+           f"{op}: cache_seqlens must be [B] = [{B}], got {tuple(cache_seqlens.shape)}")
+    _check(cache_seqlens.device == q.device,
+           f"{op}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+
+
+def check_kv_cache_write_args(op, k_cache, v_cache, k_new, v_new, cache_seqlens):
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
+        _check(t.dim() == 4, f"{op}: {name} must be 4-D, got {t.dim()}-D")
+        _check(t.dtype == k_cache.dtype, f"{op}: {name} dtype {t.dtype} differs from k_cache's {k_cache.dtype}")
+        _check(t.device == k_cache.device, f"{op}: {name} is on {t.device} but k_cache is on {k_cache.device}")
+        _check_last_dim_contiguous(op, name, t)
+    _check(tuple(k_cache.shape) == tuple(v_cache.shape),
+           f"{op}: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    _check(tuple(k_new.shape) == tuple(v_new.shape),
+           f"{op}: k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} differ")
+    B, _, Hkv, D = k_cache.shape
+    _check(k_new.size(0) == B and k_new.size(2) == Hkv and k_new.size(3) == D,
+           f"{op}: k_new must be [{B}, Tn, {Hkv}, {D}], got {tuple(k_new.shape)}")
+    _check(cache_seqlens.dtype == torch.int32 and tuple(cache_seqlens.shape) == (B,),
+           f"{op}: cache_seqlens must be int32 [{B}], got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+    _check(cache_seqlens.device == k_cache.device,
+           f"{op}: cache_seqlens is on {cache_seqlens.device} but k_cache is on {k_cache.device}")
+
+
+if AVAILABLE:
+
+    @torch.library.register_fake("gptmod::rope")
+    def _rope_fake(x, cos, sin, positions=None, interleaved=False, inverse=False):
+        check_rope_args("rope", x, cos, sin, positions)
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("gptmod::rope_")
+    def _rope_inplace_fake(x, cos, sin, positions=None, interleaved=False, inverse=False):
+        check_rope_args("rope_", x, cos, sin, positions)
+
+    @torch.library.register_fake("gptmod::swiglu")
+    def _swiglu_fake(gate_up):
+        check_swiglu_args("swiglu", gate_up)
+        return gate_up.new_empty((*gate_up.shape[:-1], gate_up.size(-1) // 2))
+
+    @torch.library.register_fake("gptmod::swiglu_backward")
+    def _swiglu_backward_fake(grad_out, gate_up):
+        check_swiglu_args("swiglu_backward", gate_up, grad_out)
+        return gate_up.new_empty(gate_up.shape)
+
+    @torch.library.register_fake("gptmod::decode_attention")
+    def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, scale, softcap=0.0, num_splits=0):
+        check_decode_attention_args("decode_attention", q, k_cache, v_cache, cache_seqlens)
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("gptmod::kv_cache_write")
+    def _kv_cache_write_fake(k_cache, v_cache, k_new, v_new, cache_seqlens):
+        check_kv_cache_write_args("kv_cache_write", k_cache, v_cache, k_new, v_new, cache_seqlens)
+
+    # rope is linear in x, an orthogonal rotation: its gradient is the inverse rotation.
+    def _rope_setup_context(ctx, inputs, output):
+        _, cos, sin, positions, interleaved, inverse = inputs
+        ctx.save_for_backward(cos, sin, positions)
+        ctx.interleaved, ctx.inverse = interleaved, inverse
+
+    def _rope_backward(ctx, grad):
+        cos, sin, positions = ctx.saved_tensors
+        dx = torch.ops.gptmod.rope(grad.contiguous(), cos, sin, positions, ctx.interleaved,
+                                   not ctx.inverse)
+        return dx, None, None, None, None, None
+
+    torch.library.register_autograd("gptmod::rope", _rope_backward,
+                                    setup_context=_rope_setup_context)
+
+    # Only gate_up is saved: the backward recomputes sigmoid(gate) instead of storing it.
+    def _swiglu_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def _swiglu_backward(ctx, grad):
+        (gate_up,) = ctx.saved_tensors
+        return torch.ops.gptmod.swiglu_backward(grad.contiguous(), gate_up)
+
+    torch.library.register_autograd("gptmod::swiglu", _swiglu_backward,
+                                    setup_context=_swiglu_setup_context)
+
+    def _decode_attention_setup_context(ctx, inputs, output):
+        pass
+
+    def _decode_attention_backward(ctx, grad):
+        raise RuntimeError("decode_attention is inference-only and has no backward; use the "
+                           "model's training forward (or the torch backend) for gradients")
+
+    torch.library.register_autograd("gptmod::decode_attention", _decode_attention_backward,
+                                    setup_context=_decode_attention_setup_context)
+
+
+def _require():
+    _ext.require()
+
+
+def rope(x, cos, sin, positions=None, interleaved=False, inverse=False):
+    _require()
+    return torch.ops.gptmod.rope(x, cos, sin, positions, interleaved, inverse)
+
+
+def rope_(x, cos, sin, positions=None, interleaved=False, inverse=False):
+    _require()
+    torch.ops.gptmod.rope_(x, cos, sin, positions, interleaved, inverse)
+    return x
+
+
+def swiglu(gate_up):
+    _require()
+    return torch.ops.gptmod.swiglu(gate_up)
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, scale, softcap=0.0, num_splits=0):
+    _require()
+    return torch.ops.gptmod.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, softcap,
+                                             num_splits)
+
+
+def kv_cache_write(k_cache, v_cache, k_new, v_new, cache_seqlens):
+    _require()
+    torch.ops.gptmod.kv_cache_write(k_cache, v_cache, k_new, v_new, cache_seqlens)
+
+
+def cpu_capability() -> str:
+    _require()
+    return torch.ops.gptmod.cpu_capability()
