@@ -1,0 +1,351 @@
+"""Turns text into token files: `python -m gptmod_ext.prepare [INPUT ...] [--out DIR]`.
+
+Inputs (any mix): text files, globs, directories (every non-hidden file inside, recursively),
+and JSONL files (`*.jsonl`, one document per line in the field --jsonl-field). With no input,
+the corpus is the Python standard library's own source (`sysconfig.get_paths()["stdlib"]`,
+present on every Python install; tests and site-packages left out), capped at --max-bytes.
+
+Documents: each file is a document, and inside any text file the literal `<|endoftext|>`
+separates documents, which is the format of TinyStories' released text files
+(TinyStoriesV2-GPT4-train.txt). Every document is written followed by the end-of-text id.
+
+Split: documents are assigned to train/val by a seeded random choice of round(n * val_fraction)
+of them (at least one each way). A corpus with fewer than 20 documents (one long text file,
+say) is split by position instead: the last val_fraction of each document goes to val.
+
+Output (see data.py): train.bin, val.bin, meta.json, tokenizer.json.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from . import data as data_mod
+from . import tokenizer as tokenizer_mod
+
+DEFAULT_MAX_BYTES = 6_000_000   # default corpus: ~6 MB of stdlib source, ~2M BPE tokens
+DEFAULT_OUT = "data/stdlib"
+MIN_DOCS_FOR_DOC_SPLIT = 20
+BPE_TRAIN_MAX_BYTES = 100_000_000  # BPE merges are learned from at most this much text
+
+
+class PrepareError(Exception):
+    """Bad input to prepare; the message is one line that says why."""
+
+
+# -- finding the sources ----------------------------------------------------------------------
+def stdlib_files(max_bytes: int = DEFAULT_MAX_BYTES, seed: int = 0) -> list[Path]:
+    """The standard library's .py files in a seeded order, up to max_bytes in all.
+
+    Shuffling before capping spreads the sample across the whole library instead of taking
+    the alphabetically first packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = [f for f in root.rglob("*.py")
+             if not skip.intersection(f.relative_to(root).parts)]
+    files.sort(key=lambda f: hashlib.sha1(f"{seed}/{f.relative_to(root)}".encode()).hexdigest())
+    chosen, total = [], 0
+    for f in files:
+        size = f.stat().st_size
+        if max_bytes and total + size > max_bytes:
+            continue
+        chosen.append(f)
+        total += size
+    if not chosen:
+        raise PrepareError(f"no Python sources found under {root}")
+    return sorted(chosen)
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files named by paths, globs and directories, in a stable order, without duplicates."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise PrepareError(f"directory {p} holds no files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        elif glob.has_magic(item):
+            found = sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
+            if not found:
+                raise PrepareError(f"no file matches {item!r}")
+            files += found
+        else:
+            raise PrepareError(f"input {item} does not exist")
+    seen, unique = set(), []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+# -- reading documents ------------------------------------------------------------------------
+def _decode(raw: bytes, path: Path, offset: int, errors: str) -> str:
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path}: invalid UTF-8 at byte {offset + e.start} "
+                           "(fix the file or pass --errors replace)") from None
+
+
+def read_text_documents(path: Path, errors: str = "strict") -> Iterator[str]:
+    """Documents of a text file: the whole file, or the pieces between <|endoftext|> markers.
+
+    Reads line by line so that a multi-GB TinyStories file never sits in memory whole."""
+    sep = tokenizer_mod.EOT.encode()
+    has_sep = False
+    pending: list[bytes] = []
+    start = 0  # byte offset of pending[0], for error messages
+    pos = 0    # byte offset of the current line
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                parts = line.split(sep)
+                pending.append(parts[0])
+                at = pos + len(parts[0])
+                for piece in parts[1:]:
+                    has_sep = True
+                    doc = _decode(b"".join(pending), path, start, errors).strip()
+                    if doc:
+                        yield doc
+                    start = at + len(sep)
+                    at = start + len(piece)
+                    pending = [piece]
+                pos += len(line)
+    except OSError as e:
+        raise PrepareError(f"cannot read {path}: {e.strerror or e}") from None
+    doc = _decode(b"".join(pending), path, start, errors)
+    # A plain file keeps its text exactly; separated stories drop the blank lines around them.
+    if has_sep:
+        doc = doc.strip()
+    if doc.strip():
+        yield doc
+
+
+def read_jsonl_documents(path: Path, field: str, errors: str = "strict") -> Iterator[str]:
+    try:
+        with open(path, "rb") as f:
+            offset = 0
+            for lineno, raw in enumerate(f, 1):
+                line = _decode(raw, path, offset, errors)
+                offset += len(raw)
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PrepareError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict) or field not in row:
+                    raise PrepareError(f"{path}:{lineno}: no field {field!r} "
+                                       "(choose it with --jsonl-field)")
+                text = row[field]
+                if not isinstance(text, str):
+                    raise PrepareError(f"{path}:{lineno}: field {field!r} is not a string")
+                if text:
+                    yield text
+    except OSError as e:
+        raise PrepareError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def iter_documents(files: list[Path], jsonl_field: str = "text", errors: str = "strict",
+                   progress: bool = False, desc: str = "reading") -> Iterator[str]:
+    total = sum(f.stat().st_size for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress,
+              file=sys.stderr) as bar:
+        for f in files:
+            if f.suffix == ".jsonl":
+                yield from read_jsonl_documents(f, jsonl_field, errors)
+            else:
+                yield from read_text_documents(f, errors)
+            bar.update(f.stat().st_size)
+
+
+# -- the split --------------------------------------------------------------------------------
+def choose_val_docs(n_docs: int, val_fraction: float, seed: int) -> set[int]:
+    n_val = min(max(1, round(n_docs * val_fraction)), n_docs - 1)
+    rng = np.random.default_rng(seed)
+    return set(rng.choice(n_docs, size=n_val, replace=False).tolist())
+
+
+def split_by_position(doc: str, val_fraction: float) -> tuple[str, str]:
+    """(train part, val part) of one document, cut at a line boundary near the end."""
+    cut = int(len(doc) * (1 - val_fraction))
+    nl = doc.rfind("\n", 0, cut)
+    if nl > len(doc) // 2:
+        cut = nl + 1
+    return doc[:cut], doc[cut:]
+
+
+# -- the whole pipeline -----------------------------------------------------------------------
+def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str = "bpe",
+            vocab_size: int = 4096, tokenizer_path: str | None = None,
+            jsonl_field: str = "text", val_fraction: float = 0.05, seed: int = 1337,
+            errors: str = "strict", max_bytes: int | None = None,
+            progress: bool = True) -> dict:
+    """Prepares `inputs` (None: the default stdlib corpus) into `out_dir`; returns meta."""
+    if not 0 < val_fraction < 1:
+        raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if inputs:
+        files = expand_inputs(inputs)
+        if max_bytes:
+            raise PrepareError("--max-bytes applies to the default corpus only")
+        sources = [str(f) for f in files]
+    else:
+        files = stdlib_files(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+        sources = [f"stdlib:{sysconfig.get_paths()['stdlib']} ({len(files)} files)"]
+
+    def docs(desc):
+        return iter_documents(files, jsonl_field, errors, progress, desc)
+
+    # Pass 1: count the documents (the split needs n) and train the BPE on the text.
+    n_docs, n_bytes = 0, 0
+
+    def counted(limit_bytes):
+        nonlocal n_docs, n_bytes
+        for d in docs("reading"):
+            n_docs += 1
+            n_bytes += len(d)
+            if n_bytes <= limit_bytes:
+                yield d
+
+    try:
+        if tokenizer == "bpe":
+            tok = tokenizer_mod.train_bpe(counted(BPE_TRAIN_MAX_BYTES), vocab_size)
+        else:
+            for _ in counted(0):
+                pass
+            tok = tokenizer_mod.build(tokenizer, vocab_size=vocab_size, path=tokenizer_path)
+    except tokenizer_mod.TokenizerError as e:
+        raise PrepareError(str(e)) from None
+    if n_docs == 0:
+        raise PrepareError("the corpus is empty (no non-empty document in "
+                           f"{len(files)} file{'s' if len(files) != 1 else ''})")
+
+    # Pass 2: encode and write. Batches of documents go through tiktoken's threaded encoder.
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / data_mod.META).unlink(missing_ok=True)  # incomplete until meta.json is back
+    dtype = data_mod.token_dtype(tok.vocab_size)
+    by_doc = n_docs >= MIN_DOCS_FOR_DOC_SPLIT
+    val_docs = choose_val_docs(n_docs, val_fraction, seed) if by_doc else set()
+    stats = {s: {"file": f"{s}.bin", "tokens": 0, "bytes": 0, "docs": 0} for s in data_mod.SPLITS}
+    handles = {s: open(out / f"{s}.bin.tmp", "wb") for s in data_mod.SPLITS}
+
+    def flush(batch):
+        ids = tok.encode_batch([text for _, text in batch])
+        for (split, text), toks in zip(batch, ids):
+            arr = np.asarray(toks + [tok.eot_id], dtype=dtype)
+            handles[split].write(arr.tobytes())
+            st = stats[split]
+            st["tokens"] += len(arr)
+            st["bytes"] += len(text.encode("utf-8"))
+            st["docs"] += 1
+        batch.clear()
+
+    try:
+        batch: list[tuple[str, str]] = []
+        for i, doc in enumerate(docs("tokenizing")):
+            if by_doc:
+                batch.append(("val" if i in val_docs else "train", doc))
+            else:
+                tr, va = split_by_position(doc, val_fraction)
+                batch += [("train", tr), ("val", va)]
+            if len(batch) >= 256:
+                flush(batch)
+        flush(batch)
+    finally:
+        for h in handles.values():
+            h.close()
+    for s in data_mod.SPLITS:
+        if stats[s]["tokens"] == 0:
+            raise PrepareError(f"the {s} split is empty; add more text")
+        os.replace(out / f"{s}.bin.tmp", out / f"{s}.bin")
+    tok.save(out)
+    meta = {
+        "format": data_mod.FORMAT,
+        "dtype": dtype.name,
+        "train": stats["train"],
+        "val": stats["val"],
+        "tokenizer": tok.describe(),
+        "sources": sources,
+        "split": {"by": "document" if by_doc else "position",
+                  "val_fraction": val_fraction, "seed": seed},
+        "args": {"tokenizer": tokenizer, "vocab_size": vocab_size,
+                 "tokenizer_path": tokenizer_path, "jsonl_field": jsonl_field,
+                 "errors": errors, "max_bytes": max_bytes},
+    }
+    tmp = out / (data_mod.META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, out / data_mod.META)
+    return meta
+
+
+def summary(meta: dict, out_dir) -> str:
+    t, v = meta["train"], meta["val"]
+    return (f"wrote {out_dir}: train {t['tokens']:,} tokens ({t['docs']:,} docs, "
+            f"{t['bytes']:,} bytes), val {v['tokens']:,} tokens ({v['docs']:,} docs), "
+            f"{meta['dtype']}, tokenizer {meta['tokenizer']['name']} "
+            f"(vocab {meta['tokenizer']['vocab_size']})")
+
+
+def add_tokenizer_args(p: argparse.ArgumentParser) -> None:
+    """Options shared with train.py, which prepares raw text given to --data."""
+    p.add_argument("--tokenizer", default="bpe", choices=["bpe", "bytes", "gpt2"],
+                   help="bpe: byte-level BPE trained on the corpus (rustbpe); bytes: raw "
+                        "UTF-8 bytes; gpt2: GPT-2's encoding from local files")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    p.add_argument("--tokenizer-path", default=None,
+                   help="gpt2: a .tiktoken file or a directory with vocab.bpe + encoder.json "
+                        "(default: tiktoken's cache)")
+    p.add_argument("--jsonl-field", default="text", help="the text field of .jsonl inputs")
+    p.add_argument("--errors", default="strict", choices=["strict", "replace"],
+                   help="invalid UTF-8: stop with its position, or replace it with U+FFFD")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gptmod_ext.prepare",
+                                description="Tokenize text into train.bin/val.bin/meta.json.")
+    p.add_argument("inputs", nargs="*",
+                   help="text/JSONL files, globs or directories (default: the Python "
+                        "standard library's source)")
+    p.add_argument("--out", default=None,
+                   help=f"output directory (default: {DEFAULT_OUT} for the default corpus, "
+                        "data/<first input's name> otherwise)")
+    add_tokenizer_args(p)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--max-bytes", type=int, default=None,
+                   help=f"cap on the default corpus (default {DEFAULT_MAX_BYTES:,}; 0 = all)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    out = args.out or (f"data/{Path(args.inputs[0].rstrip('/*')).stem or 'corpus'}"
+                       if args.inputs else DEFAULT_OUT)
+    try:
+        meta = prepare(args.inputs or None, out, args.tokenizer, args.vocab_size,
+                       args.tokenizer_path, args.jsonl_field, args.val_fraction, args.seed,
+                       args.errors, args.max_bytes, progress=not args.no_progress)
+    except (PrepareError, data_mod.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary(meta, out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
