@@ -1,0 +1,613 @@
+"""The GPT model: config and presets, modules, the model, the KV cache and generation.
+
+Read top to bottom, as nanoGPT's model.py: GPTConfig and PRESETS, the building blocks (norm,
+attention, MLP, block), GPT (forward, the cached forward the server drives), then generation.
+
+Every architectural choice is a config flag, so one class covers GPT-2 (learned positions,
+LayerNorm, tanh-GELU, biases, tied embeddings) and a modern decoder (RoPE, RMSNorm, SwiGLU,
+grouped-query attention, no biases, optional logit soft-cap and QK-norm).
+
+Two backends run the same weights and can be switched at any time with `model.backend = ...`:
+  'torch'  pure PyTorch, the readable reference: reference.rope, F.silu(g) * u,
+           F.scaled_dot_product_attention for training/evaluation, reference.decode_attention and
+           an indexed copy for cached generation. Works without the compiled extension.
+  'ext'    our ops: torch.ops.gptmod.rope and .swiglu (with autograd) in training and prefill,
+           .kv_cache_write and .decode_attention in cached generation. Attention in the
+           uncached (training) forward is SDPA in both backends: decode_attention has no backward.
+
+Ideas from nanoGPT (init, layout), litgpt (config flags), gpt-fast (static KV cache) and Hugging
+Face's modeling_llama (RoPE convention, GQA head mapping); no code is copied.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _ext, reference, sampling
+
+# -----------------------------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass
+class GPTConfig:
+    """Every architectural switch of the model. Sizes left at None are derived in __post_init__."""
+    vocab_size: int = 50304
+    block_size: int = 1024          # the longest sequence (prompt + generated tokens)
+    n_layer: int = 12
+    n_head: int = 12                # query heads
+    n_kv_head: Optional[int] = None  # key/value heads (GQA); None = n_head (MHA); 1 = MQA
+    n_embd: int = 768
+    head_dim: Optional[int] = None  # None = n_embd // n_head
+    ffn_hidden: Optional[int] = None  # None: 4·n_embd (gelu), or 8/3·n_embd up to a multiple of 64 (swiglu)
+    pos_emb: str = "rope"           # 'rope' | 'learned'
+    rope_base: float = 10000.0
+    rope_interleaved: bool = False  # False: half-split pairs (i, i + D/2) as Llama/HF; True: (2i, 2i+1)
+    norm: str = "rmsnorm"           # 'rmsnorm' | 'layernorm'
+    norm_eps: float = 1e-5
+    mlp: str = "swiglu"             # 'swiglu' (one fused gate|up projection) | 'gelu' (tanh approx.)
+    parallel_block: bool = False    # x + attn(norm(x)) + mlp(norm(x)) with one shared norm (GPT-J, PaLM)
+    bias: bool = False              # biases in every Linear and LayerNorm
+    tie_embeddings: bool = False    # lm_head shares the token embedding matrix
+    logit_softcap: float = 0.0      # > 0: logits = cap·tanh(logits / cap) (Gemma 2); 0 = off
+    qk_norm: bool = False           # RMSNorm of each query/key head before RoPE (OLMo 2, Qwen 3)
+    dropout: float = 0.0
+    pad_vocab_multiple: int = 64    # embedding / lm_head rows padded up to a multiple of this
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}; "
+                                 f"set head_dim explicitly")
+            self.head_dim = self.n_embd // self.n_head
+        if self.ffn_hidden is None:
+            if self.mlp == "swiglu":  # same parameter count as a 4x GELU MLP (LLaMA's rule)
+                self.ffn_hidden = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+            else:
+                self.ffn_hidden = 4 * self.n_embd
+        checks = [
+            (self.pos_emb in ("rope", "learned"), f"pos_emb must be 'rope' or 'learned', got {self.pos_emb!r}"),
+            (self.norm in ("rmsnorm", "layernorm"), f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}"),
+            (self.mlp in ("swiglu", "gelu"), f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}"),
+            (self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
+             f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"),
+            (self.pos_emb != "rope" or self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}"),
+            (self.logit_softcap >= 0, f"logit_softcap must be >= 0, got {self.logit_softcap}"),
+            (min(self.vocab_size, self.block_size, self.n_layer, self.n_embd, self.pad_vocab_multiple) > 0,
+             "vocab_size, block_size, n_layer, n_embd and pad_vocab_multiple must be positive"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"GPTConfig: {msg}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return m * math.ceil(self.vocab_size / m)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        """GPTConfig.from_preset('tiny', vocab_size=4096): a named preset with fields replaced."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        """The inverse of to_dict; unknown keys raise (a config from a different program)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown fields {unknown}")
+        return cls(**d)
+
+
+# The modern architecture (the dataclass defaults): RoPE, RMSNorm, SwiGLU, GQA, no biases,
+# untied embeddings (as Llama; maps 1:1 onto LlamaForCausalLM). Only sizes differ between them.
+_GPT2_ARCH = dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True,
+                  tie_embeddings=True, parallel_block=False, norm_eps=1e-5)
+PRESETS: dict[str, dict] = {
+    # GPT-2 124M exactly (Radford et al. 2019; HF "gpt2").
+    # n_kv_head and ffn_hidden follow n_head (MHA) and 4·n_embd when sizes are overridden.
+    "gpt2": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768,
+                 **_GPT2_ARCH),
+    # The default: the modern architecture at GPT-2 124M's size (12 x 768, 12 query / 4 KV heads).
+    "modern": dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_kv_head=4,
+                   n_embd=768),
+    # Learns something in the default ~10 minute CPU training run (about 3.4M non-embedding params).
+    "tiny": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=256),
+    # The benchmark size: 6 x 384, 6 query / 2 KV heads (about 10.6M non-embedding params).
+    "small": dict(vocab_size=4096, block_size=512, n_layer=6, n_head=6, n_kv_head=2, n_embd=384),
+    # GPT-2 medium's size (24 x 1024, 350M class) with the modern architecture.
+    "medium": dict(vocab_size=50304, block_size=1024, n_layer=24, n_head=16, n_kv_head=4,
+                   n_embd=1024),
+}
+PRESETS["modern-124m"] = PRESETS["modern"]
+
+
+# -----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class Norm(nn.Module):
+    """RMSNorm (weight only) or LayerNorm (weight, and bias when config.bias)."""
+
+    def __init__(self, dim: int, kind: str, eps: float, bias: bool):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if (bias and kind == "layernorm") else None
+
+    def forward(self, x):
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class KVCache:
+    """Static K/V buffers for cached generation, allocated once and written in place.
+
+    k[layer], v[layer]: [B, S_max, Hkv, D], the layout decode_attention reads (views of one
+    buffer [L, 2, B, S_max, Hkv, D]). seqlens: int32 [B], how many rows of each sequence hold
+    valid keys/values; rows at or past a sequence's length may hold anything. Rows of the batch
+    are independent slots: a server can reset one (`reset(rows)`) and refill it with another
+    request while the others keep decoding. Build it with GPT.new_kv_cache.
+    """
+
+    def __init__(self, n_layer, batch_size, max_seq_len, n_kv_head, head_dim, device, dtype):
+        self.buffer = torch.zeros(n_layer, 2, batch_size, max_seq_len, n_kv_head, head_dim,
+                                  device=device, dtype=dtype)
+        self.k = [self.buffer[i, 0] for i in range(n_layer)]
+        self.v = [self.buffer[i, 1] for i in range(n_layer)]
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.buffer.size(2)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.buffer.size(3)
+
+    def reset(self, rows: Union[None, int, slice] = None) -> None:
+        """Empties rows (all by default): their lengths go to 0; stale K/V are never read."""
+        self.seqlens[_as_slice(rows)] = 0
+
+
+def _as_slice(rows) -> slice:
+    if rows is None:
+        return slice(None)
+    if isinstance(rows, int):
+        return slice(rows, rows + 1)
+    if isinstance(rows, slice):
+        return rows
+    raise TypeError(f"rows must be None, an int or a slice (views of the cache), got {type(rows)}")
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention with grouped K/V heads: query head h reads KV head h // (Hq / Hkv)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.use_rope = config.pos_emb == "rope"
+        self.interleaved = config.rope_interleaved
+        self.dropout = config.dropout
+        # One fused projection for q|k|v: one matmul instead of three.
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim,
+                                bias=config.bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            self.q_norm = Norm(self.head_dim, "rmsnorm", config.norm_eps, False)
+            self.k_norm = Norm(self.head_dim, "rmsnorm", config.norm_eps, False)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def _rope(self, x, backend, cos, sin, positions):
+        if backend == "ext":
+            return torch.ops.gptmod.rope(x, cos, sin, positions, self.interleaved, False)
+        return reference.rope(x, cos, sin, positions, self.interleaved)
+
+    def forward(self, x, backend: str, cos=None, sin=None, positions=None, kv=None):
+        """x [B, T, C] -> [B, T, C].
+
+        kv None: the training/evaluation forward (causal over the T tokens of x, SDPA).
+        kv = (k_cache, v_cache, lens_before, lens_after): cached forward; the new keys/values go
+        into the caches at rows lens_before[b] + t, then queries attend to rows < lens_after[b].
+        """
+        B, T, _ = x.shape
+        Hq, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.c_attn(x)
+        v = qkv[..., (Hq + Hkv) * D:].view(B, T, Hkv, D)
+        if self.q_norm is not None:
+            q = self.q_norm(qkv[..., :Hq * D].view(B, T, Hq, D))
+            k = self.k_norm(qkv[..., Hq * D:(Hq + Hkv) * D].view(B, T, Hkv, D))
+            if self.use_rope:
+                q = self._rope(q, backend, cos, sin, positions)
+                k = self._rope(k, backend, cos, sin, positions)
+        else:
+            # q and k heads side by side, [B, T, Hq + Hkv, D]: one RoPE call rotates both.
+            qk = qkv[..., :(Hq + Hkv) * D].view(B, T, Hq + Hkv, D)
+            if self.use_rope:
+                qk = self._rope(qk, backend, cos, sin, positions)
+            q, k = qk.split([Hq, Hkv], dim=2)
+
+        if kv is None:
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=Hkv != Hq)
+            y = y.transpose(1, 2)
+        else:
+            k_cache, v_cache, lens_before, lens_after = kv
+            scale = 1.0 / math.sqrt(D)
+            if backend == "ext":
+                torch.ops.gptmod.kv_cache_write(k_cache, v_cache, k, v, lens_before)
+                y = torch.ops.gptmod.decode_attention(q, k_cache, v_cache, lens_after, scale, 0.0, 0)
+            else:
+                reference.kv_cache_write(k_cache, v_cache, k, v, lens_before)
+                y = reference.decode_attention(q, k_cache, v_cache, lens_after, scale)
+        return self.resid_dropout(self.c_proj(y.reshape(B, T, Hq * D)))
+
+
+class MLP(nn.Module):
+    """SwiGLU with one fused gate|up projection [2F] (our swiglu op), or tanh-GELU (GPT-2)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.kind = config.mlp
+        width = 2 * config.ffn_hidden if self.kind == "swiglu" else config.ffn_hidden
+        self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, backend: str):
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        elif backend == "ext":
+            h = torch.ops.gptmod.swiglu(h)
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, sequential (GPT-2, Llama) or parallel (GPT-J, PaLM)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.parallel = config.parallel_block
+        self.ln_1 = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
+        self.attn = CausalSelfAttention(config)
+        # A parallel block feeds one normalized input to both branches: no second norm.
+        self.ln_2 = None if self.parallel else Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, backend, cos=None, sin=None, positions=None, kv=None):
+        if self.parallel:
+            h = self.ln_1(x)
+            return x + self.attn(h, backend, cos, sin, positions, kv) + self.mlp(h, backend)
+        x = x + self.attn(self.ln_1(x), backend, cos, sin, positions, kv)
+        return x + self.mlp(self.ln_2(x), backend)
+
+
+# -----------------------------------------------------------------------------------------------
+# The model
+
+Prompts = Union[torch.Tensor, Sequence[Sequence[int]]]
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, backend: str = "torch"):
+        super().__init__()
+        self.config = config
+        Vp = config.padded_vocab_size  # rows past vocab_size are never looked up nor returned
+        self.wte = nn.Embedding(Vp, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
+        self.lm_head = nn.Linear(config.n_embd, Vp, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.pos_emb == "rope":
+            cos, sin = reference.rope_cache(config.block_size, config.head_dim, config.rope_base)
+        else:
+            cos = sin = None
+        # Not saved in checkpoints (derived from the config); kept fp32 by _apply below.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._backend = "torch"
+        self.backend = backend
+        self.reset_parameters()
+
+    # -- backend ----------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """'ext' (our compiled ops) or 'torch' (pure PyTorch); switch at any time."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in ("ext", "torch"):
+            raise ValueError(f"backend must be 'ext' or 'torch', got {name!r}")
+        if name == "ext":
+            _ext.require()  # the loader's message: why the ops are missing and how to build them
+        self._backend = name
+
+    # -- init, sizes ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2's init: N(0, 0.02) everywhere, residual output projections N(0, 0.02/sqrt(2L))
+        (each block adds two of them to the residual stream), zero biases, unit norms."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, Norm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for block in self.h:
+            nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=std)
+            nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=std)
+        V = self.config.vocab_size
+        self.wte.weight[V:].zero_()
+        self.lm_head.weight[V:].zero_()
+
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) casts every floating buffer; the RoPE tables must stay fp32 (the ops
+        # require it, and bf16 angles would blur positions), so rebuild them after a cast.
+        super()._apply(fn, recurse)
+        if self.rope_cos is not None and self.rope_cos.dtype != torch.float32:
+            c = self.config
+            self.rope_cos, self.rope_sin = reference.rope_cache(
+                c.block_size, c.head_dim, c.rope_base, device=self.rope_cos.device)
+        return self
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once (tied weights once). exclude_embeddings drops the token and
+        position tables and an untied lm_head (Kaplan et al.'s non-embedding count)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wte.weight.numel()
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6·N + 12·L·H·D·T,
+        N the parameters used in matmuls (non-embedding + lm_head), T the sequence length
+        (block_size by default). Divide achieved FLOP/s by peak for MFU."""
+        c = self.config
+        T = c.block_size if seq_len is None else seq_len
+        n_matmul = self.num_params(exclude_embeddings=True) + self.lm_head.weight.numel()
+        return 6.0 * n_matmul + 12.0 * c.n_layer * c.n_head * c.head_dim * T
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def _embed(self, idx, positions=None):
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(idx.size(1), device=idx.device) if positions is None
+                             else positions)
+        return self.drop(x)
+
+    def _logits(self, x):
+        logits = self.lm_head(self.ln_f(x))
+        cap = self.config.logit_softcap
+        if cap > 0:  # the same cap in training, evaluation and generation
+            logits = cap * torch.tanh(logits / cap)
+        return logits[..., :self.config.vocab_size]
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """idx [B, T] token ids -> (logits [B, T, vocab_size], loss or None).
+
+        loss is the mean cross-entropy against targets [B, T] (computed in fp32); targets equal
+        to -1 are ignored. Causal attention over the T tokens; T <= block_size.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size="
+                             f"{self.config.block_size}")
+        x = self._embed(idx)
+        for block in self.h:
+            x = block(x, self._backend, self.rope_cos, self.rope_sin)
+        logits = self._logits(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    # -- KV cache: the low-level API for generation and the server ------------------------
+
+    def new_kv_cache(self, batch_size: int, max_seq_len: Optional[int] = None, device=None,
+                     dtype=None) -> KVCache:
+        """An empty KVCache for batch_size sequences of up to max_seq_len tokens (block_size by
+        default) on the model's device and dtype unless given."""
+        max_seq_len = self.config.block_size if max_seq_len is None else max_seq_len
+        if max_seq_len > self.config.block_size:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds block_size={self.config.block_size}")
+        c = self.config
+        return KVCache(c.n_layer, batch_size, max_seq_len, c.n_kv_head, c.head_dim,
+                       device or self.device, dtype or self.dtype)
+
+    @torch.inference_mode()
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache, rows: Union[None, int, slice] = None,
+                       lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Appends idx [b, T] to cache rows `rows` and returns next-token logits [b, vocab_size].
+
+        rows: None (every row, b = cache.batch_size), an int or a slice of the cache's rows
+        (a contiguous range, so the cache is used through views). Each selected row i receives
+        its tokens at its own current length cache.seqlens[i] onwards (prefill with a whole
+        prompt, then one token per step; both go through this call).
+        lengths: int [b] or None. Row i's real tokens are idx[i, :lengths[i]] (right padding
+        after them); its logits are taken at position lengths[i] - 1 and its length advances
+        by lengths[i], so the next call overwrites the padding. None means all T are real.
+        Raises ValueError if a row would pass cache.max_seq_len. Runs under inference_mode.
+        """
+        rows = _as_slice(rows)
+        T = idx.size(1)
+        if int(cache.seqlens[rows].max()) + T > cache.max_seq_len:
+            raise ValueError(f"forward_cached: {T} more tokens do not fit the cache "
+                             f"(max_seq_len={cache.max_seq_len}, longest row "
+                             f"{int(cache.seqlens[rows].max())})")
+        return self._forward_cached(idx, cache, rows, lengths)
+
+    def _forward_cached(self, idx, cache, rows, lengths):
+        # The unchecked body of forward_cached (generate checks the sizes once, up front).
+        b, T = idx.shape
+        whole = rows == slice(None)
+        lens_before = cache.seqlens if whole else cache.seqlens[rows]
+        lens_after = lens_before + T
+        if T == 1:
+            positions = lens_before.view(b, 1)
+        else:
+            positions = lens_before.view(b, 1) + torch.arange(T, device=idx.device, dtype=torch.int32)
+        x = self._embed(idx, positions)
+        for i, block in enumerate(self.h):
+            k, v = (cache.k[i], cache.v[i]) if whole else (cache.k[i][rows], cache.v[i][rows])
+            x = block(x, self._backend, self.rope_cos, self.rope_sin, positions,
+                      (k, v, lens_before, lens_after))
+        if lengths is None:
+            x = x[:, -1]
+            lens_before.copy_(lens_after)
+        else:
+            lengths = lengths.to(device=idx.device)
+            x = x[torch.arange(b, device=idx.device), lengths.long() - 1]
+            lens_before.add_(lengths.to(torch.int32))
+        return self._logits(x)
+
+    # -- generation -------------------------------------------------------------------------
+
+    def _prepare_prompts(self, idx: Prompts):
+        """Prompts as a right-padded LongTensor [B, T_max] on the model's device, plus the true
+        lengths (LongTensor [B], or None when all are T_max long) and the longest length."""
+        if isinstance(idx, torch.Tensor):
+            if idx.dim() != 2 or idx.size(1) == 0:
+                raise ValueError(f"idx must be a LongTensor [B, T] with T >= 1, got shape {tuple(idx.shape)}")
+            return idx.to(self.device, torch.long), None, idx.size(1)
+        prompts = [list(p) for p in idx]
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("every prompt needs at least one token")
+        T = max(len(p) for p in prompts)
+        tokens = torch.zeros(len(prompts), T, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.as_tensor(p, dtype=torch.long)
+        lengths = torch.tensor([len(p) for p in prompts])
+        if bool((lengths == T).all()):
+            lengths = None
+        return tokens.to(self.device), (None if lengths is None else lengths.to(self.device)), T
+
+    @torch.inference_mode()
+    def generate_stream(self, idx: Prompts, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: Optional[int] = None, top_p: Optional[float] = None,
+                        min_p: Optional[float] = None, seed: Optional[int] = None,
+                        eos_id: Optional[int] = None, use_cache: bool = True
+                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yields (tokens, finished) once per step: tokens LongTensor [B], the new token of each
+        row (eos_id for rows that finished earlier); finished BoolTensor [B], the rows that have
+        produced eos_id (at this step or before). Stops after max_new_tokens steps, or as soon
+        as every row has finished. Arguments as in generate()."""
+        tokens, lengths, T = self._prepare_prompts(idx)
+        B = tokens.size(0)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} = "
+                             f"{T + max_new_tokens} exceeds block_size {self.config.block_size}; "
+                             f"shorten the prompt or ask for fewer tokens")
+        if max_new_tokens == 0:
+            return
+        generator = sampling.make_generator(seed, self.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        if use_cache:
+            cache = self.new_kv_cache(B, T + max_new_tokens)
+            logits = self._forward_cached(tokens, cache, slice(None), lengths)
+        else:
+            # Every step reruns the whole (right-padded) sequences: causal attention means the
+            # padding after a row's last real token never changes that token's logits.
+            buf = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=self.device)
+            buf[:, :T] = tokens
+            cur = torch.full((B,), T, device=self.device) if lengths is None else lengths.clone()
+            rows = torch.arange(B, device=self.device)
+        for step in range(max_new_tokens):
+            if not use_cache:
+                logits = self(buf[:, :T + step])[0][rows, cur - 1]
+            nxt = sampling.sample(logits, temperature, top_k, top_p, min_p, generator)
+            if eos_id is not None:
+                nxt.masked_fill_(finished, eos_id)
+                finished |= nxt == eos_id
+            yield nxt, finished.clone()
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
+                return
+            if use_cache:
+                logits = self._forward_cached(nxt.view(B, 1), cache, slice(None), None)
+            else:
+                buf[rows, cur] = nxt
+                cur += 1
+
+    def generate(self, idx: Prompts, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 min_p: Optional[float] = None, seed: Optional[int] = None,
+                 eos_id: Optional[int] = None, use_cache: bool = True):
+        """Continues each prompt by up to max_new_tokens tokens.
+
+        idx: LongTensor [B, T], or a list of token lists of different lengths (ragged; they are
+        right-padded internally and no padding is ever attended to).
+        temperature 0 is greedy; otherwise temperature, top_k, top_p, min_p filter the
+        distribution (see sampling.py) and a torch.Generator seeded with `seed` draws (same
+        seed, same tokens; the global RNG is never used).
+        eos_id: a row that produces it is finished: its later positions hold eos_id while the
+        other rows go on; generation stops early once every row has finished.
+        use_cache=False recomputes the whole prefix at every step (greedy results are equal).
+        Context rule: prompt length + max_new_tokens must be <= block_size, otherwise
+        ValueError (nothing is cropped silently).
+
+        Returns for a tensor idx: LongTensor [B, T + n], the prompts followed by the n <=
+        max_new_tokens generated steps (n < max_new_tokens only when every row hit eos_id).
+        For a list: a list of token lists, each prompt followed by its generated tokens, up to
+        and including its first eos_id.
+        """
+        steps = [tok for tok, _ in self.generate_stream(
+            idx, max_new_tokens, temperature, top_k, top_p, min_p, seed, eos_id, use_cache)]
+        new = (torch.stack(steps, dim=1) if steps
+               else torch.zeros(len(idx), 0, dtype=torch.long, device=self.device))
+        if isinstance(idx, torch.Tensor):
+            return torch.cat([idx.to(new.device, torch.long), new], dim=1)
+        out = []
+        for prompt, row in zip(idx, new.tolist()):
+            if eos_id is not None and eos_id in row:
+                row = row[:row.index(eos_id) + 1]
+            out.append(list(prompt) + row)
+        return out
