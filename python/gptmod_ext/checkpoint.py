@@ -1,0 +1,280 @@
+"""The run directory: saving and loading a trained model with everything needed to use it.
+
+A run directory (out/ by default) holds
+    model.safetensors  the weights only (no pickle), fp32 as trained; tied weights stored once
+    config.json        {"model": GPTConfig fields, "tokenizer": description, "train": the
+                        training arguments, "step": ..., "val_loss": ...}
+    tokenizer.json     the tokenizer the model was trained with (see tokenizer.py)
+    train_state.pt     optimizer, step, RNG states, data sampler state, best val loss (for
+                        exact --resume), loaded with torch.load(weights_only=True)
+    metrics.jsonl, loss.png   written by the trainer
+Every file is written to a temporary name and os.replace()d into place, so a crash mid-save
+leaves the previous file whole.
+
+For the sampler and server:
+    model, tok, config = checkpoint.load_run("out/", device="cuda", dtype="bfloat16")
+raises CheckpointError (a one-line message) for a missing directory, a directory without a
+model, corrupt or truncated weights, and a config that does not match the weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import tokenizer as tokenizer_mod
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "train_state.pt"
+FORMAT = "gptmod_ext.run/1"
+
+
+class CheckpointError(Exception):
+    """A run directory cannot be used; the message is one line that says why."""
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    """Calls write(tmp_path), then renames tmp_path over path."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DDP (.module) and torch.compile (._orig_mod) wrappers, so saved
+    keys never carry their prefixes."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _alias_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Groups of keys that share storage (tied embeddings), in state_dict order."""
+    groups: dict[tuple, list[str]] = {}
+    for k, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        groups.setdefault(key, []).append(k)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def model_config_dict(model: torch.nn.Module) -> dict:
+    cfg = unwrap(model).config
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+
+
+# -- saving -----------------------------------------------------------------------------------
+def save_model(run_dir: str | os.PathLike, model: torch.nn.Module,
+               tokenizer: tokenizer_mod.Tokenizer, train_args: dict | None = None,
+               extra: dict | None = None) -> None:
+    """Writes model.safetensors, config.json and tokenizer.json into run_dir."""
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    module = unwrap(model)
+    state = module.state_dict()
+    # safetensors refuses tensors that share memory; a tied weight is stored under its first
+    # name only, and loading puts it back into every name of the group.
+    tied = {}
+    for group in _alias_groups(state):
+        for k in group[1:]:
+            tied[k] = group[0]
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k not in tied}
+    meta = {"format": FORMAT, "tied": json.dumps(tied)}
+    def write_weights(p):
+        save_file(tensors, str(p), metadata=meta)
+        os.chmod(p, 0o644)  # safetensors creates the file private; the run directory is not
+
+    _atomic_write(run_dir / MODEL_FILE, write_weights)
+    config = {"format": FORMAT, "model": model_config_dict(module),
+              "tokenizer": tokenizer.describe(), "train": train_args or {}}
+    config.update(extra or {})
+    _atomic_write(run_dir / CONFIG_FILE,
+                  lambda p: p.write_text(json.dumps(config, indent=2, default=str)))
+    tokenizer.save(run_dir)
+
+
+def save_train_state(run_dir: str | os.PathLike, state: dict) -> None:
+    """Writes train_state.pt (tensors and plain Python values only, for weights_only loads)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run_dir / STATE_FILE, lambda p: torch.save(state, str(p)))
+
+
+# -- loading ----------------------------------------------------------------------------------
+def read_config(run_dir: str | os.PathLike) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise CheckpointError(f"checkpoint directory {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise CheckpointError(f"checkpoint {run_dir} is not a directory")
+    if not (run_dir / MODEL_FILE).is_file():
+        raise CheckpointError(f"{run_dir} holds no {MODEL_FILE} (not a run directory, or the "
+                              "run never saved a checkpoint)")
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} holds no {CONFIG_FILE}")
+    try:
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+            raise ValueError("no 'model' section")
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e})") from None
+    return config
+
+
+def read_weights(run_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors by name, tied names {dropped: kept}) from model.safetensors, on the CPU."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / MODEL_FILE
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tied = json.loads(meta.get("tied", "{}"))
+    except Exception as e:  # safetensors raises its own error types for bad headers and sizes
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is corrupt or truncated ({msg})") from None
+    return tensors, tied
+
+
+def build_model(model_config: dict):
+    """GPT(GPTConfig(**model_config)), with unknown or invalid fields as CheckpointError."""
+    from .model import GPT, GPTConfig
+
+    names = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(model_config) - names)
+    if unknown:
+        raise CheckpointError(f"config.json has model fields this version does not know: "
+                              f"{', '.join(unknown)}")
+    try:
+        return GPT(GPTConfig.from_dict(model_config))
+    except (TypeError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"config.json describes an invalid model ({e})") from None
+
+
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                 tied: dict[str, str], where: str = "") -> None:
+    """Copies tensors into model, checking that names and shapes match exactly."""
+    module = unwrap(model)
+    expected = module.state_dict()
+    groups = _alias_groups(expected)
+    aliased = {k for g in groups for k in g}
+    missing = [k for k in expected if k not in tensors
+               and not (k in tied and tied[k] in tensors) and k not in aliased]
+    # A key of a tied group may be absent when another key of its group is present.
+    for g in groups:
+        present = [k for k in g if k in tensors]
+        if not present:
+            missing.append(g[0])
+        elif len(present) > 1 and not all(torch.equal(tensors[present[0]], tensors[k])
+                                           for k in present[1:]):
+            raise CheckpointError(f"config.json does not match the weights{where}: the config "
+                                  f"ties {', '.join(g)} but the weights differ")
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:4])}"
+                         f"{' ...' if len(unexpected) > 4 else ''}")
+        raise CheckpointError(f"config.json does not match the weights{where}: "
+                              + "; ".join(parts))
+    for k, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"config.json does not match the weights{where}: {k} has "
+                                  f"shape {tuple(t.shape)}, the config gives "
+                                  f"{tuple(expected[k].shape)}")
+    module.load_state_dict(tensors, strict=False)
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise CheckpointError(f"unknown dtype {dtype!r} (expected one of {', '.join(table)})")
+    return table[dtype]
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None,
+             dtype: str | torch.dtype | None = None):
+    """(model in eval mode, tokenizer, config dict) from a run directory.
+
+    device None picks CUDA when available, else the CPU; dtype None keeps the saved fp32."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    try:
+        tok = tokenizer_mod.load(run_dir)
+    except tokenizer_mod.TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+    tensors, tied = read_weights(run_dir)
+    model = build_model(config["model"])
+    load_weights(model, tensors, tied, f" in {run_dir}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device=device, dtype=_resolve_dtype(dtype))
+    model.eval()
+    return model, tok, config
+
+
+def load_train_state(run_dir: str | os.PathLike) -> dict:
+    """train_state.pt, loaded with weights_only=True; CheckpointError if missing or corrupt."""
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: nothing to resume")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("not a training state")
+    except Exception as e:  # unpickling errors come in many types
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is corrupt ({msg})") from None
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA RNG states in weights_only-loadable form."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
