@@ -1,0 +1,119 @@
+"""End-to-end generation speed: our ext and torch backends, no-cache recompute, Hugging Face.
+
+One model (6 layers, n_embd 384, 6 query / 2 KV heads, vocab 4096: the 'small' preset), the same
+weights everywhere (HF gets them through hf.to_hf), greedy decoding of exactly `new_tokens`
+tokens after a random prompt of 16 tokens, for batch 1 and 8. Reports tokens/s (generated tokens
+of the whole batch per second of the whole call, prefill included) and time to first token.
+
+    PYTHONPATH=python python benchmarks/bench_generate.py [--device cpu] [--dtype float32] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+from gptmod_ext import _ext  # noqa: E402
+from gptmod_ext.model import GPT, GPTConfig  # noqa: E402
+
+PROMPT_LEN = 16
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _best_time(fn, device, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> list[dict]:
+    """Rows of {engine, batch, new_tokens, seconds, tok_per_s, ttft_ms, vs_hf}."""
+    dev = torch.device(device)
+    dt = getattr(torch, dtype)
+    new_tokens = 32 if quick else 256
+    batches = [1] if quick else [1, 8]
+    repeats = 1 if quick else 3
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("small", vocab_size=4096)).to(dev, dt).eval()
+    hf_model = None
+    try:
+        from gptmod_ext.hf import to_hf
+        hf_model = to_hf(model)
+    except ImportError:
+        pass
+
+    engines = []
+    if _ext.AVAILABLE:
+        engines.append(("gptmod ext", "ext", True))
+    engines.append(("gptmod torch", "torch", True))
+    engines.append(("gptmod no-cache", "ext" if _ext.AVAILABLE else "torch", False))
+
+    rows = []
+    for B in batches:
+        prompt = torch.randint(0, 4096, (B, PROMPT_LEN), device=dev)
+        results = []
+        for name, backend, use_cache in engines:
+            model.backend = backend
+
+            def gen(n=new_tokens):
+                return model.generate(prompt, n, temperature=0, use_cache=use_cache)
+
+            def first():
+                return next(iter(model.generate_stream(prompt, 1, temperature=0, use_cache=use_cache)))
+
+            gen(8)  # warm-up
+            secs = _best_time(gen, dev, repeats if use_cache else 1)
+            ttft = _best_time(first, dev, 3)
+            results.append((name, secs, ttft))
+        if hf_model is not None:
+            def hf_gen(n=new_tokens):
+                with torch.inference_mode():
+                    return hf_model.generate(prompt, do_sample=False, max_new_tokens=n,
+                                             min_new_tokens=n, pad_token_id=0)
+
+            hf_gen(8)
+            secs = _best_time(hf_gen, dev, repeats)
+            ttft = _best_time(lambda: hf_gen(1), dev, 3)
+            results.append(("hf generate", secs, ttft))
+        hf_tps = None
+        if hf_model is not None:
+            hf_tps = B * new_tokens / results[-1][1]
+        for name, secs, ttft in results:
+            tps = B * new_tokens / secs
+            rows.append(dict(engine=name, batch=B, new_tokens=new_tokens, seconds=round(secs, 4),
+                             tok_per_s=round(tps, 1), ttft_ms=round(ttft * 1e3, 2),
+                             vs_hf=round(tps / hf_tps, 2) if hf_tps else None))
+    model.backend = "torch"
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    rows = run(args.device, args.dtype, args.quick)
+    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
+          f"prompt={PROMPT_LEN} greedy, model: 6 x 384, 6/2 heads, vocab 4096")
+    print(f"{'engine':<18}{'batch':>6}{'tokens':>8}{'seconds':>10}{'tok/s':>10}{'TTFT ms':>10}{'vs HF':>8}")
+    for r in rows:
+        print(f"{r['engine']:<18}{r['batch']:>6}{r['new_tokens']:>8}{r['seconds']:>10.3f}"
+              f"{r['tok_per_s']:>10.1f}{r['ttft_ms']:>10.2f}{(r['vs_hf'] or float('nan')):>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

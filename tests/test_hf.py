@@ -1,0 +1,123 @@
+"""Hugging Face interop on tiny random models built here (nothing is downloaded): logits and greedy
+tokens against transformers' own implementation, from objects and from saved directories, and
+the to_hf round trip."""
+import dataclasses
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from gptmod_ext import hf, ops
+from gptmod_ext.model import GPT, GPTConfig
+
+BACKENDS = ["torch", pytest.param("ext", marks=pytest.mark.skipif(
+    not ops.AVAILABLE, reason="gptmod extension not built"))]
+NO_SPECIAL_IDS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def tiny_llama(tied=False, kv_heads=2, head_dim=None):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=head_dim,
+                      max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=5000.0,
+                      tie_word_embeddings=tied, **NO_SPECIAL_IDS)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharper than HF's init: greedy decoding without near-ties
+        m.lm_head.weight.normal_(0, 1.0)
+    return m
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=101, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                     layer_norm_epsilon=1e-5, **NO_SPECIAL_IDS)
+    m = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        m.transformer.wte.weight.normal_(0, 0.5)
+    return m
+
+
+def hf_greedy(model, idx, n):
+    with torch.no_grad():
+        return model.generate(idx, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                              attention_mask=torch.ones_like(idx))
+
+
+def check_parity(ours, theirs, backend="torch"):
+    ours.backend = backend
+    idx = torch.randint(0, 101, (2, 13))
+    with torch.no_grad():
+        want = theirs(idx).logits
+    torch.testing.assert_close(ours(idx)[0], want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(ours.generate(idx, 16, temperature=0), hf_greedy(theirs, idx, 16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["llama_gqa", "llama_mqa_tied", "gpt2"])
+def test_from_hf_object(kind, backend):
+    theirs = {"llama_gqa": lambda: tiny_llama(),
+              "llama_mqa_tied": lambda: tiny_llama(tied=True, kv_heads=1, head_dim=24),
+              "gpt2": tiny_gpt2}[kind]()
+    ours = hf.from_hf(theirs)
+    c = ours.config
+    if kind == "gpt2":
+        assert (c.pos_emb, c.norm, c.mlp, c.bias, c.tie_embeddings) == ("learned", "layernorm", "gelu", True, True)
+    else:
+        assert (c.pos_emb, c.norm, c.mlp, c.rope_base) == ("rope", "rmsnorm", "swiglu", 5000.0)
+        assert c.n_kv_head == theirs.config.num_key_value_heads and c.head_dim == theirs.config.head_dim
+    check_parity(ours, theirs, backend)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_from_local_directory(kind, tmp_path):
+    theirs = tiny_llama() if kind == "llama" else tiny_gpt2()
+    theirs.save_pretrained(tmp_path)
+    assert list(tmp_path.glob("*.safetensors"))
+    check_parity(hf.from_hf(tmp_path), theirs)
+    check_parity(hf.from_hf(str(tmp_path)), theirs)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "gpt2"])
+def test_to_hf_round_trip(preset, tmp_path):
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig.from_preset(preset, vocab_size=101, n_layer=2, n_embd=64, n_head=4,
+                                     block_size=64)).eval()
+    with torch.no_grad():
+        ours.lm_head.weight.mul_(30)
+    theirs = hf.to_hf(ours)
+    assert type(theirs).__name__ == ("GPT2LMHeadModel" if preset == "gpt2" else "LlamaForCausalLM")
+    check_parity(ours, theirs)
+    back = hf.from_hf(theirs)
+    assert back.config == ours.config
+    for k, v in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    theirs.save_pretrained(tmp_path)  # and through a directory
+    again = hf.from_hf(tmp_path)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(logit_softcap=30.0), "soft-cap"), (dict(parallel_block=True), "parallel"),
+    (dict(qk_norm=True), "QK-norm"), (dict(bias=True), "biases"),
+    (dict(norm="layernorm"), "LayerNorm"), (dict(rope_interleaved=True), "interleaved"),
+    (dict(mlp="gelu"), "GELU"), (dict(pos_emb="learned"), "learned"),
+])
+def test_to_hf_refuses_what_llama_cannot_express(change, words):
+    cfg = dataclasses.replace(GPTConfig.from_preset("tiny", n_layer=1, n_embd=64, n_head=4,
+                                                    vocab_size=64), **change)
+    with pytest.raises(ValueError, match=words):
+        hf.to_hf(GPT(cfg), arch="llama")
+    with pytest.raises(ValueError, match="gpt2 cannot express"):
+        hf.to_hf(GPT(GPTConfig.from_preset("tiny", n_layer=1, vocab_size=64)), arch="gpt2")
+
+
+def test_from_hf_refuses_unsupported_checkpoints():
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, attention_bias=True)
+    with pytest.raises(ValueError, match="attention_bias"):
+        hf.from_hf(LlamaForCausalLM(cfg))
+    cfg = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2,
+                     activation_function="relu")
+    with pytest.raises(ValueError, match="activation_function"):
+        hf.from_hf(GPT2LMHeadModel(cfg))
