@@ -89,28 +89,40 @@ def load(path: str | os.PathLike) -> Dataset:
     return Dataset(path, meta, arrays["train"], arrays["val"])
 
 
-def get_batch(tokens: np.ndarray, batch_size: int, block_size: int,
-              generator: torch.Generator, device: str | torch.device = "cpu"
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`batch_size` random windows of `block_size` tokens and their next-token targets.
-
-    The start offsets come from `generator` (a CPU torch.Generator), so the stream of batches
-    is fixed by its seed and can be resumed exactly from its saved state."""
-    n = len(tokens) - block_size
+def random_offsets(n_tokens: int, block_size: int, count: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """`count` random window starts for windows of block_size + 1 tokens, drawn from
+    `generator` (a CPU torch.Generator), so the stream is fixed by its seed and resumes
+    exactly from its saved state."""
+    n = n_tokens - block_size
     if n < 1:
-        raise DataError(f"the split has {len(tokens)} tokens, too few for windows of "
+        raise DataError(f"the split has {n_tokens} tokens, too few for windows of "
                         f"{block_size} + 1; use a smaller --block-size or more data")
-    ix = torch.randint(n, (batch_size,), generator=generator).tolist()
+    return torch.randint(n, (count,), generator=generator)
+
+
+def windows(tokens: np.ndarray, offsets, block_size: int,
+            device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs [len(offsets), block_size] and next-token targets for the given starts."""
     # int64 from the start: ids are the embedding's indices, and uint16 has no torch type.
-    xy = np.stack([np.asarray(tokens[i:i + block_size + 1], dtype=np.int64) for i in ix])
+    xy = np.stack([np.asarray(tokens[i:i + block_size + 1], dtype=np.int64)
+                   for i in offsets.tolist()])
     xy = torch.from_numpy(xy)
-    x, y = xy[:, :-1], xy[:, 1:]
+    x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
     device = torch.device(device)
     if device.type == "cuda":
         # Pinned memory lets the copy overlap with compute (as in nanoGPT).
-        return (x.contiguous().pin_memory().to(device, non_blocking=True),
-                y.contiguous().pin_memory().to(device, non_blocking=True))
-    return x.contiguous().to(device), y.contiguous().to(device)
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    return x.to(device), y.to(device)
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, block_size: int,
+              generator: torch.Generator, device: str | torch.device = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch_size` random windows of `block_size` tokens and their next-token targets."""
+    offsets = random_offsets(len(tokens), block_size, batch_size, generator)
+    return windows(tokens, offsets, block_size, device)
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:

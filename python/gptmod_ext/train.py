@@ -13,8 +13,11 @@ the code is our own. Choices worth knowing:
   --lr down to --min-lr at --max-iters.
 - Data-parallel: the effective batch of N processes equals one process with N times the
   gradient accumulation: --grad-accum is the total over all processes and must be divisible
-  by N; each process does grad_accum / N micro-steps on its own windows (its sampler is seeded
-  with seed + rank) and gradients are averaged once per step (no_sync on the others).
+  by N; each process does grad_accum / N micro-steps and gradients are averaged once per step
+  (no_sync on the others). Every step draws the window starts of the whole global batch
+  (grad_accum x batch_size) from one seeded sampler, identical on every rank, and rank r takes
+  its own slice: the ranks see different windows, and the data stream (hence the run, up to
+  float rounding) does not depend on the number of processes.
 - A checkpoint is written at every evaluation, at --stop-at, on Ctrl-C and at the end. A loss
   that is NaN or inf stops the run before its update is saved, so the last checkpoint stays
   the last good state.
@@ -70,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--block-size", type=int, default=None,
       help="window length (default and maximum: the model's block_size)")
     a("--grad-accum", type=int, default=1,
-      help="micro-steps per optimizer step, in total over all DDP processes")
+      help="micro-steps per optimizer step, in total over all DDP processes (must be "
+           "divisible by their number)")
     a("--lr", type=float, default=2e-3, help="peak learning rate")
     a("--min-lr", type=float, default=None, help="final learning rate (default lr / 10)")
     a("--warmup-iters", type=int, default=None, help="default: max_iters / 20")
@@ -409,21 +413,15 @@ def _train(args, ddp, rank, world, device, is_main) -> int:
 
     optimizer = configure_optimizer(model, args, device)
     start_step, best_val = 0, float("inf")
-    # Each rank draws its own windows: its sampler is seeded with seed + rank.
-    sampler = torch.Generator().manual_seed(args.seed + rank)
+    # One sampler for the global batch, seeded alike on every rank (see the module doc).
+    sampler = torch.Generator().manual_seed(args.seed)
     if state is not None:
         try:
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise TrainError(f"--resume: the optimizer state does not fit the model ({e})") from None
         start_step, best_val = int(state["step"]), float(state.get("best_val_loss", best_val))
-        gens = state["data"]["samplers"]
-        if len(gens) == world:
-            sampler.set_state(gens[rank])
-        else:
-            warnings.warn(f"--resume: the run had {len(gens)} processes, now {world}; data "
-                          "windows are reseeded (the run continues, but not bit for bit)")
-            sampler.manual_seed(args.seed + rank + 7919 * start_step)
+        sampler.set_state(state["data"]["sampler"])
         ckpt.set_rng_state(state["rng"])
     if start_step >= args.max_iters:
         raise TrainError(f"the run in {out_dir} is already at step {start_step} "
@@ -469,15 +467,12 @@ def _train(args, ddp, rank, world, device, is_main) -> int:
 
     def save(step: int, val_loss: float | None) -> None:
         """A checkpoint of the state after `step` updates (collective under DDP)."""
-        samplers = [sampler.get_state()]
-        if ddp:
-            samplers = [None] * world
-            torch.distributed.all_gather_object(samplers, sampler.get_state())
         if not is_main:
             return
         ckpt.save_train_state(out_dir, {
             "step": step, "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state(),
-            "data": {"samplers": samplers}, "best_val_loss": best_val, "world_size": world,
+            "data": {"sampler": sampler.get_state(), "grad_accum": args.grad_accum,
+                     "batch_size": args.batch_size}, "best_val_loss": best_val, "world_size": world,
         })
         ckpt.save_model(out_dir, raw_model, tok, train_args,
                         {"step": step, "val_loss": val_loss, "data": str(data_dir),
@@ -551,9 +546,12 @@ def _train(args, ddp, rank, world, device, is_main) -> int:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            offsets = data_mod.random_offsets(len(dataset.train), args.block_size,
+                                              args.grad_accum * args.batch_size, sampler)
             for micro in range(accum):
-                x, y = data_mod.get_batch(dataset.train, args.batch_size, args.block_size,
-                                          sampler, device)
+                first = (rank * accum + micro) * args.batch_size
+                x, y = data_mod.windows(dataset.train, offsets[first:first + args.batch_size],
+                                        args.block_size, device)
                 # Gradients are averaged across ranks on the last micro-step only.
                 sync = contextlib.nullcontext() if (not ddp or micro == accum - 1) else model.no_sync()
                 with sync:
