@@ -106,10 +106,11 @@ inline void check_swiglu_args(const char* op, const at::Tensor& gate_up,
               gate_up.size(-1));
   check_last_dim_contiguous(op, "gate_up", gate_up);
   if (grad_out == nullptr) return;
-  auto want = gate_up.sizes().vec();
-  want.back() /= 2;
-  TORCH_CHECK(grad_out->sizes() == c10::IntArrayRef(want), op, ": grad_out must be ", want,
-              ", got ", grad_out->sizes());
+  auto want_vec = gate_up.sizes().vec();
+  want_vec.back() /= 2;
+  const c10::IntArrayRef want(want_vec);
+  TORCH_CHECK(grad_out->sizes() == want, op, ": grad_out must be ", want, ", got ",
+              grad_out->sizes());
   TORCH_CHECK(grad_out->scalar_type() == gate_up.scalar_type(), op, ": grad_out dtype ",
               grad_out->scalar_type(), " differs from gate_up's ", gate_up.scalar_type());
   TORCH_CHECK(grad_out->device() == gate_up.device(), op, ": grad_out is on ",
