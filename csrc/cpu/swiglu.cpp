@@ -1,23 +1,67 @@
-// PLACEHOLDER entry (to be completed): swiglu on CPU.
+// swiglu / swiglu_backward on CPU: argument checks, output allocation, and a call into the
+// widest CPU build of the kernels (csrc/cpu/kernels/swiglu_kernel.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include "gptmod/elementwise_args.h"
 #include "gptmod/swiglu.h"
 
 namespace gptmod {
+
 GPTMOD_DEFINE_STUB(swiglu_fwd_stub, SwigluFn);
 GPTMOD_DEFINE_STUB(swiglu_bwd_stub, SwigluFn);
 
+namespace {
+
+// t itself when its leading dims collapse to two strided row dims (no copy for row-strided
+// 2-D/3-D views), else a contiguous copy; fills its row layout.
+at::Tensor with_row_layout(const at::Tensor& t, RowLayout& rows) {
+  if (row_layout(t, rows)) return t;
+  at::Tensor c = t.contiguous();
+  TORCH_INTERNAL_ASSERT(row_layout(c, rows));
+  return c;
+}
+
+}  // namespace
+
 at::Tensor swiglu_cpu(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, "swiglu: gate_up last dim must be even");
-  auto x = gate_up.contiguous();
-  auto sizes = x.sizes().vec();
-  int64_t F = sizes.back() / 2;
+  check_swiglu_args("swiglu", gate_up);
+  const int64_t F = gate_up.size(-1) / 2;
+  auto sizes = gate_up.sizes().vec();
   sizes.back() = F;
-  auto out = at::empty(sizes, x.options());
-  SwigluParams p{x.scalar_type(), x.numel() / std::max<int64_t>(2 * F, 1), F, x.const_data_ptr(), 2 * F, nullptr, 0, out.data_ptr()};
+  at::Tensor out = at::empty(sizes, gate_up.options());
+  if (out.numel() == 0) return out;
+  SwigluParams p{};
+  const at::Tensor gu = with_row_layout(gate_up, p.gate_up_rows);
+  p.dtype = gu.scalar_type();
+  p.rows = out.numel() / F;
+  p.F = F;
+  p.gate_up = gu.const_data_ptr();
+  p.out = out.data_ptr();
   swiglu_fwd_stub.get()(p);
   return out;
 }
 
-TORCH_LIBRARY_IMPL(gptmod, CPU, m) { m.impl("swiglu", &swiglu_cpu); }
+at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& gate_up) {
+  check_swiglu_args("swiglu_backward", gate_up, &grad_out);
+  at::Tensor grad = at::empty(gate_up.sizes(), gate_up.options());
+  if (grad.numel() == 0) return grad;
+  SwigluParams p{};
+  const at::Tensor gu = with_row_layout(gate_up, p.gate_up_rows);
+  const at::Tensor dy = with_row_layout(grad_out, p.grad_out_rows);
+  p.dtype = gu.scalar_type();
+  p.F = gate_up.size(-1) / 2;
+  p.rows = grad.numel() / (2 * p.F);
+  p.gate_up = gu.const_data_ptr();
+  p.grad_out = dy.const_data_ptr();
+  p.out = grad.data_ptr();
+  swiglu_bwd_stub.get()(p);
+  return grad;
+}
+
+TORCH_LIBRARY_IMPL(gptmod, CPU, m) {
+  m.impl("swiglu", &swiglu_cpu);
+  m.impl("swiglu_backward", &swiglu_backward_cpu);
+}
+
 }  // namespace gptmod

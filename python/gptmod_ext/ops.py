@@ -124,7 +124,9 @@ if AVAILABLE:
     @torch.library.register_fake("gptmod::rope")
     def _rope_fake(x, cos, sin, positions=None, interleaved=False, inverse=False):
         check_rope_args("rope", x, cos, sin, positions)
-        return torch.empty_like(x)
+        # The kernels return a new contiguous tensor whatever x's strides (empty_like would keep
+        # a transposed x's layout and disagree with them).
+        return x.new_empty(x.shape)
 
     @torch.library.register_fake("gptmod::rope_")
     def _rope_inplace_fake(x, cos, sin, positions=None, interleaved=False, inverse=False):

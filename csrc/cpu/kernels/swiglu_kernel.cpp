@@ -1,34 +1,109 @@
-// PLACEHOLDER scalar kernel (to be replaced by the vectorized one).
-#include <cmath>
+// CPU kernels of swiglu / swiglu_backward (design.md section 2), compiled once per CPU capability.
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <c10/util/Exception.h>
+
+#include "gptmod/elementwise_math.h"
 #include "gptmod/swiglu.h"
+#include "gptmod/vec_utils.h"
 
 namespace gptmod {
 namespace {
-template <typename T>
-void fwd(const SwigluParams& p) {
-  at::parallel_for(0, p.rows, 1, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const T* g = static_cast<const T*>(p.gate_up) + r * p.gate_up_stride;
-      T* o = static_cast<T*>(p.out) + r * p.F;
-      for (int64_t i = 0; i < p.F; ++i) {
-        float gv = float(g[i]), uv = float(g[i + p.F]);
-        o[i] = T(gv / (1.f + std::exp(-gv)) * uv);
+
+using namespace gptmod::vec;
+
+// Rows per parallel task so that a task moves ~16K elements: fewer and the thread hand-off
+// costs more than the work.
+inline int64_t row_grain(int64_t F) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, F)); }
+
+// out[r, j] = silu(g[r, j]) * u[r, j] with g = gate_up[r, :F], u = gate_up[r, F:].
+// Threads: at::parallel_for over rows; one pass, each input and output element touched once.
+template <typename scalar_t>
+void swiglu_fwd_impl(const SwigluParams& p) {
+  using acc = acc_t<scalar_t>;
+  using V = AVec<scalar_t>;
+  constexpr int64_t kS = kStep<scalar_t>;
+  const auto* gate_up = static_cast<const scalar_t*>(p.gate_up);  // [rows, 2F] (row layout)
+  auto* out = static_cast<scalar_t*>(p.out);                       // [rows, F] contiguous
+  const int64_t F = p.F;
+  at::parallel_for(0, p.rows, row_grain(F), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* __restrict__ g = gate_up + p.gate_up_rows.offset(r);  // [F]
+      const scalar_t* __restrict__ u = g + F;                               // [F]
+      scalar_t* __restrict__ o = out + r * F;                               // [F]
+      int64_t j = 0;
+      for (; j + kS <= F; j += kS) {
+        V ga, gb, ua, ub;
+        load2(g + j, ga, gb);
+        load2(u + j, ua, ub);
+        store2(o + j, ga * vsigmoid(ga) * ua, gb * vsigmoid(gb) * ub);
+      }
+      for (; j < F; ++j) o[j] = scalar_t(swiglu_fwd<acc>(acc(g[j]), acc(u[j])));
+    }
+  });
+}
+
+// grad[r, :F] = d_gate, grad[r, F:] = d_up, recomputing s = sigma(g) from gate_up.
+// Threads: at::parallel_for over rows; one pass over grad_out and gate_up.
+template <typename scalar_t>
+void swiglu_bwd_impl(const SwigluParams& p) {
+  using acc = acc_t<scalar_t>;
+  using V = AVec<scalar_t>;
+  constexpr int64_t kS = kStep<scalar_t>;
+  const auto* gate_up = static_cast<const scalar_t*>(p.gate_up);    // [rows, 2F] (row layout)
+  const auto* grad_out = static_cast<const scalar_t*>(p.grad_out);  // [rows, F] (row layout)
+  auto* grad = static_cast<scalar_t*>(p.out);                        // [rows, 2F] contiguous
+  const int64_t F = p.F;
+  at::parallel_for(0, p.rows, row_grain(2 * F), [&](int64_t begin, int64_t end) {
+    const V one(1);
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* __restrict__ g = gate_up + p.gate_up_rows.offset(r);    // [F]
+      const scalar_t* __restrict__ u = g + F;                                 // [F]
+      const scalar_t* __restrict__ dy = grad_out + p.grad_out_rows.offset(r);  // [F]
+      scalar_t* __restrict__ dg = grad + r * 2 * F;                           // [F]
+      scalar_t* __restrict__ du = dg + F;                                     // [F]
+      int64_t j = 0;
+      for (; j + kS <= F; j += kS) {
+        V ga, gb, ua, ub, dya, dyb;
+        load2(g + j, ga, gb);
+        load2(u + j, ua, ub);
+        load2(dy + j, dya, dyb);
+        const V sa = vsigmoid(ga), sb = vsigmoid(gb);
+        const V dsa = dya * sa, dsb = dyb * sb;
+        store2(du + j, dsa * ga, dsb * gb);
+        store2(dg + j, dsa * ua * (one + ga * (one - sa)), dsb * ub * (one + gb * (one - sb)));
+      }
+      for (; j < F; ++j) {
+        acc d_gate, d_up;
+        swiglu_bwd<acc>(acc(dy[j]), acc(g[j]), acc(u[j]), d_gate, d_up);
+        dg[j] = scalar_t(d_gate);
+        du[j] = scalar_t(d_up);
       }
     }
   });
 }
+
+
 void swiglu_fwd_kernel(const SwigluParams& p) {
   switch (p.dtype) {
-    case c10::ScalarType::Float: return fwd<float>(p);
-    case c10::ScalarType::Double: return fwd<double>(p);
-    case c10::ScalarType::Half: return fwd<c10::Half>(p);
-    case c10::ScalarType::BFloat16: return fwd<c10::BFloat16>(p);
-    default: return;
+    case c10::ScalarType::Float: return swiglu_fwd_impl<float>(p);
+    case c10::ScalarType::Double: return swiglu_fwd_impl<double>(p);
+    case c10::ScalarType::Half: return swiglu_fwd_impl<c10::Half>(p);
+    case c10::ScalarType::BFloat16: return swiglu_fwd_impl<c10::BFloat16>(p);
+    default: TORCH_CHECK(false, "swiglu: unsupported dtype ", p.dtype);
   }
 }
+
+void swiglu_bwd_kernel(const SwigluParams& p) {
+  switch (p.dtype) {
+    case c10::ScalarType::Float: return swiglu_bwd_impl<float>(p);
+    case c10::ScalarType::Double: return swiglu_bwd_impl<double>(p);
+    case c10::ScalarType::Half: return swiglu_bwd_impl<c10::Half>(p);
+    case c10::ScalarType::BFloat16: return swiglu_bwd_impl<c10::BFloat16>(p);
+    default: TORCH_CHECK(false, "swiglu_backward: unsupported dtype ", p.dtype);
+  }
+}
+
 }  // namespace
 GPTMOD_REGISTER_KERNEL(swiglu_fwd_stub, swiglu_fwd_kernel);
+GPTMOD_REGISTER_KERNEL(swiglu_bwd_stub, swiglu_bwd_kernel);
 }  // namespace gptmod

@@ -1,0 +1,173 @@
+// rope / rope_ on CUDA (design.md section 2). Same indexing and math as the CPU kernel
+// (csrc/cpu/kernels/rope_kernel.cpp); shared scalar math in gptmod/elementwise_math.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "gptmod/cuda_utils.cuh"
+#include "gptmod/elementwise_args.h"
+#include "gptmod/elementwise_math.h"
+
+namespace gptmod {
+namespace {
+
+using cuda::acc_t;
+using cuda::Pack;
+
+// One work item = N consecutive pairs of one (b, t, h) head row:
+//   half-split:  x[i .. i+N) with x[D/2 + i .. D/2 + i+N)  (two N-element accesses)
+//   interleaved: x[2i .. 2i+2N)                            (two N-element accesses)
+// Items are numbered row-major over [B, T, H, D/2 / N]; a grid-stride loop of 1-D blocks walks
+// them, so consecutive threads touch consecutive memory of one row. N = 16 bytes / sizeof(T)
+// when every pointer, stride and D/2 allow aligned 16-byte accesses, else 1.
+//
+// Out-of-range positions cannot raise from inside a kernel without a host sync, so the kernel
+// never reads the tables for them and writes NaN into that token's output instead (documented in
+// the entry point).
+template <typename scalar_t, int N, bool kInterleaved>
+__global__ void rope_kernel(const scalar_t* x,                   // [B, T, H, D] strided; may alias out
+                            scalar_t* out,                       // [B, T, H, D] strided
+                            const acc_t<scalar_t>* __restrict__ cos,  // [max_pos, D/2]
+                            const acc_t<scalar_t>* __restrict__ sin,  // [max_pos, D/2]
+                            const void* __restrict__ positions,  // nullptr, [T] or [B, T]
+                            const RopeParams p) {
+  using acc = acc_t<scalar_t>;
+  using P = Pack<scalar_t, N>;
+  const int64_t half = p.D / 2;
+  const int64_t chunks = half / N;  // items per head row
+  const int64_t items = p.B * p.T * p.H * chunks;
+  const acc sgn = p.inverse ? acc(-1) : acc(1);
+  for (int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
+       item += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = (item % chunks) * N;  // first pair of this item
+    int64_t row = item / chunks;
+    const int64_t h = row % p.H;
+    row /= p.H;
+    const int64_t t = row % p.T;
+    const int64_t b = row / p.T;
+    int64_t pos = t;
+    if (positions != nullptr) {
+      const int64_t off = b * p.pos_sb + t * p.pos_st;
+      pos = p.positions_int64 ? static_cast<const int64_t*>(positions)[off]
+                              : int64_t(static_cast<const int32_t*>(positions)[off]);
+    }
+    const scalar_t* xr = x + b * p.x_sb + t * p.x_st + h * p.x_sh;
+    scalar_t* orow = out + b * p.out_sb + t * p.out_st + h * p.out_sh;
+    // Offsets of the two N-element accesses: the x1 and x2 spans, or the two halves of the
+    // interleaved 2N-element span.
+    const int64_t o1 = kInterleaved ? 2 * i : i;
+    const int64_t o2 = kInterleaved ? 2 * i + N : half + i;
+    P a = *reinterpret_cast<const P*>(xr + o1);
+    P bq = *reinterpret_cast<const P*>(xr + o2);
+    P ya, yb;
+    if (pos < 0 || pos >= p.max_pos) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        ya.v[k] = scalar_t(NAN);
+        yb.v[k] = scalar_t(NAN);
+      }
+    } else {
+      const acc* c = cos + pos * p.cos_stride;
+      const acc* s = sin + pos * p.sin_stride;
+#pragma unroll
+      for (int q = 0; q < N; ++q) {
+        acc y1, y2;
+        if constexpr (kInterleaved) {
+          // Pair q sits at lanes 2q, 2q + 1 of the 2N-element span [a | bq].
+          const int e = 2 * q;
+          const acc x1 = acc(e < N ? a.v[e] : bq.v[e - N]);
+          const acc x2 = acc(e + 1 < N ? a.v[e + 1] : bq.v[e + 1 - N]);
+          rope_pair<acc>(x1, x2, c[i + q], sgn * s[i + q], y1, y2);
+          (e < N ? ya.v[e] : yb.v[e - N]) = scalar_t(y1);
+          (e + 1 < N ? ya.v[e + 1] : yb.v[e + 1 - N]) = scalar_t(y2);
+        } else {
+          rope_pair<acc>(acc(a.v[q]), acc(bq.v[q]), c[i + q], sgn * s[i + q], y1, y2);
+          ya.v[q] = scalar_t(y1);
+          yb.v[q] = scalar_t(y2);
+        }
+      }
+    }
+    *reinterpret_cast<P*>(orow + o1) = ya;
+    *reinterpret_cast<P*>(orow + o2) = yb;
+  }
+}
+
+template <typename scalar_t, int N>
+void launch(const RopeParams& p, cudaStream_t stream) {
+  using acc = acc_t<scalar_t>;
+  const int64_t items = p.B * p.T * p.H * (p.D / 2 / N);
+  constexpr int kThreads = 256;
+  const auto* x = static_cast<const scalar_t*>(p.x);
+  auto* out = static_cast<scalar_t*>(p.out);
+  const auto* c = static_cast<const acc*>(p.cos);
+  const auto* s = static_cast<const acc*>(p.sin);
+  if (p.interleaved) {
+    rope_kernel<scalar_t, N, true>
+        <<<cuda::grid_for(items, kThreads), kThreads, 0, stream>>>(x, out, c, s, p.positions, p);
+  } else {
+    rope_kernel<scalar_t, N, false>
+        <<<cuda::grid_for(items, kThreads), kThreads, 0, stream>>>(x, out, c, s, p.positions, p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// 16-byte accesses need N | D/2 (each half-split half and each interleaved 2N span start on a
+// multiple of N), 16-byte aligned bases, and strides that keep every row aligned.
+template <typename scalar_t>
+bool can_pack16(const RopeParams& p) {
+  constexpr int N = cuda::kPack16<scalar_t>;
+  const int64_t half = p.D / 2;
+  if (half % N != 0) return false;
+  if (!cuda::aligned16(p.x) || !cuda::aligned16(p.out)) return false;
+  for (int64_t st : {p.x_sb, p.x_st, p.x_sh, p.out_sb, p.out_st, p.out_sh}) {
+    if (st % N != 0) return false;
+  }
+  return true;
+}
+
+void rope_run(const at::Tensor& x, const at::Tensor& out, const at::Tensor& cos,
+              const at::Tensor& sin, const std::optional<at::Tensor>& positions,
+              bool interleaved, bool inverse) {
+  if (x.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType table_t = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor c = cos.to(table_t), s = sin.to(table_t);
+  const RopeParams p = rope_params(x, out, c, s, positions, interleaved, inverse);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rope_cuda", [&] {
+    if (can_pack16<scalar_t>(p)) {
+      launch<scalar_t, cuda::kPack16<scalar_t>>(p, stream);
+    } else {
+      launch<scalar_t, 1>(p, stream);
+    }
+  });
+}
+
+}  // namespace
+
+// Positions are not range-checked here (that would need a device-to-host sync per call); an
+// out-of-range position yields NaN for that token and never an out-of-bounds read.
+at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                     const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+  check_rope_args("rope", x, cos, sin, positions);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  rope_run(x, out, cos, sin, positions, interleaved, inverse);
+  return out;
+}
+
+void rope_inplace_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                       const std::optional<at::Tensor>& positions, bool interleaved,
+                       bool inverse) {
+  check_rope_args("rope_", x, cos, sin, positions);
+  rope_run(x, x, cos, sin, positions, interleaved, inverse);
+}
+
+TORCH_LIBRARY_IMPL(gptmod, CUDA, m) {
+  m.impl("rope", &rope_cuda);
+  m.impl("rope_", &rope_inplace_cuda);
+}
+
+}  // namespace gptmod

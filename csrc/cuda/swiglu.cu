@@ -1,0 +1,159 @@
+// swiglu / swiglu_backward on CUDA (design.md section 2). Same indexing and math as the CPU
+// kernels (csrc/cpu/kernels/swiglu_kernel.cpp); shared scalar math in gptmod/elementwise_math.h.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "gptmod/cuda_utils.cuh"
+#include "gptmod/elementwise_args.h"
+#include "gptmod/elementwise_math.h"
+
+namespace gptmod {
+namespace {
+
+using cuda::acc_t;
+using cuda::Pack;
+
+// Forward. One work item = N consecutive features j .. j+N of one row r: reads g = gate_up[r, j..]
+// and u = gate_up[r, F + j..], writes out[r, j..]. Items are numbered row-major over
+// [rows, F / N]; a grid-stride loop of 1-D blocks walks them (coalesced along a row).
+// N = 16 bytes / sizeof(T) when F, the row strides and the base pointers allow aligned 16-byte
+// accesses, else 1.
+template <typename scalar_t, int N>
+__global__ void swiglu_fwd_kernel(const scalar_t* __restrict__ gate_up,  // [rows, 2F] by gu_rows
+                                  scalar_t* __restrict__ out,            // [rows, F] contiguous
+                                  const int64_t rows, const int64_t F, const RowLayout gu_rows) {
+  using acc = acc_t<scalar_t>;
+  using P = Pack<scalar_t, N>;
+  const int64_t chunks = F / N;
+  const int64_t items = rows * chunks;
+  for (int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
+       item += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = item / chunks;
+    const int64_t j = (item % chunks) * N;
+    const scalar_t* g = gate_up + gu_rows.offset(r);
+    const P gp = *reinterpret_cast<const P*>(g + j);
+    const P up = *reinterpret_cast<const P*>(g + F + j);
+    P o;
+#pragma unroll
+    for (int k = 0; k < N; ++k) o.v[k] = scalar_t(swiglu_fwd<acc>(acc(gp.v[k]), acc(up.v[k])));
+    *reinterpret_cast<P*>(out + r * F + j) = o;
+  }
+}
+
+// Backward. Same item layout as the forward; reads grad_out[r, j..], g and u, writes
+// grad[r, j..] (d_gate) and grad[r, F + j..] (d_up).
+template <typename scalar_t, int N>
+__global__ void swiglu_bwd_kernel(const scalar_t* __restrict__ grad_out,  // [rows, F] by go_rows
+                                  const scalar_t* __restrict__ gate_up,   // [rows, 2F] by gu_rows
+                                  scalar_t* __restrict__ grad,            // [rows, 2F] contiguous
+                                  const int64_t rows, const int64_t F, const RowLayout go_rows,
+                                  const RowLayout gu_rows) {
+  using acc = acc_t<scalar_t>;
+  using P = Pack<scalar_t, N>;
+  const int64_t chunks = F / N;
+  const int64_t items = rows * chunks;
+  for (int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
+       item += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = item / chunks;
+    const int64_t j = (item % chunks) * N;
+    const scalar_t* g = gate_up + gu_rows.offset(r);
+    const P gp = *reinterpret_cast<const P*>(g + j);
+    const P up = *reinterpret_cast<const P*>(g + F + j);
+    const P dy = *reinterpret_cast<const P*>(grad_out + go_rows.offset(r) + j);
+    P dg, du;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      acc d_gate, d_up;
+      swiglu_bwd<acc>(acc(dy.v[k]), acc(gp.v[k]), acc(up.v[k]), d_gate, d_up);
+      dg.v[k] = scalar_t(d_gate);
+      du.v[k] = scalar_t(d_up);
+    }
+    *reinterpret_cast<P*>(grad + r * 2 * F + j) = dg;
+    *reinterpret_cast<P*>(grad + r * 2 * F + F + j) = du;
+  }
+}
+
+bool rows_pack16(const void* base, const RowLayout& l, int n) {
+  return cuda::aligned16(base) && l.outer_stride % n == 0 && l.inner_stride % n == 0;
+}
+
+// t itself when its leading dims collapse to two strided row dims, else a contiguous copy.
+at::Tensor with_row_layout(const at::Tensor& t, RowLayout& rows) {
+  if (row_layout(t, rows)) return t;
+  at::Tensor c = t.contiguous();
+  TORCH_INTERNAL_ASSERT(row_layout(c, rows));
+  return c;
+}
+
+}  // namespace
+
+at::Tensor swiglu_cuda(const at::Tensor& gate_up) {
+  check_swiglu_args("swiglu", gate_up);
+  const int64_t F = gate_up.size(-1) / 2;
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = F;
+  at::Tensor out = at::empty(sizes, gate_up.options());
+  if (out.numel() == 0) return out;
+  const c10::cuda::CUDAGuard guard(gate_up.device());
+  RowLayout gu_rows;
+  const at::Tensor gu = with_row_layout(gate_up, gu_rows);
+  const int64_t rows = out.numel() / F;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int kThreads = 256;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gu.scalar_type(), "swiglu_cuda", [&] {
+    constexpr int N = cuda::kPack16<scalar_t>;
+    const auto* in = gu.const_data_ptr<scalar_t>();
+    auto* o = out.mutable_data_ptr<scalar_t>();
+    if (F % N == 0 && rows_pack16(in, gu_rows, N) && cuda::aligned16(o)) {
+      swiglu_fwd_kernel<scalar_t, N><<<cuda::grid_for(rows * (F / N), kThreads), kThreads, 0,
+                                       stream>>>(in, o, rows, F, gu_rows);
+    } else {
+      swiglu_fwd_kernel<scalar_t, 1>
+          <<<cuda::grid_for(rows * F, kThreads), kThreads, 0, stream>>>(in, o, rows, F, gu_rows);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& gate_up) {
+  check_swiglu_args("swiglu_backward", gate_up, &grad_out);
+  at::Tensor grad = at::empty(gate_up.sizes(), gate_up.options());
+  if (grad.numel() == 0) return grad;
+  const c10::cuda::CUDAGuard guard(gate_up.device());
+  RowLayout gu_rows, go_rows;
+  const at::Tensor gu = with_row_layout(gate_up, gu_rows);
+  const at::Tensor dy = with_row_layout(grad_out, go_rows);
+  const int64_t F = gate_up.size(-1) / 2;
+  const int64_t rows = grad.numel() / (2 * F);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int kThreads = 256;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gu.scalar_type(),
+                                  "swiglu_backward_cuda", [&] {
+    constexpr int N = cuda::kPack16<scalar_t>;
+    const auto* in = gu.const_data_ptr<scalar_t>();
+    const auto* d = dy.const_data_ptr<scalar_t>();
+    auto* o = grad.mutable_data_ptr<scalar_t>();
+    if (F % N == 0 && rows_pack16(in, gu_rows, N) && rows_pack16(d, go_rows, N) &&
+        cuda::aligned16(o)) {
+      swiglu_bwd_kernel<scalar_t, N><<<cuda::grid_for(rows * (F / N), kThreads), kThreads, 0,
+                                       stream>>>(d, in, o, rows, F, go_rows, gu_rows);
+    } else {
+      swiglu_bwd_kernel<scalar_t, 1><<<cuda::grid_for(rows * F, kThreads), kThreads, 0,
+                                       stream>>>(d, in, o, rows, F, go_rows, gu_rows);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
+TORCH_LIBRARY_IMPL(gptmod, CUDA, m) {
+  m.impl("swiglu", &swiglu_cuda);
+  m.impl("swiglu_backward", &swiglu_backward_cuda);
+}
+
+}  // namespace gptmod
