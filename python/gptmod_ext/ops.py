@@ -78,7 +78,7 @@ def check_decode_attention_args(op, q, k_cache, v_cache, cache_seqlens):
     _check(k_cache.dim() == 4, f"{op}: k_cache must be 4-D [B, S_max, Hkv, D], got {k_cache.dim()}-D")
     _check(v_cache.dim() == 4, f"{op}: v_cache must be 4-D [B, S_max, Hkv, D], got {v_cache.dim()}-D")
     _check(q.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-           f"{op}: q must be float32, float16 or bfloat16, got {q.dtype}")
+           f"{op}: q must be float32, float16, bfloat16 or float64, got {q.dtype}")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check(t.dtype == q.dtype, f"{op}: {name} dtype {t.dtype} differs from q's {q.dtype}")
         _check(t.device == q.device, f"{op}: {name} is on {t.device} but q is on {q.device}")

@@ -79,7 +79,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale, softcap=0.0, num
     else:
         G = Hq // Hkv
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-        scores = (qt @ k.transpose(-1, -2)).float() * scale
+        # fp32 scores for half types (as the kernels), fp64 kept for fp64 inputs.
+        scores = (qt @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
         scores = softcap * torch.tanh(scores / softcap)
         scores = scores.masked_fill(~allowed[:, None], -math.inf)
         out = (scores.softmax(dim=-1).to(v.dtype) @ v)
