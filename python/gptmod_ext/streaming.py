@@ -1,0 +1,194 @@
+"""Turning a stream of token ids into text that is safe to print as it is produced.
+
+Two things go wrong when each token is decoded on its own:
+  - a token can end in the middle of a UTF-8 character (byte-level BPE splits emoji and CJK
+    characters across tokens), so decoding it alone prints U+FFFD where the next token would
+    have completed the character;
+  - a stop string can span tokens ("\\n\\n" as "\\n" + "\\n"), so by the time it is seen, part of
+    it has already been printed.
+
+TextStreamer fixes both: it holds back an incomplete UTF-8 sequence until the bytes that
+complete it arrive, and it holds back any tail of the text that could still grow into a stop
+string. Only at finish() does it give up: a sequence the model never completed becomes U+FFFD
+(the model really produced invalid bytes), and a held tail that never became a stop string is
+released.
+
+    streamer = TextStreamer(tok, stop=["\\n\\n"])
+    for token in tokens:
+        print(streamer.put(token), end="", flush=True)
+        if streamer.stopped:
+            break
+    print(streamer.finish())
+
+The sampler CLI and the server share this module. A tokenizer with `decode_bytes(ids)` (ours)
+is decoded byte by byte; one with only `decode(ids)` (a Hugging Face tokenizer) is decoded by
+re-decoding the ids so far and printing what was added (HF's own streamer does the same).
+"""
+from __future__ import annotations
+
+import codecs
+from typing import Iterable, Sequence, Union
+
+REPLACEMENT = "\ufffd"
+
+
+class StopFilter:
+    """Cuts text at the first stop string and holds back anything that could start one.
+
+    put(text) returns the text that can no longer be part of a stop string; once a stop string
+    is found, everything from its first character on is dropped, `stopped` is True and
+    `stop_string` says which one matched (the earliest in the text; the longest on a tie).
+    """
+
+    def __init__(self, stop: Iterable[str] = ()):
+        self.stops = [s for s in stop if s]
+        self.stopped = False
+        self.stop_string: str | None = None
+        self._held = ""
+
+    def put(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return text
+        text = self._held + text
+        self._held = ""
+        hit = self._find(text)
+        if hit is not None:
+            self.stopped = True
+            self.stop_string = hit[1]
+            return text[:hit[0]]
+        keep = self._partial_tail(text)
+        if keep:
+            self._held = text[-keep:]
+            return text[:-keep]
+        return text
+
+    def finish(self) -> str:
+        """What is still held back (it never became a stop string)."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+    def _find(self, text: str):
+        best = None
+        for s in self.stops:
+            i = text.find(s)
+            if i >= 0 and (best is None or i < best[0] or (i == best[0] and len(s) > len(best[1]))):
+                best = (i, s)
+        return best
+
+    def _partial_tail(self, text: str) -> int:
+        # The longest suffix of text that is a proper prefix of some stop string. Any stop string
+        # that will appear later must start inside that suffix (or in text not yet seen).
+        longest = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+
+class _ByteDecoder:
+    """Token ids -> text through the tokenizer's raw bytes and an incremental UTF-8 decoder,
+    which keeps an incomplete trailing sequence for the next call and replaces bytes that can
+    never form a character as soon as that is certain."""
+
+    def __init__(self, tokenizer):
+        self._decode_bytes = tokenizer.decode_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def put(self, ids: Sequence[int]) -> str:
+        return self._utf8.decode(self._decode_bytes(ids))
+
+    def finish(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+class _RedecodeDecoder:
+    """Token ids -> text for tokenizers that only decode whole id lists (Hugging Face).
+
+    Decodes context + all ids so far and emits the characters beyond what was already emitted.
+    A trailing U+FFFD may be half a character, so it is held back until more ids arrive.
+    `context` (the prompt's last tokens) makes word-initial spaces come out right for
+    tokenizers that strip a leading space at the start of a decode (SentencePiece).
+    """
+
+    def __init__(self, tokenizer, context: Sequence[int] = ()):
+        self._decode = tokenizer.decode
+        self._context = [int(i) for i in context]
+        self._skip = len(self._decode(self._context)) if self._context else 0
+        self._ids: list[int] = []
+        self._emitted = 0
+
+    def _text(self) -> str:
+        return self._decode(self._context + self._ids)[self._skip:]
+
+    def put(self, ids: Sequence[int]) -> str:
+        self._ids.extend(ids)
+        text = self._text()
+        end = len(text.rstrip(REPLACEMENT))
+        if end <= self._emitted:
+            return ""
+        out, self._emitted = text[self._emitted:end], end
+        return out
+
+    def finish(self) -> str:
+        text = self._text()
+        out, self._emitted = text[self._emitted:], len(text)
+        return out
+
+
+class TextStreamer:
+    """Token ids in, printable text out: UTF-8 safe across token boundaries, stop strings
+    never printed (not even their first characters when they span tokens).
+
+    tokenizer: has decode_bytes(ids) -> bytes (preferred) or decode(ids) -> str.
+    stop: strings that end the text; the stop string and everything after it are dropped.
+    context: token ids that come before the streamed ones (used only by decode()-only
+    tokenizers, see _RedecodeDecoder).
+
+    put(ids) -> str: the text that became safe to print (maybe ""). After a stop string,
+    `stopped` is True and put() ignores further ids. finish() -> str: the rest, with U+FFFD for
+    bytes that never formed a character. `text` is everything returned so far.
+    """
+
+    def __init__(self, tokenizer, stop: Iterable[str] = (), context: Sequence[int] = ()):
+        if hasattr(tokenizer, "decode_bytes"):
+            self._decoder = _ByteDecoder(tokenizer)
+        else:
+            self._decoder = _RedecodeDecoder(tokenizer, context)
+        self._stop = StopFilter(stop)
+        self.text = ""
+        self.num_tokens = 0
+        self._finished = False
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.stopped
+
+    @property
+    def stop_string(self) -> str | None:
+        return self._stop.stop_string
+
+    def put(self, ids: Union[int, Iterable[int]]) -> str:
+        if self.stopped or self._finished:
+            return ""
+        ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+        self.num_tokens += len(ids)
+        return self._emit(self._stop.put(self._decoder.put(ids)))
+
+    def finish(self) -> str:
+        if self._finished:
+            return ""
+        self._finished = True
+        if self.stopped:
+            return ""
+        out = self._stop.put(self._decoder.finish())
+        if not self.stopped:
+            out += self._stop.finish()
+        return self._emit(out)
+
+    def _emit(self, text: str) -> str:
+        self.text += text
+        return text
