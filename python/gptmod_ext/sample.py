@@ -1,0 +1,506 @@
+"""Sample text from a trained run directory (or a Hugging Face Llama / GPT-2 folder).
+
+    python -m gptmod_ext.sample --ckpt out/ --prompt "Once upon a time" --max-new-tokens 200
+    echo -n "def main(" | python -m gptmod_ext.sample --ckpt out/ --temperature 0
+    python -m gptmod_ext.sample --ckpt out/ --num-samples 3 --seed 1 --stop $'\\n\\n'
+    python -m gptmod_ext.sample --ckpt out/ --interactive
+
+What it does, in the terms of the flags:
+- The prompt comes from --prompt, --prompt-file, or stdin (when neither is given, or with
+  --prompt -), used exactly as given (no newline is stripped). An empty prompt starts a new
+  document (the tokenizer's <|endoftext|> / BOS token).
+- stdout carries only text: the prompt (unless --no-echo), then the continuation as it is
+  produced (flushed per token, UTF-8 safe across token boundaries), then one newline. With
+  --num-samples N > 1 each sample is preceded by a line `---------- sample i/N ----------`;
+  all N are generated as one batch, sample 1 streams live and the others are printed after it.
+- Generation ends at <|endoftext|> (not printed), at a --stop string (not printed, nor what
+  follows; only the generated text is searched, not the prompt) or after --max-new-tokens.
+  Each sample stops on its own.
+- Context: a prompt that does not leave room for one new token is refused (exit 1); an
+  explicit --max-new-tokens that would pass the model's block_size is reduced to fit, with a
+  warning. Without --max-new-tokens, up to 256 tokens are generated, as many as fit.
+- stderr: what was loaded, then prompt tokens, new tokens, time to first token, tokens/s and
+  the seed (silenced by -q; warnings and errors are always shown).
+- Errors are one line on stderr, `gptmod_ext.sample: error: ...`: exit 1 for a checkpoint,
+  prompt or runtime problem, 2 for a usage error. GPTMOD_DEBUG=1 shows tracebacks.
+- --interactive reads one prompt per line (the model keeps no chat state; the line is not
+  echoed) until EOF (Ctrl-D) or Ctrl-C, and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+PROG = "python -m gptmod_ext.sample"
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class SampleError(Exception):
+    """A problem the user can fix (checkpoint, prompt, device); reported as one line, exit 1."""
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line (the default prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _unescape(s: str) -> str:
+    # Lets `--stop '\n\n'` mean two newlines. latin-1 + backslashreplace keeps non-ASCII text
+    # intact through unicode_escape (which would otherwise read it as latin-1 bytes).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an unknown escape such as \q is kept as it is
+        return s.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Generate text from a gptmod_ext run directory or a "
+                "Hugging Face Llama/GPT-2 folder, streaming it to stdout.")
+    a = p.add_argument
+    a("--ckpt", default="out", help="run directory (or HF model folder) (default: out)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="the prompt text; '-' reads stdin (default: stdin)")
+    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    a("--max-new-tokens", type=int, default=None,
+      help=f"tokens to generate per sample (default: {DEFAULT_MAX_NEW_TOKENS}, or as many as "
+           "fit the context)")
+    a("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    a("--top-k", type=int, default=None, help="keep the k most likely tokens (>= 1)")
+    a("--top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1]")
+    a("--min-p", type=float, default=None, help="keep tokens with p >= min_p * p_max, in [0, 1]")
+    a("--seed", type=int, default=None, help="random seed (same seed, same text); "
+      "default: a random one, reported on stderr")
+    a("--num-samples", type=int, default=1, help="samples generated as one batch (default: 1)")
+    a("--stop", nargs="+", action="extend", default=[], metavar="STR",
+      help="stop once a sample produces one of these strings (not printed); backslash escapes "
+           "such as \\n are understood; use --stop=STR for strings starting with '-'")
+    a("--no-echo", dest="echo", action="store_false", help="do not print the prompt")
+    a("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+      help="auto: bfloat16 on GPUs that support it, else float32")
+    a("--backend", default="auto", choices=["auto", "ext", "torch"],
+      help="ext: our compiled ops; torch: pure PyTorch; auto: ext when built (default)")
+    a("--compile", action="store_true", help="torch.compile the cached forward step")
+    a("-q", "--quiet", action="store_true", help="no load/speed report on stderr")
+    a("--interactive", action="store_true",
+      help="read prompts line by line until EOF (Ctrl-D) or Ctrl-C")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    checks = [
+        (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
+        (args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}"),
+        (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
+        (args.min_p is None or 0 <= args.min_p <= 1, f"--min-p must be in [0, 1], got {args.min_p}"),
+        (args.max_new_tokens is None or args.max_new_tokens >= 1,
+         f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
+        (args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}"),
+        (not (args.interactive and (args.prompt is not None or args.prompt_file)),
+         "--interactive reads its prompts from stdin; drop --prompt/--prompt-file"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            parser.error(msg)
+    try:
+        args.stop = [_unescape(s) for s in args.stop]
+    except UnicodeDecodeError as e:
+        parser.error(f"--stop: bad backslash escape ({e.reason})")
+    if any(s == "" for s in args.stop):
+        parser.error("--stop strings must not be empty")
+    return args
+
+
+# -----------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SampleError(f"unknown device {name!r} (expected cpu, cuda, cuda:N, mps or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SampleError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SampleError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def is_hf_dir(path: Path) -> bool:
+    """A Hugging Face model folder: config.json written by transformers (model_type /
+    architectures at the top level; ours nests the model under "model")."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg)
+
+
+class HFTokenizer:
+    """A transformers tokenizer behind the encode/decode/eot_id interface of ours. It has no
+    decode_bytes, so TextStreamer streams it by re-decoding."""
+
+    FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+    def __init__(self, path: Path):
+        if not any((path / f).is_file() for f in self.FILES):
+            raise SampleError(f"{path} holds no tokenizer files ({', '.join(self.FILES)}); "
+                              "save one there with tokenizer.save_pretrained()")
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        try:
+            self.hf = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:  # transformers raises many types for unusable files
+            raise SampleError(f"cannot load the tokenizer in {path}: {_first_line(e)}") from None
+        self.eot_id = self.hf.eos_token_id
+        self.bos_id = self.hf.bos_token_id
+        self.vocab_size = len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=True)
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+EXT_OPS = ("rope", "swiglu", "kv_cache_write", "decode_attention")
+
+
+def ext_missing_ops(device) -> list[str]:
+    """The ops generation needs that the loaded extension has no kernel for on device (all
+    of them when the extension is not loaded). A build can register schemas before kernels."""
+    import torch
+
+    from . import _ext
+
+    if not _ext.AVAILABLE:
+        return list(EXT_OPS)
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    missing = []
+    for op in EXT_OPS:
+        try:
+            ok = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"gptmod::{op}", key)
+        except RuntimeError:  # schema not registered
+            ok = False
+        if not ok:
+            missing.append(op)
+    return missing
+
+
+def choose_backend(name: str, device) -> str:
+    from . import _ext
+
+    if name == "torch":
+        return "torch"
+    missing = ext_missing_ops(device)
+    if name == "auto":
+        return "torch" if missing else "ext"
+    if not _ext.AVAILABLE:
+        raise SampleError(f"--backend ext: {_first_line(Exception(_ext.LOAD_ERROR))}")
+    if missing:
+        raise SampleError(f"--backend ext: this build has no {device.type} kernel for "
+                          f"{', '.join('gptmod::' + op for op in missing)}; use --backend torch")
+    return "ext"
+
+
+@dataclass
+class Loaded:
+    model: object
+    tok: object
+    description: str
+
+
+def load(args, device, dtype) -> Loaded:
+    """The model (eval mode, on device/dtype, backend set) and its tokenizer."""
+    from . import checkpoint
+
+    path = Path(args.ckpt)
+    backend = choose_backend(args.backend, device)
+    if path.is_dir() and is_hf_dir(path):
+        from . import hf
+
+        tok = HFTokenizer(path)
+        try:
+            model = hf.from_hf(path, dtype=dtype)
+        except ImportError:
+            raise
+        except Exception as e:  # unsupported architecture, corrupt or missing weights
+            raise SampleError(f"cannot load the Hugging Face model in {path}: "
+                              f"{_first_line(e)}") from None
+        model.to(device)
+        kind = "Hugging Face model"
+    else:
+        model, tok, _ = checkpoint.load_run(path, device=device, dtype=dtype)
+        kind = "run"
+    model.backend = backend  # raises the loader's message when the ext ops are missing
+    if args.compile:
+        import torch
+
+        # Generation runs every step through _forward_cached (prefill and decode), not through
+        # forward(), so that is the function to compile.
+        model._forward_cached = torch.compile(model._forward_cached)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    desc = (f"{kind} {path}: {params:.2f}M parameters, block_size {model.config.block_size}, "
+            f"{str(dtype).replace('torch.', '')} on {device}, backend {backend}"
+            f"{', compiled' if args.compile else ''}")
+    return Loaded(model, tok, desc)
+
+
+# -----------------------------------------------------------------------------------------------
+# Prompts
+
+
+def read_prompt(args) -> str:
+    if args.prompt_file:
+        try:
+            return Path(args.prompt_file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SampleError(f"prompt file {args.prompt_file} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SampleError(f"cannot read prompt file {args.prompt_file}: {_first_line(e)}") from None
+    if args.prompt is not None and args.prompt != "-":
+        return args.prompt
+    if sys.stdin.isatty():
+        print("reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
+    return sys.stdin.read()
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    # An empty prompt starts a new document: BOS where the tokenizer has one, else <|endoftext|>
+    # (our tokenizers put it between documents).
+    ids = tok.encode(text)
+    if not ids:
+        start = getattr(tok, "bos_id", None)
+        ids = [start if start is not None else tok.eot_id]
+    return ids
+
+
+# -----------------------------------------------------------------------------------------------
+# Generation
+
+
+def separator(i: int, n: int) -> str:
+    return f"---------- sample {i}/{n} ----------\n"
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int
+    new_tokens: list
+    ttft: float   # seconds from the start of the prefill to the first sampled token
+    seconds: float
+
+    def line(self, seed) -> str:
+        total = sum(self.new_tokens)
+        per = "" if len(self.new_tokens) == 1 else f" ({', '.join(map(str, self.new_tokens))})"
+        rate = total / self.seconds if self.seconds > 0 else float("inf")
+        seed_part = "" if seed is None else f", seed {seed}"
+        return (f"prompt {self.prompt_tokens} tokens, new {total} tokens{per}, time to first "
+                f"token {self.ttft * 1000:.1f} ms, {rate:.1f} tokens/s{seed_part}")
+
+
+def generate(model, tok, prompt: str, args, seed, echo: bool, out, err) -> Stats:
+    """Generates args.num_samples continuations of prompt as one batch and writes them to out
+    (sample 1 live, token by token; the others after it)."""
+    import torch
+
+    from .streaming import TextStreamer
+
+    ids = encode_prompt(tok, prompt)
+    T, block, B = len(ids), model.config.block_size, args.num_samples
+    if T >= block:
+        raise SampleError(f"the prompt is {T} tokens long but the model's context (block_size) "
+                          f"is {block} tokens: no room to generate; shorten the prompt")
+    max_new = args.max_new_tokens
+    if max_new is None:
+        max_new = min(DEFAULT_MAX_NEW_TOKENS, block - T)
+    elif T + max_new > block:
+        print(f"warning: prompt {T} + --max-new-tokens {max_new} tokens exceed the context "
+              f"({block}); generating at most {block - T} tokens", file=err, flush=True)
+        max_new = block - T
+
+    streamers = [TextStreamer(tok, args.stop, context=ids[-1:]) for _ in range(B)]
+    done = [False] * B
+    counts = [0] * B
+    head = (separator(1, B) if B > 1 else "") + (prompt if echo else "")
+    out.write(head)
+    out.flush()
+
+    idx = torch.tensor([ids] * B, dtype=torch.long, device=model.device)
+    t0 = time.perf_counter()
+    ttft = None
+    steps = model.generate_stream(idx, max_new, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, min_p=args.min_p, seed=seed,
+                                  eos_id=tok.eot_id)
+    try:
+        for tokens, finished in steps:
+            tokens, finished = tokens.tolist(), finished.tolist()  # one host sync per step
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            for i in range(B):
+                if done[i]:
+                    continue
+                counts[i] += 1
+                if finished[i]:  # this step's token is <|endoftext|>: not printed
+                    done[i] = True
+                    continue
+                text = streamers[i].put(tokens[i])
+                done[i] = streamers[i].stopped
+                if i == 0 and text:
+                    out.write(text)
+                    out.flush()
+            if all(done):  # every sample hit a stop string or <|endoftext|>
+                break
+    finally:
+        steps.close()
+    seconds = time.perf_counter() - t0
+    out.write(streamers[0].finish() + "\n")
+    for i in range(1, B):
+        streamers[i].finish()
+        out.write(separator(i + 1, B) + (prompt if echo else "") + streamers[i].text + "\n")
+    out.flush()
+    return Stats(T, counts, ttft or 0.0, seconds)
+
+
+def _pick_seed(args):
+    if args.seed is not None:
+        return args.seed
+    if args.temperature == 0:
+        return None  # greedy: no randomness to reproduce
+    return random.SystemRandom().randrange(2**31)
+
+
+def interactive(loaded: Loaded, args, out, err) -> None:
+    tty = sys.stdin.isatty()
+    if tty and not args.quiet:
+        print("one prompt per line; Ctrl-D or Ctrl-C to quit", file=err)
+    while True:
+        if tty:
+            err.write("> ")
+            err.flush()
+        line = sys.stdin.readline()
+        if not line:  # EOF
+            if tty:
+                err.write("\n")
+            return
+        prompt = line.rstrip("\r\n")
+        if not prompt:
+            continue
+        seed = _pick_seed(args)
+        stats = generate(loaded.model, loaded.tok, prompt, args, seed, False, out, err)
+        if not args.quiet:
+            print(stats.line(seed), file=err, flush=True)
+
+
+def run(args) -> int:
+    out, err = sys.stdout, sys.stderr
+    import torch
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    t = time.perf_counter()
+    loaded = load(args, device, dtype)
+    if not args.quiet:
+        print(f"loaded {loaded.description} in {time.perf_counter() - t:.2f} s", file=err,
+              flush=True)
+    torch.set_grad_enabled(False)
+    if args.interactive:
+        try:
+            interactive(loaded, args, out, err)
+        except KeyboardInterrupt:  # Ctrl-C ends the session cleanly, like Ctrl-D
+            out.flush()
+            err.write("\n")
+        return 0
+    prompt = read_prompt(args)
+    seed = _pick_seed(args)
+    stats = generate(loaded.model, loaded.tok, prompt, args, seed, args.echo, out, err)
+    if not args.quiet:
+        print(stats.line(seed), file=err, flush=True)
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------
+# Entry point: every failure becomes one line on stderr
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)  # usage errors exit 2 from here
+    debug = os.environ.get("GPTMOD_DEBUG") == "1"
+    from .checkpoint import CheckpointError
+    from .tokenizer import TokenizerError
+
+    def fail(msg: str, code: int = 1) -> int:
+        sys.stdout.flush()
+        print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+        return code
+
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        return fail("interrupted", 130)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly. Point stdout at devnull so the
+        # interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (SampleError, CheckpointError, TokenizerError) as e:
+        if debug:
+            raise
+        return fail(_first_line(e))
+    except (ImportError, OSError, ValueError, RuntimeError) as e:
+        # ImportError: the ext ops or transformers are missing; ValueError: a model or
+        # generation argument refused; RuntimeError: torch (out of memory, a bad device).
+        if debug:
+            raise
+        return fail(_first_line(e))
+    except Exception as e:
+        if debug:
+            raise
+        return fail(f"unexpected {type(e).__name__}: {_first_line(e)} "
+                    "(set GPTMOD_DEBUG=1 for the traceback)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
