@@ -1,0 +1,307 @@
+"""The trainer and the run directory: loss goes down, --stop-at/--resume is exact, Ctrl-C and
+NaN stop cleanly, bad inputs are one-line errors, checkpoints load back (tied weights, compiled
+models), and two DDP processes equal one process with twice the accumulation."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptmod_ext import checkpoint as C
+from gptmod_ext import prepare as P
+from gptmod_ext import train as TR
+from gptmod_ext.model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "n_layer=1,n_embd=32,n_head=2,n_kv_head=1,block_size=64"
+COMMON = ["--model-args", MODEL, "--block-size", "32", "--batch-size", "4", "--eval-iters", "2",
+          "--sample-tokens", "8", "--backend", "torch", "--no-progress", "--lr", "1e-2",
+          "--log-interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    files = [str(f) for f in P.stdlib_files(max_bytes=150_000)]
+    P.prepare(files, d / "stdlib", tokenizer="bpe", vocab_size=512, progress=False)
+    return d / "stdlib"
+
+
+def train(capsys, *args):
+    """python -m gptmod_ext.train in this process: (exit code, stderr)."""
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    try:
+        # One thread: the machine is shared, and oversubscribed threads only spin.
+        rc = TR.main([*COMMON, "--threads", "1", *[str(a) for a in args]])
+    finally:
+        torch.set_num_threads(threads)
+    return rc, capsys.readouterr().err
+
+
+def run_subprocess(args, timeout=180, launcher=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS="1")
+    cmd = (launcher or [sys.executable, "-m", "gptmod_ext.train"]) + COMMON + [str(a) for a in args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def metrics(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_error_line(err, *fragments):
+    assert "Traceback" not in err, err
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1, err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_loss_decreases_and_run_dir(tmp_path, capsys, data_dir):
+    out = tmp_path / "run"
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", out, "--max-iters", 60,
+                    "--eval-interval", 20, "--eval-iters", 4, "--batch-size", 8)
+    assert rc == 0, err
+    rows = metrics(out)
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 20, 40, 60]
+    unigram = rows[0]["unigram_entropy"]
+    # Independent baseline: the unigram entropy recomputed here from the token file.
+    import numpy as np
+    tokens = np.fromfile(data_dir / "train.bin", dtype=np.uint16)
+    p = np.bincount(tokens).astype(float)
+    p = p[p > 0] / p.sum()
+    assert unigram == pytest.approx(-(p * np.log(p)).sum(), rel=1e-9)
+    assert evals[0]["val_loss"] == pytest.approx(math.log(512), abs=0.3)  # uniform at init
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0, evals
+    assert evals[-1]["val_loss"] < unigram  # better than any context-free model
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    bpt = json.loads((data_dir / "meta.json").read_text())["val"]
+    assert evals[-1]["val_bpb"] == pytest.approx(
+        evals[-1]["val_loss"] * bpt["tokens"] / bpt["bytes"] / math.log(2))
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "train_state.pt"):
+        assert (out / f).is_file()
+    assert not list(out.glob(".*tmp*"))  # no temporary file left behind
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["step"] == 60 and cfg["model"]["n_layer"] == 1
+    assert cfg["train"]["max_iters"] == 60 and cfg["tokenizer"]["kind"] == "bpe"
+    model, tok, config = C.load_run(out, device="cpu")
+    assert not model.training and tok.vocab_size == 512
+    text = tok.decode(model.generate(torch.tensor([[tok.eot_id]]), 10, temperature=0)[0].tolist())
+    assert isinstance(text, str)
+
+
+def test_exact_resume(tmp_path, capsys, data_dir):
+    # Dropout makes the torch RNG matter; accumulation and evaluations in between must not
+    # shift anything either.
+    args = ["--data", data_dir, "--max-iters", 40, "--eval-interval", 10, "--grad-accum", 2,
+            "--model-args", MODEL + ",dropout=0.1"]
+    rc, err = train(capsys, *args, "--out-dir", tmp_path / "straight")
+    assert rc == 0, err
+    rc, err = train(capsys, *args, "--out-dir", tmp_path / "split", "--stop-at", 20)
+    assert rc == 0, err
+    assert "stopped at step 20" in err
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["step"] == 20
+    mid = load_file(tmp_path / "split" / "model.safetensors")
+    rc, err = train(capsys, *args, "--out-dir", tmp_path / "split", "--resume")
+    assert rc == 0, err
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 3
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], mid[k]) for k in a)  # the last 20 steps did something
+    sa = torch.load(tmp_path / "straight" / "train_state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "split" / "train_state.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == 40
+    assert torch.equal(sa["data"]["sampler"], sb["data"]["sampler"])
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+    # The metrics of the resumed run continue the first part without duplicates.
+    steps = [r["step"] for r in metrics(tmp_path / "split") if "loss" in r]
+    assert steps == list(range(1, 41))
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path, data_dir):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), PYTHONWARNINGS="ignore")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gptmod_ext.train", *COMMON, "--data", str(data_dir),
+           "--out-dir", str(out), "--max-iters", "100000", "--eval-interval", "100000"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    deadline = time.time() + 120
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("step 3: loss") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    err = "".join(seen) + rest
+    assert proc.returncode == 0, err
+    assert "stopped at step" in err and "Traceback" not in err
+    step = json.loads((out / "config.json").read_text())["step"]
+    assert step >= 3
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == step
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, data_dir):
+    out = tmp_path / "run"
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", out, "--max-iters", 50,
+                    "--eval-interval", 1, "--lr", "1e35", "--grad-clip", 0,
+                    "--warmup-iters", 1, "--sample-tokens", 0)
+    assert rc == 1
+    one_error_line(err, "the loss is", "last good")
+    bad_step = int(err.split("the loss is ")[1].split(" at step ")[1].split(";")[0])
+    saved = json.loads((out / "config.json").read_text())["step"]
+    assert saved == bad_step - 1
+    assert torch.load(out / "train_state.pt", weights_only=True)["step"] == saved
+
+
+def test_missing_data_is_one_line(tmp_path):
+    proc = run_subprocess(["--data", tmp_path / "nope", "--out-dir", tmp_path / "o"])
+    assert proc.returncode == 1
+    one_error_line(proc.stderr, "does not exist")
+
+
+def test_bad_inputs(tmp_path, capsys, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # raw text is prepared into ./data/
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    rc, err = train(capsys, "--data", tmp_path / "empty", "--out-dir", tmp_path / "o")
+    assert rc == 1
+    one_error_line(err, "corpus is empty")
+
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", tmp_path / "o",
+                    "--block-size", 1000)
+    assert rc == 1
+    one_error_line(err, "--block-size 1000 is larger than the model's block_size 64")
+
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", tmp_path / "o", "--grad-accum", 3,
+                    "--resume")
+    assert rc == 1
+    one_error_line(err, "--resume", "does not exist")
+
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", tmp_path / "o",
+                    "--model-args", "n_layer=1,n_embd=30,n_head=4")
+    assert rc == 1
+    one_error_line(err, "n_embd=30")
+
+
+def test_corrupt_checkpoints(tmp_path, capsys, data_dir):
+    out = tmp_path / "run"
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", out, "--max-iters", 4,
+                    "--eval-interval", 2, "--sample-tokens", 0)
+    assert rc == 0, err
+    state = (out / "train_state.pt").read_bytes()
+    (out / "train_state.pt").write_bytes(b"garbage" * 10)
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", out, "--max-iters", 8, "--resume")
+    assert rc == 1
+    one_error_line(err, "train_state.pt is corrupt")
+    (out / "train_state.pt").write_bytes(state)
+
+    weights = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", out, "--max-iters", 8, "--resume")
+    assert rc == 1
+    one_error_line(err, "model.safetensors is corrupt or truncated")
+    with pytest.raises(C.CheckpointError, match="corrupt or truncated"):
+        C.load_run(out, device="cpu")
+    (out / "model.safetensors").write_bytes(weights)
+    C.load_run(out, device="cpu")  # whole again
+
+
+def test_load_run_errors(tmp_path, capsys, data_dir):
+    with pytest.raises(C.CheckpointError, match="does not exist"):
+        C.load_run(tmp_path / "missing")
+    with pytest.raises(C.CheckpointError, match="holds no model.safetensors"):
+        C.load_run(tmp_path)
+    out = tmp_path / "run"
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", out, "--max-iters", 2,
+                    "--eval-interval", 2, "--sample-tokens", 0)
+    assert rc == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["model"]["n_layer"] = 2
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(C.CheckpointError, match="does not match the weights.*missing h.1"):
+        C.load_run(out, device="cpu")
+    cfg["model"]["n_layer"], cfg["model"]["n_embd"] = 1, 64
+    cfg["model"]["head_dim"] = cfg["model"]["ffn_hidden"] = None
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(C.CheckpointError, match="does not match the weights.*shape"):
+        C.load_run(out, device="cpu")
+    (out / "config.json").write_text("{broken")
+    with pytest.raises(C.CheckpointError, match="config.json is corrupt"):
+        C.load_run(out, device="cpu")
+
+
+def _tiny_model(**kw):
+    cfg = GPTConfig.from_preset("tiny", vocab_size=300, n_layer=1, n_embd=32, n_head=2,
+                                n_kv_head=1, block_size=16, **kw)
+    return GPT(cfg)
+
+
+def test_tied_weights_and_compiled_model_round_trip(tmp_path):
+    from gptmod_ext.tokenizer import byte_tokenizer
+
+    torch.manual_seed(0)
+    tied = GPT(GPTConfig.from_preset("gpt2", vocab_size=300, n_layer=1, n_embd=32, n_head=2,
+                                     block_size=16))
+    assert tied.lm_head.weight is tied.wte.weight
+    compiled = torch.compile(tied)  # wrapping is lazy: nothing is compiled here
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    C.save_model(tmp_path, compiled, byte_tokenizer(), {"note": "test"}, {"step": 0})
+    keys = load_file(tmp_path / "model.safetensors").keys()
+    assert not any("_orig_mod" in k for k in keys)
+    assert "wte.weight" in keys and "lm_head.weight" not in keys  # stored once
+    model, tok, cfg = C.load_run(tmp_path, device="cpu")
+    assert model.lm_head.weight is model.wte.weight  # still tied after loading
+    x = torch.randint(0, 256, (2, 16))
+    torch.testing.assert_close(model(x)[0], tied.eval()(x)[0], rtol=0, atol=0)
+    assert cfg["train"] == {"note": "test"} and tok.kind == "bytes"
+
+    untied = _tiny_model()
+    C.save_model(tmp_path / "u", untied, byte_tokenizer())
+    model, _, _ = C.load_run(tmp_path / "u", device="cpu", dtype="bfloat16")
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    for k, v in untied.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k].float(), v, rtol=1e-2, atol=1e-2)
+
+
+def test_ddp_two_processes_match_accumulation(tmp_path, capsys, data_dir):
+    common = ["--data", data_dir, "--max-iters", 6, "--eval-interval", 3, "--grad-accum", 2,
+              "--sample-tokens", 0]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "gptmod_ext.train"]
+    proc = run_subprocess(common + ["--out-dir", tmp_path / "ddp"], timeout=300,
+                          launcher=launcher)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 x 2 x" not in proc.stderr and "(2 x 1 x 4 x 32)" in proc.stderr
+    assert proc.stderr.count("unigram entropy of the train tokens") == 1  # rank 0 only prints
+    rows = metrics(tmp_path / "ddp")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(l) for l in losses)
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["step"] == 6
+
+    rc, err = train(capsys, *common, "--out-dir", tmp_path / "single")
+    assert rc == 0, err
+    single_losses = [r["loss"] for r in metrics(tmp_path / "single") if "loss" in r]
+    assert single_losses == pytest.approx(losses, rel=1e-4)
+    a = load_file(tmp_path / "ddp" / "model.safetensors")
+    b = load_file(tmp_path / "single" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+    # An accumulation that does not divide among the processes is refused.
+    proc = run_subprocess(["--data", data_dir, "--out-dir", tmp_path / "x", "--grad-accum", 3,
+                           "--max-iters", 2], launcher=launcher)
+    assert proc.returncode != 0
+    assert "not divisible by the 2 processes" in proc.stderr
