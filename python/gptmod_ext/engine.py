@@ -170,6 +170,8 @@ class Engine:
         self._running = False
         self.steps = 0            # decode steps run (for stats and tests)
         self.max_active_seen = 0  # the largest decode batch so far
+        self.finished = 0         # requests that ended normally
+        self.cancelled = 0        # requests dropped after cancel() (client went away)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -264,7 +266,8 @@ class Engine:
             active = sum(s is not None for s in self._slots)
             return {"max_batch": self.max_batch, "max_queue": self.max_queue,
                     "active_slots": active, "waiting_requests": len(self._waiting),
-                    "decode_steps": self.steps, "max_active_seen": self.max_active_seen}
+                    "decode_steps": self.steps, "max_active_seen": self.max_active_seen,
+                    "requests_finished": self.finished, "requests_cancelled": self.cancelled}
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -305,10 +308,13 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         with self._cond:
+            dropped = {id(r) for r in self._waiting if r.cancelled}
             self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
             for i, s in enumerate(self._slots):
                 if s is not None and s.request.cancelled:
+                    dropped.add(id(s.request))
                     self._free(i)
+            self.cancelled += len(dropped)
 
     def _free(self, slot: int) -> None:
         self._slots[slot] = None
@@ -398,5 +404,6 @@ class Engine:
         self._emit(req, Event("finish", seq.index, finish_reason=reason,
                               completion_tokens=seq.n_generated))
         if all(s.done for s in req.seqs):
+            self.finished += 1
             self._emit(req, Event("done", prompt_tokens=len(req.prompt_ids),
                                   completion_tokens=sum(s.n_generated for s in req.seqs)))

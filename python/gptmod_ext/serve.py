@@ -120,7 +120,7 @@ def _message_text(m, i) -> dict:
                                param="messages")
             parts.append(p["text"])
         content = "".join(parts)
-    if content is None:
+    if content is None and role == "assistant" and "content" in m:  # an empty assistant turn
         content = ""
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{i}].content must be a string", param="messages")
@@ -387,7 +387,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: Optional[str
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, **engine.stats()}
+        return {"status": "ok", "model": model_name, "backend": engine.model.backend,
+                "context_length": block_size, **engine.stats()}
 
     @app.get("/", response_class=HTMLResponse)
     async def playground():

@@ -1,0 +1,76 @@
+"""Shared helpers for the server tests: a tiny checkpoint and a live server in a subprocess."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import gptmod_ext
+from gptmod_ext import GPT, GPTConfig, checkpoint
+from gptmod_ext import tokenizer as tokenizer_mod
+
+API_KEY = "test-key"
+
+
+def make_tiny_run(run_dir: Path, block_size: int = 256, seed: int = 1234) -> Path:
+    """A random-init 2-layer model with the byte tokenizer, saved as a run directory: fast to
+    load and to run, and its greedy outputs are arbitrary but deterministic."""
+    torch.manual_seed(seed)
+    tok = tokenizer_mod.byte_tokenizer()
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=4,
+                       n_kv_head=2, n_embd=64)
+    checkpoint.save_model(run_dir, GPT(config), tok)
+    return run_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(run_dir: Path, *args: str, timeout: float = 90.0):
+    """Runs `python -m gptmod_ext.serve` on a free localhost port; yields its base URL and
+    always shuts it down."""
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ)
+    # The subprocess imports the same gptmod_ext as this test (a source checkout or a wheel).
+    pkg_parent = str(Path(gptmod_ext.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptmod_ext.serve", "--ckpt", str(run_dir), "--host", "127.0.0.1",
+         "--port", str(port), *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
+            try:
+                if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("server did not come up in time")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

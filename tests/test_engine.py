@@ -1,0 +1,193 @@
+"""The continuous-batching engine, without HTTP: results must not depend on batch company."""
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from gptmod_ext import GPT, GPTConfig
+from gptmod_ext import tokenizer as tokenizer_mod
+from gptmod_ext.engine import Engine, QueueFull, SamplingParams, TextStream
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenizer_mod.byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(7)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=2, n_head=4, n_kv_head=2,
+                    n_embd=64)
+    return GPT(cfg).eval()
+
+
+def reference(model, tok, prompt, max_tokens, **kw):
+    """The same prompt run alone through model.generate (the independent reference)."""
+    out = model.generate([prompt], max_tokens, eos_id=tok.eot_id, **kw)[0]
+    return out[len(prompt):]
+
+
+def run_concurrently(engine, jobs):
+    """Submits every (prompt, params) at once from threads; returns engine.generate results."""
+    results = [None] * len(jobs)
+
+    def run(i):
+        results[i] = engine.generate(*jobs[i])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+# -- TextStream -------------------------------------------------------------------------------
+def test_text_stream_utf8_split_across_tokens():
+    ts = TextStream([])
+    data = "héllo ✓".encode()
+    out = "".join(ts.push(data[i:i + 1]) for i in range(len(data))) + ts.flush()
+    assert out == "héllo ✓"
+    # A character is never handed out in halves.
+    ts = TextStream([])
+    assert ts.push("✓".encode()[:2]) == ""
+    assert ts.push("✓".encode()[2:]) == "✓"
+
+
+def test_text_stream_stop_holdback():
+    ts = TextStream(["STOP", "xyz"])
+    pieces = [ts.push(c.encode()) for c in "abcST"]
+    assert "".join(pieces) == "abc"  # "ST" may begin STOP: held back
+    assert ts.push(b"q") == "STq"    # no longer a prefix: released
+    assert ts.push(b"x") == ""       # may begin "xyz"
+    assert ts.push(b"S") == "x"
+    assert ts.push(b"TOP tail") == "" and ts.stopped
+    assert ts.flush() == ""
+    ts = TextStream(["\nuser:"])
+    assert ts.push(b"hi\nus") == "hi"
+    assert ts.push(b"er: x") == "" and ts.stopped
+
+
+def test_text_stream_incomplete_tail_is_replaced_at_the_end():
+    ts = TextStream([])
+    assert ts.push(b"a\xe2\x9c") == "a"
+    assert ts.flush() == "\ufffd"
+
+
+# -- batching does not change results ---------------------------------------------------------
+def test_greedy_equals_generate_alone_under_ragged_batching(model, tok):
+    rnd = random.Random(0)
+    jobs, refs = [], []
+    for i in range(12):
+        prompt = tok.encode("x" * rnd.randint(1, 30) + str(i))
+        n = rnd.randint(1, 40)
+        jobs.append((prompt, SamplingParams(max_tokens=n, temperature=0)))
+        refs.append(reference(model, tok, prompt, n, temperature=0))
+    with Engine(model, tok, max_batch=4, max_queue=16) as engine:
+        results = run_concurrently(engine, jobs)
+        stats = engine.stats()
+    for (texts, ids, reasons, done), ref, (prompt, p) in zip(results, refs, jobs):
+        assert ids[0] == ref
+        assert texts[0] == tok.decode([t for t in ref if t != tok.eot_id])
+        assert reasons[0] == ("stop" if ref[-1] == tok.eot_id else "length")
+        assert done.prompt_tokens == len(prompt) and done.completion_tokens == len(ref)
+    assert stats["max_active_seen"] > 1  # sequences really shared decode steps
+    assert stats["active_slots"] == 0
+
+
+def test_seeded_sampling_is_independent_of_batch_company(model, tok):
+    prompt = tok.encode("seeded prompt")
+    kw = dict(temperature=0.9, top_k=40, top_p=0.95, min_p=0.01)
+    params = SamplingParams(max_tokens=30, seed=1234, **kw)
+    ref = reference(model, tok, prompt, 30, seed=1234, **kw)
+    others = [(tok.encode(f"noise {i}"), SamplingParams(max_tokens=25 + i, temperature=1.0))
+              for i in range(5)]
+    with Engine(model, tok, max_batch=6) as engine:
+        alone = engine.generate(prompt, params)[1][0]
+        crowded = run_concurrently(engine, [(prompt, params)] + others)[0][1][0]
+    assert alone == ref
+    assert crowded == ref
+
+
+def test_n_choices_use_seed_plus_index(model, tok):
+    prompt = tok.encode("choices")
+    with Engine(model, tok, max_batch=4) as engine:
+        _, ids, reasons, done = engine.generate(
+            prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=10, n=3))
+    for i in range(3):
+        assert ids[i] == reference(model, tok, prompt, 12, temperature=1.0, seed=10 + i)
+    assert done.completion_tokens == sum(len(x) for x in ids)
+    assert len({tuple(x) for x in ids}) > 1
+
+
+def test_stop_string_ends_the_sequence(model, tok):
+    prompt = tok.encode("stop me")
+    full = reference(model, tok, prompt, 60, temperature=0)
+    text = tok.decode(full)
+    # A 2-character stop string taken from the middle of the greedy text.
+    start = next(i for i in range(5, len(text) - 2)
+                 if "\ufffd" not in text[i:i + 2] and text.find(text[i:i + 2]) == i)
+    stop = text[start:start + 2]
+    with Engine(model, tok, max_batch=2) as engine:
+        texts, ids, reasons, done = engine.generate(
+            prompt, SamplingParams(max_tokens=60, temperature=0, stop=[stop]))
+    assert texts[0] == text[:start]
+    assert reasons[0] == "stop"
+    # It stopped at the first token whose text completes the stop string.
+    k = next(k for k in range(1, len(full) + 1) if stop in tok.decode(full[:k]))
+    assert ids[0] == full[:k]
+
+
+def test_queue_full_and_cancel_frees_the_slot(model, tok):
+    long = SamplingParams(max_tokens=90, temperature=0)
+    prompt = tok.encode("a")
+    engine = Engine(model, tok, max_batch=1, max_queue=1)
+    # Not started yet: the first request takes the free slot, the second waits, the third
+    # has no room.
+    first = engine.submit(prompt, long, lambda ev: None)
+    second = engine.submit(prompt, long, lambda ev: None)
+    with pytest.raises(QueueFull):
+        engine.submit(prompt, long, lambda ev: None)
+    first.cancel()
+    second.cancel()
+    with engine:
+        deadline = time.time() + 10
+        while engine.stats()["waiting_requests"] or engine.stats()["active_slots"]:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert engine.stats()["requests_cancelled"] == 2
+        # The slot is usable again.
+        texts, ids, reasons, _ = engine.generate(prompt, SamplingParams(max_tokens=3, temperature=0))
+        assert ids[0] == reference(model, tok, prompt, 3, temperature=0)
+
+
+def test_cancel_mid_generation(model, tok):
+    events = []
+    with Engine(model, tok, max_batch=2) as engine:
+        req = engine.submit(tok.encode("b"), SamplingParams(max_tokens=90, temperature=0),
+                            events.append)
+        deadline = time.time() + 10
+        while not events:
+            assert time.time() < deadline
+            time.sleep(0.001)
+        req.cancel()
+        while engine.stats()["active_slots"]:
+            assert time.time() < deadline
+            time.sleep(0.001)
+        assert engine.stats()["requests_cancelled"] == 1
+    assert not any(ev.kind == "done" for ev in events)
+
+
+@pytest.mark.parametrize("prompt,params,match", [
+    ([], SamplingParams(), "empty"),
+    ([1] * 90, SamplingParams(max_tokens=7), "context"),
+    ([1], SamplingParams(max_tokens=0), "max_tokens"),
+    ([1], SamplingParams(n=5), "n must be"),
+    ([999], SamplingParams(), "token ids"),
+])
+def test_invalid_requests_are_refused(model, tok, prompt, params, match):
+    engine = Engine(model, tok, max_batch=4)
+    with pytest.raises(ValueError, match=match):
+        engine.submit(prompt, params, lambda ev: None)
