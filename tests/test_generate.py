@@ -9,6 +9,15 @@ from gptmod_ext import ops, sampling
 from gptmod_ext.model import GPT, GPTConfig
 
 needs_ext = pytest.mark.skipif(not ops.AVAILABLE, reason="gptmod extension not built")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: threads only add synchronization, and the test machine's cores are shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 BACKENDS = ["torch", pytest.param("ext", marks=needs_ext)]
 
 ARCHS = {

@@ -15,6 +15,15 @@ BACKENDS = ["torch", pytest.param("ext", marks=pytest.mark.skipif(
 NO_SPECIAL_IDS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: threads only add synchronization, and the test machine's cores are shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_llama(tied=False, kv_heads=2, head_dim=None):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

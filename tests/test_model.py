@@ -12,6 +12,15 @@ from gptmod_ext.model import GPT, GPTConfig, PRESETS
 
 needs_ext = pytest.mark.skipif(not ops.AVAILABLE, reason="gptmod extension not built")
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: threads only add synchronization, and the test machine's cores are shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # Tiny variants of every architecture the flags can express.
 ARCHS = {
     "modern": dict(GPTConfig.from_preset("tiny").to_dict(), n_layer=2, n_embd=64, n_head=4,
