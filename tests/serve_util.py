@@ -46,7 +46,9 @@ def live_server(run_dir: Path, *args: str, timeout: float = 90.0):
     # The subprocess imports the same gptmod_ext as this test (a source checkout or a wheel).
     pkg_parent = str(Path(gptmod_ext.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", "2")
+    # One torch thread: on a shared, busy CI machine OpenMP threads that spin-wait for each
+    # other make every step many times slower.
+    env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gptmod_ext.serve", "--ckpt", str(run_dir), "--host", "127.0.0.1",
          "--port", str(port), *args],

@@ -192,6 +192,8 @@ def parse_request(body: Any, chat: bool, tokenizer, block_size: int, max_batch: 
         n=_number(body, "n", 1, max_batch, 1, integer=True),
         stop=stop)
     params.top_k = max(params.top_k, 0)  # -1 (vLLM's "off") and 0 both mean no top-k
+    # An extension (as vLLM's): keep going past <|endoftext|>, for fixed-length benchmarks.
+    params.stop_at_eos = not _bool(body, "ignore_eos")
     stream = _bool(body, "stream")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
@@ -431,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as saved)")
     p.add_argument("--backend", default="auto", choices=["auto", "ext", "torch"])
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)")
     return p
 
 
@@ -443,6 +447,9 @@ def main(argv=None) -> int:
         return 1
     from .checkpoint import CheckpointError, load_run
 
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         model, tok, _ = load_run(args.ckpt, device=args.device, dtype=args.dtype)
     except CheckpointError as e:

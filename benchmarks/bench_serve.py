@@ -1,0 +1,229 @@
+"""Serving throughput and latency against the number of concurrent clients.
+
+A live `python -m gptmod_ext.serve` (continuous batching, --max-batch 32) on localhost gets the
+same 32 streaming completion requests (prompts of 8-96 tokens, 32-96 new tokens each,
+greedy, ignore_eos so every request produces exactly its max_tokens) from 1, 4, 8, 16 and 32
+concurrent clients; each client sends its next request when the previous one has finished.
+1 client is the one-request-at-a-time baseline.
+
+Reported per concurrency: throughput (generated tokens per second of wall time), time to first
+token (TTFT, p50/p99, from sending the request to the first text chunk) and inter-token
+latency (ITL, p50/p99, gaps between successive text chunks of a request), failures, and the
+throughput relative to one client.
+
+The model is a random-init preset with a BPE tokenizer of 4096 ids trained on a slice of the
+Python standard library (throughput does not depend on the weights): 'small' (6 x 384, block
+512) by default, 'tiny' (4 x 256) with --quick. --ckpt serves an existing run directory.
+
+    PYTHONPATH=python python benchmarks/bench_serve.py [--quick] [--preset small] [--ckpt out/]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+
+CONCURRENCY = [1, 4, 8, 16, 32]
+N_REQUESTS = 32
+
+
+def make_run(run_dir: Path, preset: str) -> Path:
+    import torch
+
+    from gptmod_ext import GPT, GPTConfig, checkpoint
+    from gptmod_ext import tokenizer as tokenizer_mod
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:120]
+    tok = tokenizer_mod.train_bpe((f.read_text(errors="ignore") for f in files), 4096)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset(preset, vocab_size=tok.vocab_size))
+    checkpoint.save_model(run_dir, model, tok)
+    return run_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run_dir: Path, max_batch: int, extra=()):
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT / "python"), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "gptmod_ext.serve", "--ckpt", str(run_dir),
+                             "--port", str(port), "--max-batch", str(max_batch),
+                             "--max-queue", "256", *extra], env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not start")
+        time.sleep(0.3)
+
+
+def workload(vocab_size: int, block_size: int, quick: bool, seed: int = 0) -> list[dict]:
+    rnd = random.Random(seed)
+    hi_new = 48 if quick else 96
+    jobs = []
+    for _ in range(N_REQUESTS):
+        n_prompt = rnd.randint(8, 96)
+        max_tokens = min(rnd.randint(hi_new // 3, hi_new), block_size - n_prompt)
+        jobs.append({"prompt": [rnd.randrange(vocab_size - 1) for _ in range(n_prompt)],
+                     "max_tokens": max_tokens})
+    return jobs
+
+
+async def one_request(client, url: str, job: dict) -> dict:
+    body = {**job, "temperature": 0, "stream": True, "ignore_eos": True}
+    t0 = time.perf_counter()
+    stamps, usage, error = [], None, None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"ok": False, "error": f"HTTP {r.status_code}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    error = chunk["error"]["message"]
+                    break
+                if any(c.get("text") for c in chunk["choices"]):
+                    stamps.append(time.perf_counter())
+                usage = chunk.get("usage") or usage
+    except Exception as e:  # counted as a failure, reported
+        error = f"{type(e).__name__}: {e}"
+    t1 = time.perf_counter()
+    ok = error is None and usage is not None and usage["completion_tokens"] == job["max_tokens"]
+    return {"ok": ok, "error": error, "tokens": usage["completion_tokens"] if usage else 0,
+            "ttft": (stamps[0] - t0) if stamps else None,
+            "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "latency": t1 - t0}
+
+
+async def run_clients(url: str, jobs: list[dict], clients: int) -> dict:
+    import httpx
+
+    queue = list(range(len(jobs)))
+    results = [None] * len(jobs)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def worker():
+            while queue:
+                i = queue.pop(0)
+                results[i] = await one_request(client, url, jobs[i])
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"wall": wall, "results": results}
+
+
+def _pct(xs, q):
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def run(quick: bool = False, preset: str | None = None, ckpt: str | None = None,
+        concurrency=None, threads: int | None = None) -> list[dict]:
+    """Rows of {clients, requests, failed, tokens, seconds, tok_per_s, speedup, ttft_p50_ms,
+    ttft_p99_ms, itl_p50_ms, itl_p99_ms}."""
+    from gptmod_ext.checkpoint import read_config
+
+    preset = preset or ("tiny" if quick else "small")
+    concurrency = concurrency or CONCURRENCY
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(ckpt) if ckpt else make_run(Path(tmp) / f"bench-{preset}", preset)
+        cfg = read_config(run_dir)["model"]
+        jobs = workload(cfg["vocab_size"], cfg["block_size"], quick)
+        extra = ("--threads", str(threads)) if threads else ()
+        proc, url = start_server(run_dir, max_batch=max(concurrency), extra=extra)
+        rows = []
+        try:
+            asyncio.run(run_clients(url, jobs[:4], 4))  # warm-up
+            for c in concurrency:
+                out = asyncio.run(run_clients(url, jobs, c))
+                res = out["results"]
+                ok = [r for r in res if r["ok"]]
+                tokens = sum(r["tokens"] for r in ok)
+                gaps = [g for r in ok for g in r["gaps"]]
+                ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
+                rows.append({
+                    "clients": c, "requests": len(res), "failed": len(res) - len(ok),
+                    "tokens": tokens, "seconds": round(out["wall"], 3),
+                    "tok_per_s": round(tokens / out["wall"], 1),
+                    "ttft_p50_ms": round(1000 * _pct(ttfts, 50), 1),
+                    "ttft_p99_ms": round(1000 * _pct(ttfts, 99), 1),
+                    "itl_p50_ms": round(1000 * _pct(gaps, 50), 2),
+                    "itl_p99_ms": round(1000 * _pct(gaps, 99), 2),
+                    "errors": sorted({r["error"] for r in res if r["error"]})[:3],
+                })
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    base = next((r["tok_per_s"] for r in rows if r["clients"] == 1), None)
+    for r in rows:
+        r["speedup"] = round(r["tok_per_s"] / base, 2) if base else None
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["clients", "requests", "failed", "tokens", "seconds", "tok_per_s", "speedup",
+            "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"]
+    print(" | ".join(f"{c:>11}" for c in cols))
+    for r in rows:
+        print(" | ".join(f"{str(r[c]):>11}" for c in cols))
+    for r in rows:
+        if r["errors"]:
+            print(f"clients={r['clients']}: errors {r['errors']}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="the tiny preset, shorter outputs")
+    p.add_argument("--preset", default=None, help="model preset (default: small; tiny with --quick)")
+    p.add_argument("--ckpt", default=None, help="serve this run directory instead")
+    p.add_argument("--threads", type=int, default=None,
+                   help="the server's torch threads (default: torch's choice)")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    args = p.parse_args(argv)
+    rows = run(quick=args.quick, preset=args.preset, ckpt=args.ckpt, threads=args.threads)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    top = max(rows, key=lambda r: r["clients"])
+    bar = top["failed"] == 0 and (top["speedup"] or 0) >= 3
+    print(f"{top['clients']} clients: {top['speedup']}x the throughput of one client, "
+          f"{top['failed']} failed -> {'PASS' if bar else 'FAIL'} (bar: 0 failed, >= 3x)")
+    return 0 if bar else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
