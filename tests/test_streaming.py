@@ -52,6 +52,21 @@ def test_truncated_character_at_the_end_becomes_replacement(tok):
     assert "".join(chunks) + rest == data.decode("utf-8", errors="replace")
 
 
+def test_truncated_by_a_token_limit_drops_the_half_character(tok):
+    data = "ok 你".encode()[:-1]
+    chunks, rest = stream(TextStreamer(tok), list(data))
+    s = TextStreamer(tok)
+    for b in data:
+        s.put(b)
+    assert s.finish(truncated=True) == ""
+    assert s.text == "ok "
+    # Invalid bytes are still shown: only a valid but incomplete tail is dropped.
+    s = TextStreamer(tok)
+    s.put(list(b"a\xffb\xe4\xbd"))
+    assert s.finish(truncated=True) == ""
+    assert s.text == "a\ufffdb"
+
+
 def test_invalid_bytes_match_python_replacement(tok):
     data = b"ok\xff\xfe then \xe4\xbd here \xc3( and \xf0\x9f\x99\x82 end\x80"
     chunks, rest = stream(TextStreamer(tok), list(data))
@@ -147,6 +162,16 @@ def test_decode_only_tokenizer(tok):
     # The context keeps the leading space that decoding the new ids alone would drop.
     assert "".join(chunks) + rest == " " + TEXT
     assert not any(REPLACEMENT in c for c in chunks)
+
+
+def test_decode_only_tokenizer_truncated(tok):
+    s = TextStreamer(_DecodeOnly(tok), context=tok.encode("x"))
+    chunks, rest = stream(s, list("ab🙂".encode()[:-2]))
+    assert "".join(chunks) == "ab" and rest == REPLACEMENT
+    s = TextStreamer(_DecodeOnly(tok), context=tok.encode("x"))
+    for b in "ab🙂".encode()[:-2]:
+        s.put(b)
+    assert s.finish(truncated=True) == "" and s.text == "ab"
 
 
 def test_decode_only_tokenizer_with_stop(tok):

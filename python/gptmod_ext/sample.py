@@ -15,7 +15,8 @@ What it does, in the terms of the flags:
   all N are generated as one batch, sample 1 streams live and the others are printed after it.
 - Generation ends at <|endoftext|> (not printed), at a --stop string (not printed, nor what
   follows; only the generated text is searched, not the prompt) or after --max-new-tokens.
-  Each sample stops on its own.
+  Each sample stops on its own. Bytes that are not UTF-8 print as U+FFFD, except a character
+  left incomplete by the token limit, which is dropped.
 - Context: a prompt that does not leave room for one new token is refused (exit 1); an
   explicit --max-new-tokens that would pass the model's block_size is reduced to fit, with a
   warning. Without --max-new-tokens, up to 256 tokens are generated, as many as fit.
@@ -306,7 +307,11 @@ def encode_prompt(tok, text: str) -> list[int]:
     ids = tok.encode(text)
     if not ids:
         start = getattr(tok, "bos_id", None)
-        ids = [start if start is not None else tok.eot_id]
+        start = start if start is not None else tok.eot_id
+        if start is None:
+            raise SampleError("the prompt is empty and the tokenizer has no BOS or end-of-text "
+                              "token to start from; give a prompt")
+        ids = [start]
     return ids
 
 
@@ -355,7 +360,7 @@ def generate(model, tok, prompt: str, args, seed, echo: bool, out, err) -> Stats
         max_new = block - T
 
     streamers = [TextStreamer(tok, args.stop, context=ids[-1:]) for _ in range(B)]
-    done = [False] * B
+    done = [False] * B  # ended by <|endoftext|> or a stop string; the others hit the limit
     counts = [0] * B
     head = (separator(1, B) if B > 1 else "") + (prompt if echo else "")
     out.write(head)
@@ -389,9 +394,11 @@ def generate(model, tok, prompt: str, args, seed, echo: bool, out, err) -> Stats
     finally:
         steps.close()
     seconds = time.perf_counter() - t0
-    out.write(streamers[0].finish() + "\n")
+    # A row cut by the token limit may end mid-character: that half character is dropped
+    # (truncated=True); a row the model ended shows its invalid bytes as U+FFFD.
+    out.write(streamers[0].finish(truncated=not done[0]) + "\n")
     for i in range(1, B):
-        streamers[i].finish()
+        streamers[i].finish(truncated=not done[i])
         out.write(separator(i + 1, B) + (prompt if echo else "") + streamers[i].text + "\n")
     out.flush()
     return Stats(T, counts, ttft or 0.0, seconds)
@@ -409,12 +416,24 @@ def interactive(loaded: Loaded, args, out, err) -> None:
     tty = sys.stdin.isatty()
     if tty and not args.quiet:
         print("one prompt per line; Ctrl-D or Ctrl-C to quit", file=err)
+    if tty:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
     while True:
         if tty:
+            # The "> " goes to stderr so that stdout keeps only generated text; input() gives
+            # line editing at a terminal.
             err.write("> ")
             err.flush()
-        line = sys.stdin.readline()
-        if not line:  # EOF
+            try:
+                line = input() + "\n"
+            except EOFError:
+                line = ""
+        else:
+            line = sys.stdin.readline()
+        if not line:  # EOF (Ctrl-D)
             if tty:
                 err.write("\n")
             return
@@ -429,6 +448,9 @@ def interactive(loaded: Loaded, args, out, err) -> None:
 
 def run(args) -> int:
     out, err = sys.stdout, sys.stderr
+    if (out.encoding or "").lower().replace("-", "") != "utf8" and hasattr(out, "reconfigure"):
+        # A terminal that cannot show a character gets "?" rather than an encoding error.
+        out.reconfigure(errors="replace")
     import torch
 
     device = resolve_device(args.device)

@@ -9,9 +9,9 @@ Two things go wrong when each token is decoded on its own:
 
 TextStreamer fixes both: it holds back an incomplete UTF-8 sequence until the bytes that
 complete it arrive, and it holds back any tail of the text that could still grow into a stop
-string. Only at finish() does it give up: a sequence the model never completed becomes U+FFFD
-(the model really produced invalid bytes), and a held tail that never became a stop string is
-released.
+string. Only at finish() does it give up: a held tail that never became a stop string is
+released, and a character the model never completed becomes U+FFFD (the model really produced
+invalid bytes) or, with finish(truncated=True) when a token limit cut the text, is dropped.
 
     streamer = TextStreamer(tok, stop=["\\n\\n"])
     for token in tokens:
@@ -101,8 +101,10 @@ class _ByteDecoder:
     def put(self, ids: Sequence[int]) -> str:
         return self._utf8.decode(self._decode_bytes(ids))
 
-    def finish(self) -> str:
-        return self._utf8.decode(b"", final=True)
+    def finish(self, truncated: bool) -> str:
+        # The incremental decoder only ever holds a valid but incomplete sequence (bytes that
+        # cannot start a character are replaced at once), so dropping it drops nothing else.
+        return "" if truncated else self._utf8.decode(b"", final=True)
 
 
 class _RedecodeDecoder:
@@ -133,9 +135,11 @@ class _RedecodeDecoder:
         out, self._emitted = text[self._emitted:end], end
         return out
 
-    def finish(self) -> str:
+    def finish(self, truncated: bool) -> str:
         text = self._text()
-        out, self._emitted = text[self._emitted:], len(text)
+        if truncated:
+            text = text.rstrip(REPLACEMENT)
+        out, self._emitted = text[self._emitted:], max(self._emitted, len(text))
         return out
 
 
@@ -150,7 +154,9 @@ class TextStreamer:
 
     put(ids) -> str: the text that became safe to print (maybe ""). After a stop string,
     `stopped` is True and put() ignores further ids. finish() -> str: the rest, with U+FFFD for
-    bytes that never formed a character. `text` is everything returned so far.
+    bytes that never formed a character; finish(truncated=True) (generation was cut by a length
+    limit, not ended by the model) drops an incomplete last character instead. `text` is
+    everything returned so far.
     """
 
     def __init__(self, tokenizer, stop: Iterable[str] = (), context: Sequence[int] = ()):
@@ -178,13 +184,13 @@ class TextStreamer:
         self.num_tokens += len(ids)
         return self._emit(self._stop.put(self._decoder.put(ids)))
 
-    def finish(self) -> str:
+    def finish(self, truncated: bool = False) -> str:
         if self._finished:
             return ""
         self._finished = True
         if self.stopped:
             return ""
-        out = self._stop.put(self._decoder.finish())
+        out = self._stop.put(self._decoder.finish(truncated))
         if not self.stopped:
             out += self._stop.finish()
         return self._emit(out)
