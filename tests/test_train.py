@@ -305,3 +305,30 @@ def test_ddp_two_processes_match_accumulation(tmp_path, capsys, data_dir):
                            "--max-iters", 2], launcher=launcher)
     assert proc.returncode != 0
     assert "not divisible by the 2 processes" in proc.stderr
+
+
+def test_raw_text_data_is_prepared(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "poem.txt"
+    text.write_text("".join(f"line {i}: roses are red, violets are blue\n" for i in range(300)))
+    rc, err = train(capsys, "--data", text, "--tokenizer", "bytes", "--out-dir", tmp_path / "o",
+                    "--max-iters", 2, "--eval-interval", 2, "--sample-tokens", 0)
+    assert rc == 0, err
+    prepared = list((tmp_path / "data").glob("poem-*/meta.json"))
+    assert len(prepared) == 1
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert cfg["tokenizer"]["kind"] == "bytes" and cfg["model"]["vocab_size"] == 257
+
+
+@pytest.mark.skipif(not __import__("gptmod_ext")._ext.AVAILABLE,
+                    reason="the compiled ops are not built")
+def test_ext_backend_trains_like_torch(tmp_path, capsys, data_dir):
+    losses = {}
+    for backend in ("ext", "torch"):
+        rc, err = train(capsys, "--data", data_dir, "--out-dir", tmp_path / backend,
+                        "--max-iters", 5, "--eval-interval", 5, "--sample-tokens", 4,
+                        "--backend", backend)
+        assert rc == 0, err
+        losses[backend] = [r["loss"] for r in metrics(tmp_path / backend) if "loss" in r]
+    assert json.loads((tmp_path / "ext" / "config.json").read_text())["train"]["backend"] == "ext"
+    assert losses["ext"] == pytest.approx(losses["torch"], rel=1e-4)

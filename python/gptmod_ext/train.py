@@ -68,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--preset", default="tiny", help="model preset (gptmod_ext.model.PRESETS)")
     a("--model-args", default="",
       help="GPTConfig overrides, comma separated: n_layer=2,n_embd=64,dropout=0.1")
-    a("--max-iters", type=int, default=600, help="optimizer steps: the schedule's horizon")
-    a("--batch-size", type=int, default=16, help="windows per micro-step per process")
+    a("--max-iters", type=int, default=500, help="optimizer steps: the schedule's horizon")
+    a("--batch-size", type=int, default=8, help="windows per micro-step per process")
     a("--block-size", type=int, default=None,
       help="window length (default and maximum: the model's block_size)")
     a("--grad-accum", type=int, default=1,
@@ -91,8 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--resume", action="store_true", help="continue the run in --out-dir")
     a("--stop-at", type=int, default=None,
       help="stop at this step with a checkpoint, as an interruption would")
-    a("--eval-interval", type=int, default=100, help="steps between evaluations/checkpoints")
-    a("--eval-iters", type=int, default=20, help="batches per evaluation")
+    a("--eval-interval", type=int, default=50, help="steps between evaluations/checkpoints")
+    a("--eval-iters", type=int, default=10, help="batches per evaluation")
     a("--log-interval", type=int, default=1, help="steps between metrics.jsonl lines")
     a("--sample-tokens", type=int, default=64, help="tokens sampled at each eval (0 = off)")
     a("--seed", type=int, default=1337)
