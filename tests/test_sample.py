@@ -388,23 +388,10 @@ def test_usage_error_subprocess():
 
 # -- Hugging Face folders -----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
-    d = tmp_path_factory.mktemp("hf_llama")
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"])
-    bpe.train_from_iterator([TEXT.encode("ascii", "ignore").decode()] * 20, trainer)
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+def _hf_folder(transformers, d, tok, model_config):
+    """Saves a random model and tok to d; returns (d, prompt, HF's own greedy continuation)."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=1, max_position_embeddings=128,
-                                   eos_token_id=tok.eos_token_id, bos_token_id=None)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = transformers.AutoModelForCausalLM.from_config(model_config).eval()
     model.save_pretrained(d)
     tok.save_pretrained(d)
     prompt = "the cat"
@@ -412,12 +399,33 @@ def hf_dir(tmp_path_factory):
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-    expected = tok.decode(out[0, len(ids):], skip_special_tokens=True)
-    return d, prompt, expected
+    return d, prompt, tok.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
-def test_hf_llama_folder(hf_dir):
-    d, prompt, expected = hf_dir
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    # A byte-level BPE trained here (no network), wrapped as a transformers tokenizer.
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"])
+    bpe.train_from_iterator([TEXT.encode("ascii", "ignore").decode()] * 20, trainer)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    llama = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+        eos_token_id=tok.eos_token_id, bos_token_id=None)
+    gpt2 = transformers.GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    return {"llama": _hf_folder(transformers, tmp_path_factory.mktemp("hf_llama"), tok, llama),
+            "gpt2": _hf_folder(transformers, tmp_path_factory.mktemp("hf_gpt2"), tok, gpt2)}
+
+
+def test_hf_llama_folder(hf_dirs):
+    d, prompt, expected = hf_dirs["llama"]
     r = cli("--ckpt", str(d), "--prompt", prompt, "--temperature", "0",
             "--max-new-tokens", "20", "--backend", "torch")
     assert r.returncode == 0, r.stderr
@@ -425,10 +433,18 @@ def test_hf_llama_folder(hf_dir):
     assert "Hugging Face model" in r.stderr
 
 
-def test_hf_folder_without_tokenizer(hf_dir, tmp_path, capsys):
+def test_hf_gpt2_folder(hf_dirs, capsys):
+    d, prompt, expected = hf_dirs["gpt2"]
+    code, out, err = run_main(capsys, "--ckpt", str(d), "--prompt", prompt, "--temperature",
+                              "0", "--max-new-tokens", "20", "--backend", "torch")
+    assert code == 0, err
+    assert out == prompt + expected + "\n"
+
+
+def test_hf_folder_without_tokenizer(hf_dirs, tmp_path, capsys):
     d = tmp_path / "no_tok"
     d.mkdir()
-    for f in hf_dir[0].iterdir():
+    for f in hf_dirs["llama"][0].iterdir():
         if f.name == "config.json" or f.suffix == ".safetensors":
             shutil.copy(f, d / f.name)
     code, _, err = run_main(capsys, "--ckpt", str(d), "--prompt", "x", "-q", "--backend", "torch")
