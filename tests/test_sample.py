@@ -380,6 +380,11 @@ def test_usage_errors(args, capsys):
     assert_one_line_error(capsys.readouterr().err)
 
 
+def test_stop_escapes_and_non_ascii():
+    args = sample.parse_args(["--stop", "\\n\\n", "a\\tb", "--stop=世界🙂é", "--stop=-x"])
+    assert args.stop == ["\n\n", "a\tb", "世界🙂é", "-x"]
+
+
 def test_usage_error_subprocess():
     r = cli("--top-k", "0")
     assert r.returncode == 2

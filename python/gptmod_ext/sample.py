@@ -20,9 +20,12 @@ What it does, in the terms of the flags:
 - Context: a prompt that does not leave room for one new token is refused (exit 1); an
   explicit --max-new-tokens that would pass the model's block_size is reduced to fit, with a
   warning. Without --max-new-tokens, up to 256 tokens are generated, as many as fit.
-- stderr: what was loaded, then prompt tokens, new tokens, time to first token, tokens/s and
-  the seed (silenced by -q; warnings and errors are always shown).
-- Errors are one line on stderr, `gptmod_ext.sample: error: ...`: exit 1 for a checkpoint,
+- stderr: what was loaded, then prompt tokens, new tokens (all samples, each <|endoftext|>
+  included), time to first token (prefill + first sample), tokens/s (new tokens over the whole
+  generation time) and the seed (silenced by -q; warnings and errors are always shown).
+- --stop: backslash escapes are decoded ('\\n' is a newline); a string that starts with '-'
+  needs the --stop=STR form (also --prompt=STR).
+- Errors are one line on stderr, `python -m gptmod_ext.sample: error: ...`: exit 1 for a checkpoint,
   prompt or runtime problem, 2 for a usage error. GPTMOD_DEBUG=1 shows tracebacks.
 - --interactive reads one prompt per line (the model keeps no chat state; the line is not
   echoed) until EOF (Ctrl-D) or Ctrl-C, and exits 0.
