@@ -76,3 +76,25 @@ def live_server(run_dir: Path, *args: str, timeout: float = 90.0):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def _strip_incomplete_char(data: bytes) -> bytes:
+    """data without a trailing incomplete (but so far valid) UTF-8 sequence."""
+    for k in (1, 2, 3):
+        if len(data) >= k:
+            try:
+                data[-k:].decode("utf-8")
+            except UnicodeDecodeError as e:
+                if e.reason == "unexpected end of data" and e.start == 0:
+                    return data[:-k]
+    return data
+
+
+def expected_text(tok, ids, truncated: bool) -> str:
+    """The text the server should send for generated ids: special tokens have no text, invalid
+    bytes become U+FFFD, and when max_tokens cut the text (truncated) a half character at the
+    end is dropped."""
+    data = tok.decode_bytes([t for t in ids if not tok.is_special(t)])
+    if truncated:
+        data = _strip_incomplete_char(data)
+    return data.decode("utf-8", errors="replace")

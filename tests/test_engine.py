@@ -8,7 +8,8 @@ import torch
 
 from gptmod_ext import GPT, GPTConfig
 from gptmod_ext import tokenizer as tokenizer_mod
-from gptmod_ext.engine import Engine, QueueFull, SamplingParams, TextStream
+from gptmod_ext.engine import Engine, QueueFull, SamplingParams
+from serve_util import expected_text
 
 
 @pytest.fixture(scope="module")
@@ -44,38 +45,6 @@ def run_concurrently(engine, jobs):
     return results
 
 
-# -- TextStream -------------------------------------------------------------------------------
-def test_text_stream_utf8_split_across_tokens():
-    ts = TextStream([])
-    data = "héllo ✓".encode()
-    out = "".join(ts.push(data[i:i + 1]) for i in range(len(data))) + ts.flush()
-    assert out == "héllo ✓"
-    # A character is never handed out in halves.
-    ts = TextStream([])
-    assert ts.push("✓".encode()[:2]) == ""
-    assert ts.push("✓".encode()[2:]) == "✓"
-
-
-def test_text_stream_stop_holdback():
-    ts = TextStream(["STOP", "xyz"])
-    pieces = [ts.push(c.encode()) for c in "abcST"]
-    assert "".join(pieces) == "abc"  # "ST" may begin STOP: held back
-    assert ts.push(b"q") == "STq"    # no longer a prefix: released
-    assert ts.push(b"x") == ""       # may begin "xyz"
-    assert ts.push(b"S") == "x"
-    assert ts.push(b"TOP tail") == "" and ts.stopped
-    assert ts.flush() == ""
-    ts = TextStream(["\nuser:"])
-    assert ts.push(b"hi\nus") == "hi"
-    assert ts.push(b"er: x") == "" and ts.stopped
-
-
-def test_text_stream_incomplete_tail_is_replaced_at_the_end():
-    ts = TextStream([])
-    assert ts.push(b"a\xe2\x9c") == "a"
-    assert ts.flush() == "\ufffd"
-
-
 # -- batching does not change results ---------------------------------------------------------
 def test_greedy_equals_generate_alone_under_ragged_batching(model, tok):
     rnd = random.Random(0)
@@ -90,8 +59,9 @@ def test_greedy_equals_generate_alone_under_ragged_batching(model, tok):
         stats = engine.stats()
     for (texts, ids, reasons, done), ref, (prompt, p) in zip(results, refs, jobs):
         assert ids[0] == ref
-        assert texts[0] == tok.decode([t for t in ref if t != tok.eot_id])
-        assert reasons[0] == ("stop" if ref[-1] == tok.eot_id else "length")
+        reason = "stop" if ref[-1] == tok.eot_id else "length"
+        assert reasons[0] == reason
+        assert texts[0] == expected_text(tok, ref, truncated=reason == "length")
         assert done.prompt_tokens == len(prompt) and done.completion_tokens == len(ref)
     assert stats["max_active_seen"] > 1  # sequences really shared decode steps
     assert stats["active_slots"] == 0
@@ -138,6 +108,17 @@ def test_stop_string_ends_the_sequence(model, tok):
     # It stopped at the first token whose text completes the stop string.
     k = next(k for k in range(1, len(full) + 1) if stop in tok.decode(full[:k]))
     assert ids[0] == full[:k]
+
+
+def test_text_is_utf8_safe_and_specials_have_no_text(model, tok):
+    # ignore_eos: <|endoftext|> is a token like any other but never shows up as text.
+    prompt = tok.encode("é✓")
+    with Engine(model, tok, max_batch=2) as engine:
+        texts, ids, reasons, _ = engine.generate(
+            prompt, SamplingParams(max_tokens=80, temperature=1.0, seed=3, stop_at_eos=False))
+    assert len(ids[0]) == 80 and reasons[0] == "length"
+    assert texts[0] == expected_text(tok, ids[0], truncated=True)
+    assert "<|endoftext|>" not in texts[0]
 
 
 def test_queue_full_and_cancel_frees_the_slot(model, tok):

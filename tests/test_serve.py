@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 
 from gptmod_ext import checkpoint  # noqa: E402
 from gptmod_ext.serve import CHAT_STOP, render_chat  # noqa: E402
-from serve_util import API_KEY, live_server, make_tiny_run  # noqa: E402
+from serve_util import API_KEY, expected_text, live_server, make_tiny_run  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -58,8 +58,8 @@ def greedy(ref, prompt_ids, max_tokens, stop=()):
         hits = [text.find(s) for s in stop if s in text]
         if hits:
             return text[:min(hits)], k, "stop"
-    text = tok.decode([t for t in ids if t != tok.eot_id])
-    return text, len(ids), "stop" if ids[-1] == tok.eot_id else "length"
+    reason = "stop" if ids[-1] == tok.eot_id else "length"
+    return expected_text(tok, ids, truncated=reason == "length"), len(ids), reason
 
 
 def wait_idle(server, timeout=15.0):
@@ -193,7 +193,8 @@ def test_seed_reproducibility(client, model_id, ref):
     model, tok = ref
     ids = tok.encode("Random")
     out = model.generate([ids], 20, temperature=1.0, top_p=0.9, seed=42, eos_id=tok.eot_id)[0]
-    assert a == tok.decode([t for t in out[len(ids):] if t != tok.eot_id])
+    new = out[len(ids):]
+    assert a == expected_text(tok, new, truncated=new[-1] != tok.eot_id)
 
 
 # -- errors -------------------------------------------------------------------------------------

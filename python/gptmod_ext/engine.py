@@ -21,14 +21,14 @@ Design
   Sampling. Each sequence has its own torch.Generator (seed + choice index when a seed is
   given), and per-row temperature/top-k/top-p/min-p go to sampling.sample as [B] tensors, so
   a seeded request draws the same tokens whatever else shares the batch.
-  Text. Token bytes go through an incremental UTF-8 decoder (a character cut across tokens is
-  held until complete); stop strings are matched on the text, and the longest tail that could
-  still begin a stop string is held back, so no part of a stop string is ever sent.
+  Text. streaming.TextStreamer (shared with the sampler CLI) turns each sequence's tokens into
+  text: a character cut across tokens is held until complete, stop strings are matched on the
+  text and the longest tail that could still begin one is held back, so no part of a stop
+  string is ever sent. A sequence cut by max_tokens drops a half character at its end.
   Queue. At most `max_queue` requests wait for slots; submit() raises QueueFull beyond that.
 """
 from __future__ import annotations
 
-import codecs
 import collections
 import itertools
 import threading
@@ -39,6 +39,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import sampling
+from .streaming import TextStreamer
 
 
 class QueueFull(Exception):
@@ -76,56 +77,13 @@ class Event:
     completion_tokens: int = 0
 
 
-class TextStream:
-    """Bytes of tokens in, text out: UTF-8 safe, with stop-string hold-back."""
-
-    def __init__(self, stop: Sequence[str]):
-        self.stop = [s for s in stop if s]
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._text = ""      # everything decoded so far
-        self._sent = 0       # how much of _text was handed out
-        self.stopped = False
-
-    def push(self, data: bytes, final: bool = False) -> str:
-        """Adds bytes; returns the text that is now safe to send. After a stop string is seen,
-        `stopped` is True and the text before it is the last thing returned."""
-        self._text += self._utf8.decode(data, final=final)
-        if not self.stop:
-            out, self._sent = self._text[self._sent:], len(self._text)
-            return out
-        # A stop string cannot begin before _sent (its start would have been held back).
-        hits = [i for i in (self._text.find(s, self._sent) for s in self.stop) if i >= 0]
-        if hits:
-            end = min(hits)
-            out, self._sent, self.stopped = self._text[self._sent:end], end, True
-            return out
-        hold = 0 if final else self._holdback()
-        end = len(self._text) - hold
-        out, self._sent = self._text[self._sent:end], max(self._sent, end)
-        return out
-
-    def _holdback(self) -> int:
-        """Length of the longest unsent tail of the text that is a proper prefix of a stop."""
-        tail = self._text[self._sent:]
-        best = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(tail)), best, -1):
-                if tail.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-    def flush(self) -> str:
-        return "" if self.stopped else self.push(b"", final=True)
-
-
 @dataclass(eq=False)
 class _Seq:
     """One choice of a request, living in one slot."""
     request: "Request"
     index: int
     generator: torch.Generator
-    text: TextStream
+    text: TextStreamer
     slot: int = -1
     last_token: int = 0
     n_generated: int = 0
@@ -332,7 +290,7 @@ class Engine:
                 for i, slot in enumerate(slots):
                     seed = None if p.seed is None else p.seed + i
                     seq = _Seq(req, i, sampling.make_generator(seed, self.device),
-                               TextStream(p.stop), slot=slot)
+                               TextStreamer(self.tokenizer, p.stop), slot=slot)
                     req.seqs.append(seq)
                     self._slots[slot] = seq
             self._prefill(req)
@@ -380,20 +338,26 @@ class Engine:
         for seq, tok in zip(seqs, nxt.tolist()):
             self._advance(seq, tok)
 
+    def _is_text(self, tok: int) -> bool:
+        # Special tokens (<|endoftext|> with ignore_eos) have no text, and an id the tokenizer
+        # lacks (a model vocabulary larger than its tokenizer's) must not fail the whole batch.
+        return 0 <= tok < self.tokenizer.vocab_size and not self.tokenizer.is_special(tok)
+
     def _advance(self, seq: _Seq, tok: int) -> None:
         req, p = seq.request, seq.request.params
         seq.n_generated += 1
         seq.last_token = tok
         reason = None
         if p.stop_at_eos and tok == self.eos_id:
-            text, reason = seq.text.flush(), "stop"
+            text, reason = seq.text.finish(), "stop"
         else:
-            data = b"" if self.tokenizer.is_special(tok) else self.tokenizer.decode_bytes([tok])
-            text = seq.text.push(data)
+            text = seq.text.put([tok] if self._is_text(tok) else [])
             if seq.text.stopped:
                 reason = "stop"
             elif seq.n_generated >= p.max_tokens:
-                text, reason = text + seq.text.flush(), "length"
+                # Cut by the limit: a character the next token would have completed is dropped
+                # rather than sent as U+FFFD (as the sampler CLI does).
+                text, reason = text + seq.text.finish(truncated=True), "length"
         self._emit(req, Event("text", seq.index, text, (tok,)))
         if reason is None:
             return
