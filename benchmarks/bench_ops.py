@@ -8,7 +8,8 @@ For each op, size and dtype it times (median of many calls, warm-up excluded):
   compile  torch.compile of the eager code (skipped with a note if it fails)
   copy     dst.copy_(src) moving the same number of bytes: the memory-bandwidth ceiling
 and reports time, speedup vs eager, effective GB/s (bytes the op must read + write, divided by
-its time) and the fraction of copy bandwidth reached. "fwd+bwd" runs the forward and the
+its median time) and the fraction of copy bandwidth reached (copy time / op time). The
+minimum time is printed too: on a shared machine it shows the undisturbed cost. "fwd+bwd" runs the forward and the
 backward through autograd, with the gradient of the output given.
 
 The implementations are timed round-robin (one call of each per round), so a noisy neighbour
@@ -40,7 +41,7 @@ def _sync(device):
 
 def _time_round_robin(fns: dict, device: str, budget_s: float, min_reps: int = 15,
                       max_reps: int = 400, warmup: int = 3) -> dict:
-    """Median seconds per call of each fn, calling them in turn until the budget is spent."""
+    """(median, min) seconds per call of each fn, calling them in turn until the budget is spent."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -56,7 +57,7 @@ def _time_round_robin(fns: dict, device: str, budget_s: float, min_reps: int = 1
             _sync(device)
             samples[k].append(time.perf_counter() - t0)
         reps += 1
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return {k: (statistics.median(v), min(v)) for k, v in samples.items()}
 
 
 def hf_rotate_half(x):
@@ -92,16 +93,17 @@ def _fwd_bwd(fn, x, grad, *args):
 
 def _rows(op, mode, shape, dtype, times, nbytes, note=None):
     out = []
-    copy_t = times.get("copy")
+    med = {k: v[0] for k, v in times.items()}
+    copy_t = med.get("copy")
     for impl in ("ours", "eager", "compile", "copy"):
         if impl not in times:
             continue
-        t = times[impl]
+        t = med[impl]
         out.append({
             "op": op, "mode": mode, "shape": tuple(shape), "dtype": str(dtype).replace("torch.", ""),
-            "impl": impl, "median_ms": t * 1e3,
-            "speedup_vs_eager": times["eager"] / t,
-            "speedup_vs_compile": times["compile"] / t if "compile" in times else None,
+            "impl": impl, "median_ms": t * 1e3, "min_ms": times[impl][1] * 1e3,
+            "speedup_vs_eager": med["eager"] / t,
+            "speedup_vs_compile": med["compile"] / t if "compile" in med else None,
             "gbps": nbytes / t / 1e9,
             "frac_copy": copy_t / t if copy_t else None,
             "note": note,
@@ -196,14 +198,14 @@ def run(device="cpu", dtypes=("float32", "bfloat16"), quick=False, with_compile=
 
 
 def format_table(rows) -> str:
-    head = (f"{'op':7} {'mode':8} {'shape':20} {'dtype':9} {'impl':8} {'ms':>9} "
+    head = (f"{'op':7} {'mode':8} {'shape':20} {'dtype':9} {'impl':8} {'median ms':>9} {'min ms':>8} "
             f"{'x eager':>8} {'x compile':>9} {'GB/s':>7} {'% copy':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         vs_c = f"{r['speedup_vs_compile']:.2f}" if r["speedup_vs_compile"] else "-"
         frac = f"{100 * r['frac_copy']:.0f}%" if r["frac_copy"] else "-"
         lines.append(f"{r['op']:7} {r['mode']:8} {str(r['shape']):20} {r['dtype']:9} "
-                     f"{r['impl']:8} {r['median_ms']:9.3f} {r['speedup_vs_eager']:8.2f} "
+                     f"{r['impl']:8} {r['median_ms']:9.3f} {r['min_ms']:8.3f} {r['speedup_vs_eager']:8.2f} "
                      f"{vs_c:>9} {r['gbps']:7.1f} {frac:>7}")
     notes = {r["note"] for r in rows if r["note"]}
     lines += [f"note: {n}" for n in sorted(notes)]
