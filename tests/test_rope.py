@@ -284,6 +284,13 @@ def test_rope_bad_input_fake(name, build, match):
             torch.ops.gptmod.rope(*args)
 
 
+def test_rope_inplace_refuses_overlapping_x():
+    cos, sin = tables(8)
+    x = torch.randn(1, 3, 1, 8).expand(2, 3, 2, 8)
+    with pytest.raises(RuntimeError, match="internal overlap|single memory location"):
+        torch.ops.gptmod.rope_(x, cos, sin)
+
+
 def test_rope_bad_input_under_compile():
     cos, sin = tables(8)
     f = torch.compile(lambda x: torch.ops.gptmod.rope(x, cos, sin), backend="eager",

@@ -87,7 +87,7 @@ def test_swiglu_parity(shape, dtype):
     check_backward(grad_out, gate_up, dtype)
 
 
-def test_swiglu_fp32_accuracy_of_exp():
+def check_fp32_accuracy_of_exp():
     # fp32 results within ~1e-6 relative of float64 over the whole useful range of gate values.
     g = torch.linspace(-30, 30, 20001)
     gate_up = torch.cat((g, torch.ones_like(g)))[None]
@@ -96,6 +96,10 @@ def test_swiglu_fp32_accuracy_of_exp():
     big = ref.abs() > 1e-30
     rel = ((y - ref).abs()[big] / ref.abs()[big]).max().item()
     assert rel < 1e-6, rel
+
+
+def test_swiglu_fp32_accuracy_of_exp():
+    check_fp32_accuracy_of_exp()
 
 
 def strided_gate_ups(dtype, device="cpu"):
@@ -218,6 +222,7 @@ def test_swiglu_empty():
 # a subprocess capped by GPTMOD_CPU_CAPABILITY runs this sweep.
 def capability_sweep(expected):
     assert torch.ops.gptmod.cpu_capability() == expected
+    check_fp32_accuracy_of_exp()
     for shape in [(3, 2 * 77), (2, 3, 2 * 96), (4, 2 * 1536)]:
         for dtype in DTYPES:
             gate_up = sample(shape, dtype)

@@ -1,6 +1,7 @@
 // rope / rope_ on CPU: argument checks, output allocation, and a call into the widest CPU build
 // of the kernel (csrc/cpu/kernels/rope_kernel.cpp).
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include "gptmod/elementwise_args.h"
@@ -56,6 +57,8 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
 void rope_inplace_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
   check_rope_args("rope_", x, cos, sin, positions);
+  // Writing through a view whose elements share memory (an expand) would race.
+  at::assert_no_internal_overlap(x);
   rope_run("rope_", x, x, cos, sin, positions, interleaved, inverse);
 }
 

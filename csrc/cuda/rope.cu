@@ -1,6 +1,7 @@
 // rope / rope_ on CUDA (design.md section 2). Same indexing and math as the CPU kernel
 // (csrc/cpu/kernels/rope_kernel.cpp); shared scalar math in gptmod/elementwise_math.h.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -162,6 +163,8 @@ void rope_inplace_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Ten
                        const std::optional<at::Tensor>& positions, bool interleaved,
                        bool inverse) {
   check_rope_args("rope_", x, cos, sin, positions);
+  // Writing through a view whose elements share memory (an expand) would race.
+  at::assert_no_internal_overlap(x);
   rope_run(x, x, cos, sin, positions, interleaved, inverse);
 }
 
