@@ -98,6 +98,10 @@ def check_decode_attention_args(op, q, k_cache, v_cache, cache_seqlens):
            f"{op}: cache_seqlens must be [B] = [{B}], got {tuple(cache_seqlens.shape)}")
     _check(cache_seqlens.device == q.device,
            f"{op}: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    if q.device.type == "cuda":
+        _check(q.dtype != torch.float64,
+               f"{op}: q float64 is supported on CPU only, not on {q.device}")
+        _check(D <= 256, f"{op}: head dim D must be <= 256 on CUDA, got {D}")
 
 
 def check_kv_cache_write_args(op, k_cache, v_cache, k_new, v_new, cache_seqlens):
@@ -145,6 +149,7 @@ if AVAILABLE:
     @torch.library.register_fake("gptmod::decode_attention")
     def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, scale, softcap=0.0, num_splits=0):
         check_decode_attention_args("decode_attention", q, k_cache, v_cache, cache_seqlens)
+        _check(num_splits >= 0, f"decode_attention: num_splits must be >= 0, got {num_splits}")
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("gptmod::kv_cache_write")

@@ -52,7 +52,10 @@ inline void load_row(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, 
       lo.store(dst + d);
       hi.store(dst + d + FVec::size());
     }
-    for (; d < n; ++d) dst[d] = static_cast<float>(src[d]);
+    // Scalar tail, written as a count (GCC otherwise warns about the unreachable tail of the
+    // D = 64 / 128 instances).
+    const int64_t rest = n - d;
+    for (int64_t u = 0; u < rest; ++u) dst[d + u] = static_cast<float>(src[d + u]);
   }
 }
 

@@ -56,6 +56,14 @@ inline void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k
               cache_seqlens.device(), " but q is on ", q.device());
 }
 
+// What the CUDA kernel adds: no float64, head dims up to 256 (its generic path's bound).
+inline void check_decode_attention_cuda_args(const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() != c10::kDouble,
+              "decode_attention: q float64 is supported on CPU only, not on ", q.device());
+  TORCH_CHECK(q.size(3) <= 256, "decode_attention: head dim D must be <= 256 on CUDA, got ",
+              q.size(3));
+}
+
 inline void check_kv_cache_write_args(const at::Tensor& k_cache, const at::Tensor& v_cache,
                                       const at::Tensor& k_new, const at::Tensor& v_new,
                                       const at::Tensor& cache_seqlens) {

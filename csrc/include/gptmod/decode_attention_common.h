@@ -68,4 +68,17 @@ inline int64_t decode_attention_cpu_num_splits(int64_t B, int64_t Hkv, int64_t m
   return max_splits < 16 ? max_splits : 16;
 }
 
+// CUDA split heuristic (flash-decoding): B * Hkv blocks alone leave most SMs idle at small
+// batch, so split each sequence until the grid covers about two waves of SMs, keeping at least
+// two K/V tiles per split (the lengths are on the device, so S_max bounds the work per split).
+inline int64_t decode_attention_cuda_num_splits(int64_t items, int64_t S_max, int64_t tile_rows,
+                                                int64_t num_sms) {
+  if (items <= 0 || S_max <= 0) return 1;
+  int64_t splits = (2 * num_sms + items - 1) / items;
+  const int64_t by_len = S_max / (2 * tile_rows);
+  if (splits > by_len) splits = by_len;
+  if (splits > 256) splits = 256;
+  return splits < 1 ? 1 : splits;
+}
+
 }  // namespace gptmod
