@@ -155,6 +155,11 @@ class Norm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
+def _dropout(x, p: float, training: bool):
+    # A function, not nn.Dropout: no call at all when it is off (always, in generation).
+    return F.dropout(x, p, True) if (training and p > 0) else x
+
+
 class KVCache:
     """Static K/V buffers for cached generation, allocated once and written in place.
 
@@ -208,7 +213,6 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim,
                                 bias=config.bias)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
         if config.qk_norm:
             self.q_norm = Norm(self.head_dim, "rmsnorm", config.norm_eps, False)
             self.k_norm = Norm(self.head_dim, "rmsnorm", config.norm_eps, False)
@@ -229,7 +233,9 @@ class CausalSelfAttention(nn.Module):
         """
         B, T, _ = x.shape
         Hq, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self.c_attn(x)
+        # F.linear on the modules' weights rather than module calls: decoding one token is
+        # overhead-bound on CPUs, and every avoided Python layer counts.
+        qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias)
         v = qkv[..., (Hq + Hkv) * D:].view(B, T, Hkv, D)
         if self.q_norm is not None:
             q = self.q_norm(qkv[..., :Hq * D].view(B, T, Hq, D))
@@ -258,7 +264,8 @@ class CausalSelfAttention(nn.Module):
             else:
                 reference.kv_cache_write(k_cache, v_cache, k, v, lens_before)
                 y = reference.decode_attention(q, k_cache, v_cache, lens_after, scale)
-        return self.resid_dropout(self.c_proj(y.reshape(B, T, Hq * D)))
+        y = F.linear(y.reshape(B, T, Hq * D), self.c_proj.weight, self.c_proj.bias)
+        return _dropout(y, self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -270,10 +277,10 @@ class MLP(nn.Module):
         width = 2 * config.ffn_hidden if self.kind == "swiglu" else config.ffn_hidden
         self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
         self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x, backend: str):
-        h = self.c_fc(x)
+        h = F.linear(x, self.c_fc.weight, self.c_fc.bias)
         if self.kind == "gelu":
             h = F.gelu(h, approximate="tanh")
         elif backend == "ext":
@@ -281,7 +288,8 @@ class MLP(nn.Module):
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        return self.dropout(self.c_proj(h))
+        h = F.linear(h, self.c_proj.weight, self.c_proj.bias)
+        return _dropout(h, self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -317,7 +325,6 @@ class GPT(nn.Module):
         Vp = config.padded_vocab_size  # rows past vocab_size are never looked up nor returned
         self.wte = nn.Embedding(Vp, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
-        self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
         self.lm_head = nn.Linear(config.n_embd, Vp, bias=False)
@@ -420,10 +427,10 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(idx.size(1), device=idx.device) if positions is None
                              else positions)
-        return self.drop(x)
+        return _dropout(x, self.config.dropout, self.training)
 
     def _logits(self, x):
-        logits = self.lm_head(self.ln_f(x))
+        logits = F.linear(self.ln_f(x), self.lm_head.weight)
         cap = self.config.logit_softcap
         if cap > 0:  # the same cap in training, evaluation and generation
             logits = cap * torch.tanh(logits / cap)
