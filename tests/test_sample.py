@@ -139,7 +139,8 @@ def test_prompt_file_and_empty_prompt(run_dir, loaded, tmp_path, capsys):
     f.write_text("the m", encoding="utf-8")
     assert sample.main(["--ckpt", str(run_dir), "--prompt-file", str(f), "--temperature", "0",
                         "--max-new-tokens", "20", "--backend", "torch", "-q"]) == 0
-    assert capsys.readouterr().out == "the m" + reference(loaded, "the m", 20, temperature=0)[0] + "\n"
+    expected = reference(loaded, "the m", 20, temperature=0)[0]
+    assert capsys.readouterr().out == "the m" + expected + "\n"
     # An empty prompt starts from <|endoftext|>.
     assert sample.main(["--ckpt", str(run_dir), "--prompt", "", "--temperature", "0",
                         "--max-new-tokens", "20", "--backend", "torch", "-q"]) == 0
@@ -182,7 +183,8 @@ def test_stop_string_from_greedy_output(run_dir, loaded, capsys):
     assert len(expected) < len(full)
     code, out, _ = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "the c",
                             "--temperature", "0", "--max-new-tokens", "60",
-                            f"--stop={stop}", "--stop", "never-produced", "--backend", "torch", "-q")
+                            f"--stop={stop}", "--stop", "never-produced", "--backend", "torch",
+                            "-q")
     assert code == 0
     assert out == "the c" + expected + "\n"
 
@@ -197,7 +199,8 @@ def test_num_samples_one_batch_each_row_stops_on_its_own(run_dir, loaded):
             "--temperature", "2", "--seed", "5", "--num-samples", "3", "--stop", stop,
             "--backend", "torch")
     assert r.returncode == 0, r.stderr
-    want = "".join(f"---------- sample {i + 1}/3 ----------\nthe{t}\n" for i, t in enumerate(expected))
+    want = "".join(f"---------- sample {i + 1}/3 ----------\nthe{t}\n"
+                   for i, t in enumerate(expected))
     assert r.stdout == want
     assert re.search(r"new \d+ tokens \(\d+, \d+, \d+\)", r.stderr)  # per-sample counts
 

@@ -74,7 +74,8 @@ def test_invalid_bytes_match_python_replacement(tok):
 
 
 def test_bpe_tokens_that_end_mid_character(tok):
-    bpe = tokenizer.train_bpe(["你好世界 🙂🙂 café déjà vu 你好 " * 20], vocab_size=300)
+    corpus = ["你好世界 🙂🙂 café déjà vu 你好 " * 20]
+    bpe = tokenizer.train_bpe(corpus, vocab_size=300)
     ids = bpe.encode(TEXT)
     # Some token boundary falls inside a character, else this test would test nothing.
     pieces = [bpe.decode_bytes([i]) for i in ids]

@@ -25,8 +25,8 @@ What it does, in the terms of the flags:
   generation time) and the seed (silenced by -q; warnings and errors are always shown).
 - --stop: backslash escapes are decoded ('\\n' is a newline); a string that starts with '-'
   needs the --stop=STR form (also --prompt=STR).
-- Errors are one line on stderr, `python -m gptmod_ext.sample: error: ...`: exit 1 for a checkpoint,
-  prompt or runtime problem, 2 for a usage error. GPTMOD_DEBUG=1 shows tracebacks.
+- Errors are one line on stderr, `python -m gptmod_ext.sample: error: ...`: exit 1 for a
+  checkpoint, prompt or runtime problem, 2 for a usage error. GPTMOD_DEBUG=1 shows tracebacks.
 - --interactive reads one prompt per line (the model keeps no chat state; the line is not
   echoed) until EOF (Ctrl-D) or Ctrl-C, and exits 0.
 """
@@ -44,6 +44,18 @@ from pathlib import Path
 
 PROG = "python -m gptmod_ext.sample"
 DEFAULT_MAX_NEW_TOKENS = 256
+EPILOG = """\
+stdout carries only text: the prompt (unless --no-echo), the continuation as it is produced,
+one newline. With --num-samples N > 1, each sample follows a line
+"---------- sample i/N ----------". Statistics go to stderr (-q hides them).
+Errors: one line on stderr, exit 1 (2 for usage errors); GPTMOD_DEBUG=1 shows tracebacks.
+
+examples:
+  python -m gptmod_ext.sample --ckpt out/ --prompt "def main(" --temperature 0
+  echo -n "Once upon a time" | python -m gptmod_ext.sample --ckpt out/ --seed 1
+  python -m gptmod_ext.sample --ckpt out/ --num-samples 3 --stop '\\n\\n' --top-p 0.9
+  python -m gptmod_ext.sample --ckpt path/to/hf_llama --interactive
+"""
 
 
 class SampleError(Exception):
@@ -70,8 +82,9 @@ def _unescape(s: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Generate text from a gptmod_ext run directory or a "
-                "Hugging Face Llama/GPT-2 folder, streaming it to stdout.")
+    p = _Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Generate text from a gptmod_ext run directory or a Hugging Face "
+                "Llama/GPT-2 folder, streaming it to stdout.", epilog=EPILOG)
     a = p.add_argument
     a("--ckpt", default="out", help="run directory (or HF model folder) (default: out)")
     src = p.add_mutually_exclusive_group()
@@ -110,7 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
         (args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}"),
         (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-        (args.min_p is None or 0 <= args.min_p <= 1, f"--min-p must be in [0, 1], got {args.min_p}"),
+        (args.min_p is None or 0 <= args.min_p <= 1,
+         f"--min-p must be in [0, 1], got {args.min_p}"),
         (args.max_new_tokens is None or args.max_new_tokens >= 1,
          f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
         (args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}"),
@@ -145,7 +159,8 @@ def resolve_device(name: str):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SampleError(f"unknown device {name!r} (expected cpu, cuda, cuda:N, mps or auto)") from None
+        raise SampleError(f"unknown device {name!r} (expected cpu, cuda, cuda:N, mps or "
+                          "auto)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SampleError(f"--device {name}: CUDA is not available on this machine")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -296,7 +311,8 @@ def read_prompt(args) -> str:
         except FileNotFoundError:
             raise SampleError(f"prompt file {args.prompt_file} does not exist") from None
         except (OSError, UnicodeDecodeError) as e:
-            raise SampleError(f"cannot read prompt file {args.prompt_file}: {_first_line(e)}") from None
+            raise SampleError(f"cannot read prompt file {args.prompt_file}: "
+                              f"{_first_line(e)}") from None
     if args.prompt is not None and args.prompt != "-":
         return args.prompt
     if sys.stdin.isatty():
