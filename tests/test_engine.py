@@ -46,7 +46,21 @@ def run_concurrently(engine, jobs):
 
 
 # -- batching does not change results ---------------------------------------------------------
-def test_greedy_equals_generate_alone_under_ragged_batching(model, tok):
+def _backends():
+    from gptmod_ext import _ext
+    return ["torch"] + (["ext"] if _ext.AVAILABLE else [])
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_greedy_equals_generate_alone_under_ragged_batching(model, tok, backend):
+    saved, model.backend = model.backend, backend
+    try:
+        _check_greedy_under_batching(model, tok)
+    finally:
+        model.backend = saved
+
+
+def _check_greedy_under_batching(model, tok):
     rnd = random.Random(0)
     jobs, refs = [], []
     for i in range(12):

@@ -364,3 +364,19 @@ def test_non_streaming_disconnect_frees_the_slot(server, model_id):
     after = wait_idle(server)
     assert after["requests_cancelled"] + after["requests_finished"] > \
         before["requests_cancelled"] + before["requests_finished"]
+
+
+def test_cli_missing_checkpoint_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import gptmod_ext
+    from pathlib import Path
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(gptmod_ext.__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p)
+    r = subprocess.run([sys.executable, "-m", "gptmod_ext.serve", "--ckpt", str(tmp_path / "nope")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and "does not exist" in r.stderr
