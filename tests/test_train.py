@@ -300,11 +300,15 @@ def test_ddp_two_processes_match_accumulation(tmp_path, capsys, data_dir):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
-    # An accumulation that does not divide among the processes is refused.
-    proc = run_subprocess(["--data", data_dir, "--out-dir", tmp_path / "x", "--grad-accum", 3,
-                           "--max-iters", 2], launcher=launcher)
-    assert proc.returncode != 0
-    assert "not divisible by the 2 processes" in proc.stderr
+
+
+def test_ddp_accumulation_must_divide(tmp_path, capsys, data_dir, monkeypatch):
+    # torchrun's environment for rank 0 of 2; the check comes before any process group.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", tmp_path / "x", "--grad-accum", 3)
+    assert rc == 1
+    one_error_line(err, "--grad-accum 3 is not divisible by the 2 processes")
 
 
 def test_raw_text_data_is_prepared(tmp_path, capsys, monkeypatch):
@@ -332,3 +336,28 @@ def test_ext_backend_trains_like_torch(tmp_path, capsys, data_dir):
         losses[backend] = [r["loss"] for r in metrics(tmp_path / backend) if "loss" in r]
     assert json.loads((tmp_path / "ext" / "config.json").read_text())["train"]["backend"] == "ext"
     assert losses["ext"] == pytest.approx(losses["torch"], rel=1e-4)
+
+
+def test_mlflow_missing_is_one_line(tmp_path, capsys, data_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow -> ImportError
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", tmp_path / "o", "--max-iters", 2,
+                    "--mlflow", f"sqlite:///{tmp_path}/m.db")
+    assert rc == 1
+    one_error_line(err, "--mlflow needs the mlflow package")
+
+
+def test_mlflow_logging(tmp_path, capsys, data_dir):
+    mlflow = pytest.importorskip("mlflow")  # the optional `mlflow` extra
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", tmp_path / "o", "--max-iters", 4,
+                    "--eval-interval", 2, "--sample-tokens", 0, "--mlflow", uri)
+    assert rc == 0, err
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("gptmod_ext")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.params["max_iters"] == "4" and run.data.params["lr"] == "0.01"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]
+    local = [r["loss"] for r in metrics(tmp_path / "o") if "loss" in r]
+    assert [m.value for m in losses] == pytest.approx(local)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [0, 2, 4]

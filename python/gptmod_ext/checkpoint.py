@@ -230,7 +230,11 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
     load_weights(model, tensors, tied, f" in {run_dir}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device=device, dtype=_resolve_dtype(dtype))
+    try:
+        model.to(device=device, dtype=_resolve_dtype(dtype))
+    except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device on a CPU-only torch
+        raise CheckpointError(f"cannot put the model on {device}: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     model.eval()
     return model, tok, config
 

@@ -344,6 +344,10 @@ class MLflowLogger:
 
 # -- the run ----------------------------------------------------------------------------------
 def train(args) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.grad_accum % world:  # checked before the process group, so every rank exits fast
+        raise TrainError(f"--grad-accum {args.grad_accum} is not divisible by the "
+                         f"{world} processes (it is the total over all of them)")
     ddp, rank, local_rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
     try:
@@ -359,9 +363,6 @@ def _train(args, ddp, rank, world, device, is_main) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
-    if args.grad_accum % world:
-        raise TrainError(f"--grad-accum {args.grad_accum} is not divisible by the "
-                         f"{world} processes (it is the total over all of them)")
     accum = args.grad_accum // world
     if args.min_lr is None:
         args.min_lr = args.lr / 10
