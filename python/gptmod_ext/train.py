@@ -24,6 +24,13 @@ the code is our own. Choices worth knowing:
 - Exact resume: train_state.pt holds the optimizer, every RNG and each rank's data sampler
   state; evaluation and samples draw from their own generators, so stopping at step k and
   resuming gives the same weights as never stopping (bitwise on the CPU in fp32).
+
+Launching data-parallel runs (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; only rank 0 prints
+and writes files):
+    torchrun --standalone --nproc_per_node=4 -m gptmod_ext.train --grad-accum 8 ...
+    # two machines, 8 GPUs each: run on both, with --node_rank=0 on host0 and 1 on the other
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
+             --rdzv_endpoint=host0:29500 -m gptmod_ext.train --grad-accum 16 ...
 """
 from __future__ import annotations
 
