@@ -272,12 +272,21 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: Optional[str
     async def next_event(request: Request, queue: asyncio.Queue) -> Optional[Event]:
         """The request's next event, or None once the client has gone away. Waking up now and
         then notices a disconnect even when no token is due (a long queue wait)."""
-        while True:
-            try:
-                return await asyncio.wait_for(queue.get(), timeout=0.5)
-            except asyncio.TimeoutError:
+        if not queue.empty():  # the common case while tokens flow: no task, no timer
+            return queue.get_nowait()
+        getter = asyncio.ensure_future(queue.get())
+        try:
+            while True:
+                # asyncio.wait (unlike wait_for) never cancels the getter on a timeout, so an
+                # event that arrives just then cannot be lost.
+                done, _ = await asyncio.wait({getter}, timeout=0.5)
+                if done:
+                    return getter.result()
                 if await request.is_disconnected():
                     return None
+        finally:
+            if not getter.done():
+                getter.cancel()
 
     def usage(prompt_tokens, completion_tokens) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
