@@ -26,28 +26,33 @@ TEXT = "the cat sat on the mat. 你好世界! café 🙂 the dog ran far. "
 PROG_ERROR = f"{sample.PROG}: error: "
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matmuls (here and in the in-process CLI runs): threads only add overhead on a
+    # shared machine. Subprocesses get OMP_NUM_THREADS=1 (see env()).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     tok = tokenizer.byte_tokenizer()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add overhead on a shared machine
-    try:
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=2, n_head=2,
-                              n_kv_head=1, n_embd=32))
-        data = torch.tensor(tok.encode(TEXT * 4))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        for _ in range(200):
-            i = torch.randint(0, len(data) - 65, (4,))
-            x = torch.stack([data[j:j + 64] for j in i])
-            y = torch.stack([data[j + 1:j + 65] for j in i])
-            _, loss = model(x, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=2, n_head=2,
+                          n_kv_head=1, n_embd=32))
+    data = torch.tensor(tok.encode(TEXT * 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        i = torch.randint(0, len(data) - 65, (4,))
+        x = torch.stack([data[j:j + 64] for j in i])
+        y = torch.stack([data[j + 1:j + 65] for j in i])
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     checkpoint.save_model(d, model, tok)
     return d
 
