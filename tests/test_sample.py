@@ -372,6 +372,16 @@ def test_unexpected_exception_is_one_line(run_dir, capsys, monkeypatch):
         sample.main(["--ckpt", str(run_dir), "--prompt", "x", "-q", "--backend", "torch"])
 
 
+def test_ctrl_c_outside_interactive(run_dir, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample, "generate", interrupted)
+    code, _, err = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "x", "-q",
+                            "--backend", "torch")
+    assert code == 130
+    assert_one_line_error(err, "interrupted")
+
+
 USAGE_ERRORS = [
     ["--temperature", "-0.5"], ["--top-p", "0"], ["--top-p", "1.5"], ["--min-p", "-0.1"],
     ["--min-p", "1.01"], ["--top-k", "0"], ["--max-new-tokens", "0"], ["--num-samples", "0"],
