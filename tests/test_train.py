@@ -206,6 +206,10 @@ def test_corrupt_checkpoints(tmp_path, capsys, data_dir):
     rc, err = train(capsys, "--data", data_dir, "--out-dir", out, "--max-iters", 8, "--resume")
     assert rc == 1
     one_error_line(err, "train_state.pt is corrupt")
+    torch.save({"step": 4, "optimizer": {}}, out / "train_state.pt")  # loads, but is no state
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", out, "--max-iters", 8, "--resume")
+    assert rc == 1
+    one_error_line(err, "train_state.pt does not fit this run")
     (out / "train_state.pt").write_bytes(state)
 
     weights = (out / "model.safetensors").read_bytes()

@@ -401,6 +401,9 @@ def _train(args, ddp, rank, world, device, is_main) -> int:
     except (data_mod.DataError, tokenizer_mod.TokenizerError) as e:
         raise TrainError(str(e)) from None
 
+    if state is not None and config["tokenizer"].get("sha1") != tok.describe()["sha1"]:
+        raise TrainError(f"--resume: the tokenizer of {data_dir} is not the one the run in "
+                         f"{out_dir} was trained with; pass its --data")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model = build_model(args, tok.vocab_size, resume_config)
     if args.block_size is None:
@@ -426,11 +429,13 @@ def _train(args, ddp, rank, world, device, is_main) -> int:
     if state is not None:
         try:
             optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise TrainError(f"--resume: the optimizer state does not fit the model ({e})") from None
-        start_step, best_val = int(state["step"]), float(state.get("best_val_loss", best_val))
-        sampler.set_state(state["data"]["sampler"])
-        ckpt.set_rng_state(state["rng"])
+            start_step, best_val = int(state["step"]), float(state.get("best_val_loss", best_val))
+            sampler.set_state(state["data"]["sampler"])
+            ckpt.set_rng_state(state["rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise TrainError(f"--resume: {out_dir / ckpt.STATE_FILE} does not fit this run "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                             ) from None
     if start_step >= args.max_iters:
         raise TrainError(f"the run in {out_dir} is already at step {start_step} "
                          f"(--max-iters {args.max_iters}); raise --max-iters to continue")
@@ -483,7 +488,7 @@ def _train(args, ddp, rank, world, device, is_main) -> int:
                      "batch_size": args.batch_size}, "best_val_loss": best_val, "world_size": world,
         })
         ckpt.save_model(out_dir, raw_model, tok, train_args,
-                        {"step": step, "val_loss": val_loss, "data": str(data_dir),
+                        {"step": step, "val_loss": val_loss, "data": str(data_dir.resolve()),
                          "unigram_entropy": unigram})
         write_metrics(metrics_path, rows)
 
