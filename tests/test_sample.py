@@ -167,6 +167,7 @@ def test_seeded_sampling(run_dir, loaded, capsys):
     _, c, _ = run_main(capsys, *base, "--seed", "2")
     assert a == b
     assert a != c
+    assert torch.is_grad_enabled()  # main() leaves the caller's global state alone
     expected = reference(loaded, "the", 60, temperature=2.5, top_k=200, top_p=0.99,
                          min_p=0.001, seed=1)[0]
     assert a == "the" + expected + "\n"

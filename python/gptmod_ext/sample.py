@@ -276,7 +276,7 @@ def load(args, device, dtype) -> Loaded:
         tok = HFTokenizer(path)
         try:
             model = hf.from_hf(path, dtype=dtype)
-        except ImportError:
+        except ImportError:  # transformers missing: main reports its own message
             raise
         except Exception as e:  # unsupported architecture, corrupt or missing weights
             raise SampleError(f"cannot load the Hugging Face model in {path}: "
@@ -470,8 +470,6 @@ def run(args) -> int:
     if (out.encoding or "").lower().replace("-", "") != "utf8" and hasattr(out, "reconfigure"):
         # A terminal that cannot show a character gets "?" rather than an encoding error.
         out.reconfigure(errors="replace")
-    import torch
-
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     t = time.perf_counter()
@@ -479,7 +477,6 @@ def run(args) -> int:
     if not args.quiet:
         print(f"loaded {loaded.description} in {time.perf_counter() - t:.2f} s", file=err,
               flush=True)
-    torch.set_grad_enabled(False)
     if args.interactive:
         try:
             interactive(loaded, args, out, err)
@@ -511,7 +508,10 @@ def main(argv=None) -> int:
     from .tokenizer import TokenizerError
 
     def fail(msg: str, code: int = 1) -> int:
-        sys.stdout.flush()
+        try:
+            sys.stdout.flush()  # what was streamed so far comes before the message
+        except OSError:
+            pass
         print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
         return code
 
