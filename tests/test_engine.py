@@ -68,7 +68,8 @@ def _check_greedy_under_batching(model, tok):
         n = rnd.randint(1, 40)
         jobs.append((prompt, SamplingParams(max_tokens=n, temperature=0)))
         refs.append(reference(model, tok, prompt, n, temperature=0))
-    with Engine(model, tok, max_batch=4, max_queue=16) as engine:
+    # A small prefill budget: newcomers join over several steps while others decode.
+    with Engine(model, tok, max_batch=4, max_queue=16, prefill_budget=8) as engine:
         results = run_concurrently(engine, jobs)
         stats = engine.stats()
     for (texts, ids, reasons, done), ref, (prompt, p) in zip(results, refs, jobs):

@@ -7,7 +7,8 @@ Design
   Slots. One KVCache of `max_batch` rows x block_size is allocated at start; each row is a
   slot that holds one sequence. A request with n choices takes n slots.
   Steps. Each loop iteration (1) drops cancelled requests and frees their slots, (2) admits
-  waiting requests, first come first served, while enough slots are free: one forward_cached
+  waiting requests, first come first served, while enough slots are free (and, while others
+  are decoding, until `prefill_budget` prompt tokens were prefilled): one forward_cached
   over the whole prompt into one free slot (prefill), copied into the request's other slots
   when n > 1, and the first token of every choice is sampled from those logits; (3) runs ONE
   decode step for every active slot: forward_cached over the contiguous slot range
@@ -109,7 +110,7 @@ class Engine:
     """The continuous-batching loop around one model (see the module docstring)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 eos_id: Optional[int] = None):
+                 eos_id: Optional[int] = None, prefill_budget: int = 512):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         self.model = model
@@ -118,6 +119,9 @@ class Engine:
         self.max_queue = max_queue
         self.block_size = model.config.block_size
         self.eos_id = tokenizer.eot_id if eos_id is None else eos_id
+        # Prompt tokens prefilled between two decode steps while sequences are decoding: a
+        # burst of new requests then delays the running ones by a bounded time per step.
+        self.prefill_budget = prefill_budget
         self.device = model.device
         self._cache = None
         self._slots: list[Optional[_Seq]] = [None] * max_batch
@@ -279,11 +283,16 @@ class Engine:
         self._cache.reset(slot)
 
     def _admit(self) -> None:
+        decoding = any(self._slots)
+        spent = 0
         while True:
             with self._cond:
                 free = [i for i, s in enumerate(self._slots) if s is None]
                 if not self._waiting or self._waiting[0].params.n > len(free):
                     return
+                if decoding and spent >= self.prefill_budget:
+                    return  # the rest join after the next decode step
+                spent += len(self._waiting[0].prompt_ids)
                 req = self._waiting.popleft()
                 slots = free[:req.params.n]  # lowest first: keeps the decode range dense
                 p = req.params

@@ -436,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="concurrent sequences (KV cache slots)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; beyond that, HTTP 429")
+    p.add_argument("--prefill-budget", type=int, default=512,
+                   help="prompt tokens prefilled between two decode steps while others decode "
+                        "(bounds the stall a burst of new requests causes)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model-name", default=None, help="the model id (default: the run dir name)")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
@@ -466,7 +469,8 @@ def main(argv=None) -> int:
         return 1
     try:
         backend = pick_backend(model, args.backend)
-        engine = Engine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue)
+        engine = Engine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue,
+                        prefill_budget=args.prefill_budget)
     except (ValueError, ImportError) as e:
         print(f"serve: {e}", file=sys.stderr)
         return 1
