@@ -18,13 +18,14 @@ from gptmod_ext import tokenizer as tokenizer_mod
 API_KEY = "test-key"
 
 
-def make_tiny_run(run_dir: Path, block_size: int = 256, seed: int = 1234) -> Path:
-    """A random-init 2-layer model with the byte tokenizer, saved as a run directory: fast to
-    load and to run, and its greedy outputs are arbitrary but deterministic."""
+def make_tiny_run(run_dir: Path, block_size: int = 256, seed: int = 1234, n_layer: int = 2,
+                  n_embd: int = 64) -> Path:
+    """A random-init model (2 x 64 by default) with the byte tokenizer, saved as a run
+    directory: fast to load and to run, and its greedy outputs are arbitrary but deterministic."""
     torch.manual_seed(seed)
     tok = tokenizer_mod.byte_tokenizer()
-    config = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=4,
-                       n_kv_head=2, n_embd=64)
+    config = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=n_layer,
+                       n_head=4, n_kv_head=2, n_embd=n_embd)
     checkpoint.save_model(run_dir, GPT(config), tok)
     return run_dir
 

@@ -285,22 +285,27 @@ def test_server_keeps_serving_after_errors(client, model_id):
     assert r.usage.completion_tokens >= 1
 
 
-def test_queue_full_is_429(run_dir):
+def test_queue_full_is_429(tmp_path):
+    # A deeper model with a long context, so the first two requests are surely still running
+    # (1 in the slot, 1 queued) when the third arrives; they are abandoned, not awaited.
+    run_dir = make_tiny_run(tmp_path / "long", block_size=1024, n_layer=4, n_embd=128)
     with live_server(run_dir, "--max-batch", "1", "--max-queue", "1") as url:
-        body = {"prompt": "q", "max_tokens": 250, "temperature": 0, "stream": True}
+        body = {"prompt": "q", "max_tokens": 1000, "temperature": 0, "stream": True}
         with httpx.Client(timeout=60) as c:
             with c.stream("POST", url + "/v1/completions", json=body) as first, \
                     c.stream("POST", url + "/v1/completions", json=body) as second:
                 assert first.status_code == 200 and second.status_code == 200
                 h = httpx.get(url + "/health").json()
-                assert h["active_slots"] + h["waiting_requests"] == 2
+                assert (h["active_slots"], h["waiting_requests"]) == (1, 1), h
                 third = httpx.post(url + "/v1/completions", json=body, timeout=30)
-                assert_error(third, 429)
+                err = assert_error(third, 429)
+                assert err["code"] == "queue_full"
                 assert third.headers.get("retry-after") == "1"
-                first.read()
-                second.read()
-            # With the slot free again the server answers normally.
-            assert c.post(url + "/v1/completions", json={"prompt": "q", "max_tokens": 2}).status_code == 200
+            # Both clients went away: the running and the queued request are dropped.
+            h = wait_idle(url)
+            assert h["requests_cancelled"] == 2 and h["requests_finished"] == 0
+            r = c.post(url + "/v1/completions", json={"prompt": "q", "max_tokens": 2})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
 # -- load, throughput, disconnects --------------------------------------------------------------
