@@ -14,12 +14,13 @@ try:
 except ImportError:
     sync_playwright = None
 
-pytestmark = [
-    pytest.mark.skipif(sync_playwright is None,
-                       reason="playwright is not installed (pip install playwright)"),
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
-]
+
+def needs_browser(test):
+    test = pytest.mark.skipif(sync_playwright is None,
+                              reason="playwright is not installed (pip install playwright)")(test)
+    return pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                              reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")(test)
+
 
 from gptmod_ext.serve import STATIC_DIR  # noqa: E402
 from serve_util import API_KEY, live_server, make_tiny_run  # noqa: E402
@@ -51,6 +52,7 @@ def server(tmp_path_factory):
         yield url
 
 
+@needs_browser
 def test_generate_streams_into_the_page(server):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS, headless=True)
@@ -86,6 +88,7 @@ def test_generate_streams_into_the_page(server):
             browser.close()
 
 
+@needs_browser
 def test_page_shows_errors(server):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS, headless=True)
