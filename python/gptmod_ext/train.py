@@ -494,7 +494,10 @@ def _train(args, ddp, rank, world, device, is_main) -> int:
 
     def run_eval(step: int) -> float:
         nonlocal best_val
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        cuda_ids = ([device.index if device.index is not None else torch.cuda.current_device()]
+                    if device.type == "cuda" else [])
+        # Evaluation and the sample must not move the training RNG (exact resume).
+        with torch.random.fork_rng(devices=cuda_ids):
             losses = evaluate(raw_model, dataset, args, device, autocast)
             text = ""
             if is_main and args.sample_tokens:
