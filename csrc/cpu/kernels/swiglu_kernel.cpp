@@ -37,6 +37,11 @@ void swiglu_fwd_impl(const SwigluParams& p) {
         load2(u + j, ua, ub);
         store2(o + j, ga * vsigmoid(ga) * ua, gb * vsigmoid(gb) * ub);
       }
+      if (j + kS / 2 <= F) {
+        const V gv = load1(g + j);
+        store1(o + j, gv * vsigmoid(gv) * load1(u + j));
+        j += kS / 2;
+      }
       for (; j < F; ++j) o[j] = scalar_t(swiglu_fwd<acc>(acc(g[j]), acc(u[j])));
     }
   });
@@ -71,6 +76,14 @@ void swiglu_bwd_impl(const SwigluParams& p) {
         const V dsa = dya * sa, dsb = dyb * sb;
         store2(du + j, dsa * ga, dsb * gb);
         store2(dg + j, dsa * ua * (one + ga * (one - sa)), dsb * ub * (one + gb * (one - sb)));
+      }
+      if (j + kS / 2 <= F) {
+        const V gv = load1(g + j), uv = load1(u + j), dyv = load1(dy + j);
+        const V sv = vsigmoid(gv);
+        const V ds = dyv * sv;
+        store1(du + j, ds * gv);
+        store1(dg + j, ds * uv * (one + gv * (one - sv)));
+        j += kS / 2;
       }
       for (; j < F; ++j) {
         acc d_gate, d_up;
