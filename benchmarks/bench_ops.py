@@ -9,12 +9,14 @@ For each op, size and dtype it times (median of many calls, warm-up excluded):
   copy     dst.copy_(src) moving the same number of bytes: the memory-bandwidth ceiling
 and reports time, speedup vs eager, effective GB/s (bytes the op must read + write, divided by
 its median time) and the fraction of copy bandwidth reached (copy time / op time). The
-minimum time is printed too: on a shared machine it shows the undisturbed cost. "fwd+bwd" runs the forward and the
-backward through autograd, with the gradient of the output given.
+minimum time is printed too: on a shared machine it shows the undisturbed cost. "fwd+bwd" runs
+the forward and the backward through autograd, with the gradient of the output given.
 
 The implementations are timed round-robin (one call of each per round), so a noisy neighbour
-slows all of them alike and the ratios within one run hold. Run: python benchmarks/bench_ops.py
-[--device cuda] [--quick] [--dtypes float32 bfloat16].
+slows all of them alike and the ratios within one run hold. On a machine with more busy threads
+than cores, a parallel region stalls whenever one of its threads is descheduled, which punishes
+multi-kernel eager code most: then also run `--threads 1 --clock thread` (per-thread CPU time).
+Run: python benchmarks/bench_ops.py [--device cuda] [--quick] [--dtypes float32 bfloat16].
 """
 from __future__ import annotations
 
@@ -106,7 +108,8 @@ def _rows(op, mode, shape, dtype, times, nbytes, note=None):
             continue
         t = med[impl]
         out.append({
-            "op": op, "mode": mode, "shape": tuple(shape), "dtype": str(dtype).replace("torch.", ""),
+            "op": op, "mode": mode, "shape": tuple(shape),
+            "dtype": str(dtype).replace("torch.", ""),
             "impl": impl, "median_ms": t * 1e3, "min_ms": times[impl][1] * 1e3,
             "speedup_vs_eager": med["eager"] / t,
             "speedup_vs_compile": med["compile"] / t if "compile" in med else None,
@@ -143,7 +146,8 @@ def bench_rope(shape, dtype, device, budget_s, with_compile):
            "copy": _copy_fn(nbytes, dtype, device)}
     if compiled:
         fns["compile"] = lambda: compiled(x, cos_full, sin_full)
-    rows += _rows("rope", "fwd", shape, dtype, _time_round_robin(fns, device, budget_s), nbytes, why)
+    rows += _rows("rope", "fwd", shape, dtype, _time_round_robin(fns, device, budget_s), nbytes,
+                  why)
 
     xg = x.clone().requires_grad_(True)
     grad = torch.randn_like(x)

@@ -13,7 +13,9 @@ using namespace gptmod::vec;
 
 // Rows per parallel task so that a task moves ~16K elements: fewer and the thread hand-off
 // costs more than the work.
-inline int64_t row_grain(int64_t F) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, F)); }
+inline int64_t row_grain(int64_t F) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, F));
+}
 
 // out[r, j] = silu(g[r, j]) * u[r, j] with g = gate_up[r, :F], u = gate_up[r, F:].
 // Threads: at::parallel_for over rows; one pass, each input and output element touched once.
