@@ -9,12 +9,14 @@ For each op, size and dtype it times (median of many calls, warm-up excluded):
   copy     dst.copy_(src) moving the same number of bytes: the memory-bandwidth ceiling
 and reports time, speedup vs eager, effective GB/s (bytes the op must read + write, divided by
 its median time) and the fraction of copy bandwidth reached (copy time / op time). The
-minimum time is printed too: on a shared machine it shows the undisturbed cost. "fwd+bwd" runs the forward and the
-backward through autograd, with the gradient of the output given.
+minimum time is printed too: on a shared machine it shows the undisturbed cost. "fwd+bwd" runs
+the forward and the backward through autograd, with the gradient of the output given.
 
 The implementations are timed round-robin (one call of each per round), so a noisy neighbour
-slows all of them alike and the ratios within one run hold. Run: python benchmarks/bench_ops.py
-[--device cuda] [--quick] [--dtypes float32 bfloat16].
+slows all of them alike and the ratios within one run hold. On a machine with more busy threads
+than cores, a parallel region stalls whenever one of its threads is descheduled, which punishes
+multi-kernel eager code most: then also run `--threads 1 --clock thread` (per-thread CPU time).
+Run: python benchmarks/bench_ops.py [--device cuda] [--quick] [--dtypes float32 bfloat16].
 """
 from __future__ import annotations
 
@@ -39,6 +41,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+# perf_counter (wall time) by default. On a loaded machine, `--threads 1 --clock thread` times
+# the CPU time of the calling thread instead, which does not count the time the thread waits
+# for a core (it still counts memory-bandwidth contention).
+CLOCK = time.perf_counter
+
+
 def _time_round_robin(fns: dict, device: str, budget_s: float, min_reps: int = 15,
                       max_reps: int = 400, warmup: int = 3) -> dict:
     """(median, min) seconds per call of each fn, calling them in turn until the budget is spent."""
@@ -52,10 +60,10 @@ def _time_round_robin(fns: dict, device: str, budget_s: float, min_reps: int = 1
     while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
         for k, fn in fns.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn()
             _sync(device)
-            samples[k].append(time.perf_counter() - t0)
+            samples[k].append(CLOCK() - t0)
         reps += 1
     return {k: (statistics.median(v), min(v)) for k, v in samples.items()}
 
@@ -100,7 +108,8 @@ def _rows(op, mode, shape, dtype, times, nbytes, note=None):
             continue
         t = med[impl]
         out.append({
-            "op": op, "mode": mode, "shape": tuple(shape), "dtype": str(dtype).replace("torch.", ""),
+            "op": op, "mode": mode, "shape": tuple(shape),
+            "dtype": str(dtype).replace("torch.", ""),
             "impl": impl, "median_ms": t * 1e3, "min_ms": times[impl][1] * 1e3,
             "speedup_vs_eager": med["eager"] / t,
             "speedup_vs_compile": med["compile"] / t if "compile" in med else None,
@@ -137,7 +146,8 @@ def bench_rope(shape, dtype, device, budget_s, with_compile):
            "copy": _copy_fn(nbytes, dtype, device)}
     if compiled:
         fns["compile"] = lambda: compiled(x, cos_full, sin_full)
-    rows += _rows("rope", "fwd", shape, dtype, _time_round_robin(fns, device, budget_s), nbytes, why)
+    rows += _rows("rope", "fwd", shape, dtype, _time_round_robin(fns, device, budget_s), nbytes,
+                  why)
 
     xg = x.clone().requires_grad_(True)
     grad = torch.randn_like(x)
@@ -181,8 +191,17 @@ def bench_swiglu(shape, dtype, device, budget_s, with_compile):
 
 
 def run(device="cpu", dtypes=("float32", "bfloat16"), quick=False, with_compile=True,
-        budget_s=None) -> list[dict]:
-    """Benchmark rows, one per (op, mode, shape, dtype, impl); see the module docstring."""
+        budget_s=None, clock="wall") -> list[dict]:
+    """Benchmark rows, one per (op, mode, shape, dtype, impl); see the module docstring.
+    clock="thread" (CPU time of this thread) is only meaningful with torch.get_num_threads() == 1.
+    """
+    global CLOCK
+    if clock == "thread":
+        if torch.get_num_threads() != 1 or device != "cpu":
+            raise ValueError("clock='thread' needs device='cpu' and torch.set_num_threads(1)")
+        CLOCK = time.thread_time
+    else:
+        CLOCK = time.perf_counter
     budget_s = budget_s if budget_s is not None else (0.3 if quick else 1.0)
     rope_shapes = QUICK_ROPE_SHAPES if quick else ROPE_SHAPES
     swiglu_shapes = QUICK_SWIGLU_SHAPES if quick else SWIGLU_SHAPES
@@ -219,10 +238,17 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: "
+                    "leave torch's default)")
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
           f"cpu kernels {torch.ops.gptmod.cpu_capability()}")
-    rows = run(args.device, tuple(args.dtypes), args.quick, not args.no_compile, args.budget)
+    print(f"clock: {args.clock}")
+    rows = run(args.device, tuple(args.dtypes), args.quick, not args.no_compile, args.budget,
+               args.clock)
     print(format_table(rows))
 
 

@@ -17,8 +17,10 @@ from gptmod_ext import ops
 
 pytestmark = pytest.mark.skipif(not ops.AVAILABLE, reason="gptmod_ext ops not built")
 
-# x shapes [B, T, H, D]: odd B/T, H = 1, D in {32, 64, 96, 128}, plus tiny D (scalar tail only).
-SHAPES = [(1, 1, 1, 32), (2, 7, 3, 64), (3, 5, 1, 96), (1, 9, 4, 128), (2, 3, 2, 2), (1, 4, 3, 6)]
+# x shapes [B, T, H, D]: odd B/T, H = 1, D in {32, 64, 96, 128}, D = 56 (main loop, one-vector
+# step and scalar tail for 8-wide vectors), and tiny D (scalar tail only).
+SHAPES = [(1, 1, 1, 32), (2, 7, 3, 64), (3, 5, 1, 96), (1, 9, 4, 128), (2, 3, 2, 56),
+          (2, 3, 2, 2), (1, 4, 3, 6)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # None = position t; "T32"/"T64" = [T] int32/int64; "BT32"/"BT64" = [B, T].
 POSITIONS = [None, "T32", "BT32", "BT64"]
@@ -309,7 +311,7 @@ def test_rope_empty():
 # a subprocess capped by GPTMOD_CPU_CAPABILITY runs this sweep.
 def capability_sweep(expected):
     assert torch.ops.gptmod.cpu_capability() == expected
-    for shape in [(2, 5, 3, 64), (1, 3, 2, 96), (2, 2, 1, 6)]:
+    for shape in [(2, 5, 3, 64), (1, 3, 2, 96), (2, 3, 2, 56), (2, 2, 1, 6)]:
         for dtype in DTYPES:
             for interleaved in (False, True):
                 check_parity(shape, dtype, "BT64", interleaved, interleaved)

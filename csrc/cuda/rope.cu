@@ -29,7 +29,7 @@ using cuda::Pack;
 // never reads the tables for them and writes NaN into that token's output instead (documented in
 // the entry point).
 template <typename scalar_t, int N, bool kInterleaved>
-__global__ void rope_kernel(const scalar_t* x,                   // [B, T, H, D] strided; may alias out
+__global__ void rope_kernel(const scalar_t* x,                   // [B, T, H, D] strided; may = out
                             scalar_t* out,                       // [B, T, H, D] strided
                             const acc_t<scalar_t>* __restrict__ cos,  // [max_pos, D/2]
                             const acc_t<scalar_t>* __restrict__ sin,  // [max_pos, D/2]

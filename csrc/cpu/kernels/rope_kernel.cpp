@@ -25,7 +25,7 @@ inline void rope_row(const scalar_t* x,                   // [D]; not restrict: 
                      int64_t D, acc_t<scalar_t> sgn) {
   using acc = acc_t<scalar_t>;
   using V = AVec<scalar_t>;
-  constexpr int64_t kS = kStep<scalar_t>;  // pairs per iteration
+  constexpr int64_t kS = kStep<scalar_t>;  // pairs per main-loop iteration
   const int64_t half = D / 2;
   const V vsgn(sgn);
   int64_t i = 0;
@@ -40,6 +40,13 @@ inline void rope_row(const scalar_t* x,                   // [D]; not restrict: 
       sb = sb * vsgn;
       store2(out + i, x1a * ca - x2a * sa, x1b * cb - x2b * sb);
       store2(out + half + i, x2a * ca + x1a * sa, x2b * cb + x1b * sb);
+    }
+    if (i + kS / 2 <= half) {
+      const V x1 = load1(x + i), x2 = load1(x + half + i);
+      const V cv = load1(c + i), sv = load1(s + i) * vsgn;
+      store1(out + i, x1 * cv - x2 * sv);
+      store1(out + half + i, x2 * cv + x1 * sv);
+      i += kS / 2;
     }
     for (; i < half; ++i) {
       acc y1, y2;
@@ -64,6 +71,15 @@ inline void rope_row(const scalar_t* x,                   // [D]; not restrict: 
       auto [o2, o3] = at::vec::interleave2(V(x1b * cb - x2b * sb), V(x2b * cb + x1b * sb));
       store2(out + 2 * i, o0, o1);
       store2(out + 2 * i + kS, o2, o3);
+    }
+    if (i + kS / 2 <= half) {
+      V v0, v1;
+      load2(x + 2 * i, v0, v1);
+      const V cv = load1(c + i), sv = load1(s + i) * vsgn;
+      auto [x1, x2] = at::vec::deinterleave2(v0, v1);
+      auto [o0, o1] = at::vec::interleave2(V(x1 * cv - x2 * sv), V(x2 * cv + x1 * sv));
+      store2(out + 2 * i, o0, o1);
+      i += kS / 2;
     }
     for (; i < half; ++i) {
       acc y1, y2;

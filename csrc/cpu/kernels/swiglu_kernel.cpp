@@ -13,7 +13,9 @@ using namespace gptmod::vec;
 
 // Rows per parallel task so that a task moves ~16K elements: fewer and the thread hand-off
 // costs more than the work.
-inline int64_t row_grain(int64_t F) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, F)); }
+inline int64_t row_grain(int64_t F) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, F));
+}
 
 // out[r, j] = silu(g[r, j]) * u[r, j] with g = gate_up[r, :F], u = gate_up[r, F:].
 // Threads: at::parallel_for over rows; one pass, each input and output element touched once.
@@ -36,6 +38,11 @@ void swiglu_fwd_impl(const SwigluParams& p) {
         load2(g + j, ga, gb);
         load2(u + j, ua, ub);
         store2(o + j, ga * vsigmoid(ga) * ua, gb * vsigmoid(gb) * ub);
+      }
+      if (j + kS / 2 <= F) {
+        const V gv = load1(g + j);
+        store1(o + j, gv * vsigmoid(gv) * load1(u + j));
+        j += kS / 2;
       }
       for (; j < F; ++j) o[j] = scalar_t(swiglu_fwd<acc>(acc(g[j]), acc(u[j])));
     }
@@ -71,6 +78,14 @@ void swiglu_bwd_impl(const SwigluParams& p) {
         const V dsa = dya * sa, dsb = dyb * sb;
         store2(du + j, dsa * ga, dsb * gb);
         store2(dg + j, dsa * ua * (one + ga * (one - sa)), dsb * ub * (one + gb * (one - sb)));
+      }
+      if (j + kS / 2 <= F) {
+        const V gv = load1(g + j), uv = load1(u + j), dyv = load1(dy + j);
+        const V sv = vsigmoid(gv);
+        const V ds = dyv * sv;
+        store1(du + j, ds * gv);
+        store1(dg + j, ds * uv * (one + gv * (one - sv)));
+        j += kS / 2;
       }
       for (; j < F; ++j) {
         acc d_gate, d_up;

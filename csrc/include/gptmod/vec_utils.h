@@ -58,6 +58,28 @@ inline void store2(scalar_t* p, const AVec<scalar_t>& a, const AVec<scalar_t>& b
   }
 }
 
+// One accumulation vector's worth (kStep / 2 elements), for the step between the two-vector main
+// loop and the scalar tail (head dims like 96 leave half a main step over).
+template <typename scalar_t>
+inline AVec<scalar_t> load1(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    return AVec<scalar_t>::loadu(p);
+  } else {
+    AVec<scalar_t> v;
+    at::vec::load_to_float<scalar_t>(p, v);
+    return v;
+  }
+}
+
+template <typename scalar_t>
+inline void store1(scalar_t* p, const AVec<scalar_t>& v) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    v.store(p);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, AVec<scalar_t>::size());
+  }
+}
+
 // exp for fp32 vectors, accurate to ~1 ulp and cheaper than SLEEF's expf_u10 (which showed as
 // the bottleneck of swiglu at one core: ~2 cycles per element): Cody-Waite reduction
 // x = n ln2 + r with |r| <= ln2 / 2 and ln2 split in a high part exact in float and a low part,
