@@ -1,18 +1,25 @@
 // decode_attention CPU kernel, compiled once per CPU capability (DEFAULT, AVX2, AVX512).
 //
-// Work item = (batch b, KV head kvh, split s): the G = Hq / Hkv query heads of the group times the
-// Tq queries (NQ = G * Tq rows of q) attend rows [first, last) of that KV head. K and V are read
-// in blocks of BN rows; a block is pulled into L1 by the first query row and reused by the other
-// NQ - 1 rows, so each K/V byte comes from memory once per group (the GQA sharing of FlashInfer's
-// decode kernel, include/flashinfer/attention/decode.cuh, on a CPU). Per query row we keep an
-// online softmax (running max m, running sum l, unnormalised accumulator acc), in fp32 (fp64 for
-// fp64 inputs), rescaling acc by exp(m_old - m_new) when the max grows.
+// Work item = (batch b, KV heads [h0, h0 + HG), split s): all KV heads of the sequence when their
+// state is small (HG = Hkv), else one. For each KV head the G = Hq / Hkv query heads of the group
+// times the Tq queries (NQ = G * Tq query rows) attend rows [first, last) of that head. K and V
+// are read in blocks of BN rows; a block is pulled into L1 by the first query row and reused by
+// the other NQ - 1, so each K/V byte comes from memory once per group (the GQA sharing of
+// FlashInfer's decode kernel, include/flashinfer/attention/decode.cuh, on a CPU). The heads of an
+// item are interleaved block by block, so the walk over the cache rows (all heads side by side)
+// is front to back. Per query row an online softmax (running max m, running sum l, unnormalised
+// accumulator acc) in fp32 (fp64 for fp64 inputs) rescales acc by exp(m_old - m_new) when the
+// max grows.
+//
+// Inner loops (at::vec::Vectorized, fp16/bf16 rows converted to fp32 per block): dot products
+// four rows at a time with one combined horizontal reduction; P.V with two rows per step into
+// two accumulator sets (shorter FMA chains); max, exp and softcap vectorized over the block.
 //
 // Bottom-right causality makes each query's visible rows a prefix 0 .. len - Tq + t of the cache,
 // so masking is a per-query row count, never a -inf score; rows >= len are never loaded, so
 // whatever they hold (NaN included) cannot reach the result.
 //
-// When B * Hkv items cannot keep every thread busy the sequences are split (decode_attention_
+// When the items cannot keep every thread busy the sequences are split (decode_attention_
 // common.h); each split stores (normalised output, lse) into a workspace and a second parallel
 // pass merges them with log-sum-exp weights.
 #include <algorithm>
