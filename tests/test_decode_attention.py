@@ -281,8 +281,13 @@ def test_bad_lengths(name, lens, msg):
 
 
 def test_bad_num_splits():
-    with pytest.raises(RuntimeError, match="num_splits must be >= 0"):
-        _call(_good(), num_splits=-1)
+    a = _good()
+    with pytest.raises(RuntimeError, match="decode_attention: num_splits must be >= 0"):
+        _call(a, num_splits=-1)
+    with FakeTensorMode() as mode:
+        fa = {k: mode.from_tensor(v) for k, v in a.items()}
+        with pytest.raises(RuntimeError, match="decode_attention: num_splits must be >= 0"):
+            _call(fa, num_splits=-1)
 
 
 def test_kv_cache_write_bad_input():
