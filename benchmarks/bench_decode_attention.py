@@ -25,41 +25,39 @@ LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 BATCHES = (1, 8)
 
 
-def _timer(device: str):
-    if device == "cuda":
-        def measure(fn, iters):
-            start = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-            end = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-            for i in range(iters):
-                start[i].record()
-                fn()
-                end[i].record()
-            torch.cuda.synchronize()
-            return statistics.median(s.elapsed_time(e) * 1e-3 for s, e in zip(start, end))
-    else:
-        def measure(fn, iters):
-            ts = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            return statistics.median(ts)
-    return measure
-
-
-def bench(fn, device: str, min_time: float = 0.2, max_iters: int = 200) -> float:
-    """Median seconds per call, after warm-up; the iteration count adapts to the call's cost."""
-    for _ in range(3):
-        fn()
+def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def bench_interleaved(fns: dict, device: str, min_time: float = 0.3, max_iters: int = 100) -> dict:
+    """Median seconds per call of each fn, measured round-robin (one call of each per round), so
+    a load change on a shared machine hits every candidate alike and the ratios stay fair."""
+    for fn in fns.values():
+        for _ in range(2):
+            fn()
+    _sync(device)
     t0 = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    one = max(time.perf_counter() - t0, 1e-6)
-    iters = int(min(max_iters, max(5, min_time / one)))
-    return _timer(device)(fn, iters)
+    for fn in fns.values():
+        fn()
+    _sync(device)
+    one_round = max(time.perf_counter() - t0, 1e-6)
+    rounds = int(min(max_iters, max(7, min_time / one_round)))
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) * 1e-3)
+            else:
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def eager_attention(q, k, v, scale):
@@ -72,7 +70,11 @@ def eager_attention(q, k, v, scale):
     return (p @ v.float()).to(q.dtype).reshape(B, Hq, Tq, Dh)
 
 
-def run(device: str = "cpu", dtypes=("float32",), quick: bool = False) -> list[dict]:
+def run(device: str = "cpu", dtypes=("float32",), quick: bool = False,
+        threads: int | None = None) -> list[dict]:
+    """One row per (dtype, B, L): medians in ms, ratios baseline / ours, GB/s."""
+    if threads:
+        torch.set_num_threads(threads)
     rows = []
     lengths = (512, 4096) if quick else LENGTHS
     compiled = None
@@ -109,16 +111,17 @@ def run(device: str = "cpu", dtypes=("float32",), quick: bool = False) -> list[d
                     vd.copy_(v)
 
                 row = dict(device=device, dtype=dtype_name, B=B, L=L, Hq=HQ, Hkv=HKV, D=D)
-                row["ours_ms"] = bench(ours, device) * 1e3
-                row["sdpa_gqa_ms"] = bench(sdpa_gqa, device) * 1e3
-                row["sdpa_repeat_ms"] = bench(sdpa_repeat, device) * 1e3
-                row["compile_ms"] = None
+                fns = {"ours": ours, "sdpa_gqa": sdpa_gqa, "sdpa_repeat": sdpa_repeat, "copy": copy}
                 if compiled is not None:
                     try:
-                        row["compile_ms"] = bench(lambda: compiled(qt, kt, vt, scale), device) * 1e3
-                    except Exception:  # noqa: BLE001 - inductor unavailable: leave it out
+                        compiled(qt, kt, vt, scale)
+                        fns["compile"] = lambda: compiled(qt, kt, vt, scale)
+                    except Exception:  # noqa: BLE001 - inductor unavailable: leave the column out
                         compiled = None
-                row["copy_ms"] = bench(copy, device) * 1e3
+                t = bench_interleaved(fns, device)
+                for name in ("ours", "sdpa_gqa", "sdpa_repeat", "copy"):
+                    row[f"{name}_ms"] = t[name] * 1e3
+                row["compile_ms"] = t["compile"] * 1e3 if "compile" in t else None
                 row["ours_GBps"] = kv_bytes / (row["ours_ms"] * 1e-3) / 1e9
                 row["copy_GBps"] = 2 * kv_bytes / (row["copy_ms"] * 1e-3) / 1e9
                 row["vs_sdpa_gqa"] = row["sdpa_gqa_ms"] / row["ours_ms"]
@@ -144,9 +147,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtypes", nargs="+", default=None)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="L in (512, 4096) only")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = ap.parse_args()
-    dtypes = args.dtypes or (["float32", "bfloat16"] if True else [])
+    dtypes = args.dtypes or ["float32", "bfloat16"]
+    rows = run(args.device, tuple(dtypes), args.quick, args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"cpu build {torch.ops.gptmod.cpu_capability()}")
-    print_table(run(args.device, tuple(dtypes), args.quick))
+          f"cpu build {torch.ops.gptmod.cpu_capability()}; ratios = baseline time / ours; GB/s over "
+          f"the K/V bytes (copy: read + write)")
+    print_table(rows)

@@ -25,11 +25,13 @@ TORCH_LIBRARY(gptmod, m) {
   // Gradient of swiglu with respect to gate_up, recomputing sigmoid(gate): -> [..., 2F].
   m.def("swiglu_backward(Tensor grad_out, Tensor gate_up) -> Tensor");
   // Causal GQA attention of q [B, Tq, Hq, D] over caches [B, S_max, Hkv, D] holding
-  // cache_seqlens[b] valid rows (the Tq new ones included). num_splits=0 picks a split count.
+  // cache_seqlens[b] valid rows (the Tq new ones included; rows past them are never read).
+  // num_splits=0 picks a split-KV count, > 0 forces one (for tests of the split/merge path).
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
         "float scale, float softcap=0.0, int num_splits=0) -> Tensor");
   // Writes k_new/v_new [B, Tn, Hkv, D] into the caches at rows cache_seqlens[b] + t, where
-  // cache_seqlens (int32 [B]) holds each sequence's length before the write.
+  // cache_seqlens (int32 [B]) holds each sequence's length before the write. The CPU checks
+  // 0 <= cache_seqlens[b] and cache_seqlens[b] + Tn <= S_max; CUDA skips rows outside the cache.
   m.def("kv_cache_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, "
         "Tensor cache_seqlens) -> ()");
   m.def("cpu_capability() -> str", &cpu_capability);

@@ -150,20 +150,20 @@ def test_large_scores_stable():
     check_close(out, ref_decode_attention(q * 8, k * 8, v, lens, 1.0), torch.float32)
 
 
-def test_strided_cache_views():
+def test_strided_cache_views(device="cpu"):
     # Per-layer caches as views of one [L, B_max, S_alloc, Hkv, D] buffer, batch and S sliced;
     # everything outside the valid rows (other layers, unused batch rows, the S tail) is NaN.
     L, B_max, S_alloc, Hkv, D, Hq, Tq = 3, 4, 96, 2, 64, 6, 2
-    lens = torch.tensor([80, 2], dtype=torch.int32)
-    kbuf = torch.full((L, B_max, S_alloc, Hkv, D), float("nan"))
-    vbuf = torch.full((L, B_max, S_alloc, Hkv, D), float("nan"))
+    lens = torch.tensor([80, 2], dtype=torch.int32, device=device)
+    kbuf = torch.full((L, B_max, S_alloc, Hkv, D), float("nan"), device=device)
+    vbuf = torch.full((L, B_max, S_alloc, Hkv, D), float("nan"), device=device)
     kc, vc = kbuf[1, :2, :90], vbuf[1, :2, :90]
     for b in range(2):
-        kc[b, : lens[b]] = torch.randn(int(lens[b]), Hkv, D)
-        vc[b, : lens[b]] = torch.randn(int(lens[b]), Hkv, D)
+        kc[b, : lens[b]] = torch.randn(int(lens[b]), Hkv, D, device=device)
+        vc[b, : lens[b]] = torch.randn(int(lens[b]), Hkv, D, device=device)
     assert not kc.is_contiguous()
     # q strided too: a [B, Tq, Hq, D] view of a [B, Tq, 3 * Hq, D] qkv-like tensor.
-    q = torch.randn(2, Tq, 3 * Hq, D)[:, :, Hq:2 * Hq]
+    q = torch.randn(2, Tq, 3 * Hq, D, device=device)[:, :, Hq:2 * Hq]
     for ns in (0, 1, 3):
         out = DA(q, kc, vc, lens, 0.2, 0.0, ns)
         check_close(out, ref_decode_attention(q, kc, vc, lens, 0.2), torch.float32)
@@ -281,8 +281,13 @@ def test_bad_lengths(name, lens, msg):
 
 
 def test_bad_num_splits():
-    with pytest.raises(RuntimeError, match="num_splits must be >= 0"):
-        _call(_good(), num_splits=-1)
+    a = _good()
+    with pytest.raises(RuntimeError, match="decode_attention: num_splits must be >= 0"):
+        _call(a, num_splits=-1)
+    with FakeTensorMode() as mode:
+        fa = {k: mode.from_tensor(v) for k, v in a.items()}
+        with pytest.raises(RuntimeError, match="decode_attention: num_splits must be >= 0"):
+            _call(fa, num_splits=-1)
 
 
 def test_kv_cache_write_bad_input():
@@ -326,7 +331,7 @@ def test_compile_fullgraph():
     lens_before = torch.tensor([5, 30], dtype=torch.int32)
     q, kn, vn = torch.randn(B, Tq, Hq, D), torch.randn(B, Tq, Hkv, D), torch.randn(B, Tq, Hkv, D)
     kc2, vc2 = k_cache.clone(), v_cache.clone()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True)  # inductor: functionalized in-place write
     out = compiled(q, kn, vn, k_cache, v_cache, lens_before)
     want_k, want_v = ref_cache_write(kc2, vc2, kn, vn, lens_before)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
@@ -420,6 +425,35 @@ def test_kv_cache_write_cuda_out_of_room_writes_nothing():
     KVW(kc, vc, new, new, torch.tensor([6, 2], dtype=torch.int32, device="cuda"))
     assert kc[0, 6:].eq(1).all() and kc[0, :6].eq(0).all()  # rows 6, 7 written, row 8 dropped
     assert kc[1, 2:5].eq(1).all() and kc[1, 5:].eq(0).all() and kc[1, :2].eq(0).all()
+
+
+@pytest.mark.cuda
+def test_strided_cache_views_cuda():
+    test_strided_cache_views(device="cuda")
+
+
+@pytest.mark.cuda
+def test_opcheck_cuda():
+    q, k, v, lens = make_inputs(2, 2, 8, 2, 128, 300, [300, 9], torch.bfloat16, "cuda", nan_fill=False)
+    torch.library.opcheck(DA, (q, k, v, lens, 0.1, 0.0, 0))
+    torch.library.opcheck(KVW, (k.clone(), v.clone(), k[:, :2].clone(), v[:, :2].clone(),
+                                torch.tensor([3, 290], dtype=torch.int32, device="cuda")))
+
+
+@pytest.mark.cuda
+def test_cuda_misaligned_views():
+    # Views whose rows do not start on 16 bytes (an odd element offset) take the element-copy
+    # path instead of cp.async; the result is the same.
+    B, S, Hkv, D = 2, 100, 2, 64
+    kbuf = torch.randn(B * S * Hkv * D + 1, device="cuda", dtype=torch.bfloat16)
+    vbuf = torch.randn(B * S * Hkv * D + 1, device="cuda", dtype=torch.bfloat16)
+    k = kbuf[1:].view(B, S, Hkv, D)
+    v = vbuf[1:].view(B, S, Hkv, D)
+    q = torch.randn(B, 1, 8, D, device="cuda", dtype=torch.bfloat16)
+    lens = torch.tensor([100, 37], dtype=torch.int32, device="cuda")
+    for ns in (0, 1, 3):
+        check_close(DA(q, k, v, lens, 0.125, 0.0, ns), ref_decode_attention(q, k, v, lens, 0.125),
+                    torch.bfloat16)
 
 
 @pytest.mark.cuda
