@@ -345,3 +345,18 @@ def test_torch_compile_forward_and_backward(backend):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_device_and_dtype_helpers():
+    from gptmod_ext.devices import pick_device, pick_dtype
+    auto = pick_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else auto.type)
+    assert pick_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert auto.type in ("mps", "cpu")
+        with pytest.raises(ValueError, match="no CUDA"):
+            pick_device("cuda")
+    assert pick_dtype("auto", "cpu") == torch.float32
+    assert pick_dtype("bf16") == torch.bfloat16 and pick_dtype("float16") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        pick_dtype("int8")

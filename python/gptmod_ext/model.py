@@ -224,14 +224,13 @@ class CausalSelfAttention(nn.Module):
             return torch.ops.gptmod.rope(x, cos, sin, positions, self.interleaved, False)
         return reference.rope(x, cos, sin, positions, self.interleaved)
 
-    def forward(self, x, backend: str, cos=None, sin=None, positions=None, kv=None):
-        """x [B, T, C] -> [B, T, C].
+    def forward(self, x, B: int, T: int, backend: str, cos=None, sin=None, positions=None, kv=None):
+        """x [B·T, C] (the 2-D residual stream of B sequences of T tokens) -> [B·T, C].
 
         kv None: the training/evaluation forward (causal over the T tokens of x, SDPA).
         kv = (k_cache, v_cache, lens_before, lens_after): cached forward; the new keys/values go
         into the caches at rows lens_before[b] + t, then queries attend to rows < lens_after[b].
         """
-        B, T, _ = x.shape
         Hq, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         # F.linear on the modules' weights rather than module calls: decoding one token is
         # overhead-bound on CPUs, and every avoided Python layer counts.
@@ -264,7 +263,7 @@ class CausalSelfAttention(nn.Module):
             else:
                 reference.kv_cache_write(k_cache, v_cache, k, v, lens_before)
                 y = reference.decode_attention(q, k_cache, v_cache, lens_after, scale)
-        y = F.linear(y.reshape(B, T, Hq * D), self.c_proj.weight, self.c_proj.bias)
+        y = F.linear(y.reshape(B * T, Hq * D), self.c_proj.weight, self.c_proj.bias)
         return _dropout(y, self.dropout, self.training)
 
 
@@ -304,11 +303,11 @@ class Block(nn.Module):
         self.ln_2 = None if self.parallel else Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, backend, cos=None, sin=None, positions=None, kv=None):
+    def forward(self, x, B, T, backend, cos=None, sin=None, positions=None, kv=None):
         if self.parallel:
             h = self.ln_1(x)
-            return x + self.attn(h, backend, cos, sin, positions, kv) + self.mlp(h, backend)
-        x = x + self.attn(self.ln_1(x), backend, cos, sin, positions, kv)
+            return x + self.attn(h, B, T, backend, cos, sin, positions, kv) + self.mlp(h, backend)
+        x = x + self.attn(self.ln_1(x), B, T, backend, cos, sin, positions, kv)
         return x + self.mlp(self.ln_2(x), backend)
 
 
@@ -423,11 +422,15 @@ class GPT(nn.Module):
     # -- forward ----------------------------------------------------------------------------
 
     def _embed(self, idx, positions=None):
+        """Token (+ learned position) embeddings of idx [B, T] as the residual stream [B·T, C].
+
+        The stream stays 2-D through the blocks so every Linear is one plain matmul with no
+        reshapes around it: decoding a token at a time on a CPU is bound by per-op overhead."""
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(idx.size(1), device=idx.device) if positions is None
                              else positions)
-        return _dropout(x, self.config.dropout, self.training)
+        return _dropout(x.view(-1, x.size(-1)), self.config.dropout, self.training)
 
     def _logits(self, x):
         logits = F.linear(self.ln_f(x), self.lm_head.weight)
@@ -448,8 +451,8 @@ class GPT(nn.Module):
                              f"{self.config.block_size}")
         x = self._embed(idx)
         for block in self.h:
-            x = block(x, self._backend, self.rope_cos, self.rope_sin)
-        logits = self._logits(x)
+            x = block(x, B, T, self._backend, self.rope_cos, self.rope_sin)
+        logits = self._logits(x).view(B, T, -1)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
@@ -504,14 +507,15 @@ class GPT(nn.Module):
         x = self._embed(idx, positions)
         for i, block in enumerate(self.h):
             k, v = (cache.k[i], cache.v[i]) if whole else (cache.k[i][rows], cache.v[i][rows])
-            x = block(x, self._backend, self.rope_cos, self.rope_sin, positions,
+            x = block(x, b, T, self._backend, self.rope_cos, self.rope_sin, positions,
                       (k, v, lens_before, lens_after))
         if lengths is None:
-            x = x[:, -1]
+            if T > 1:
+                x = x.view(b, T, -1)[:, -1]
             lens_before.copy_(lens_after)
         else:
             lengths = lengths.to(device=idx.device)
-            x = x[torch.arange(b, device=idx.device), lengths.long() - 1]
+            x = x.view(b, T, -1)[torch.arange(b, device=idx.device), lengths.long() - 1]
             lens_before.add_(lengths.to(torch.int32))
         return self._logits(x)
 
