@@ -41,12 +41,13 @@ def _best_time(fn, device, repeats):
     return best
 
 
-def run(device: str = "cpu", dtype: str = "float32", quick: bool = False) -> list[dict]:
+def run(device: str = "cpu", dtype: str = "float32", quick: bool = False,
+        batches: list[int] | None = None) -> list[dict]:
     """Rows of {engine, batch, new_tokens, seconds, tok_per_s, ttft_ms, vs_hf}."""
     dev = torch.device(device)
     dt = getattr(torch, dtype)
     new_tokens = 32 if quick else 256
-    batches = [1] if quick else [1, 8]
+    batches = batches or ([1] if quick else [1, 8])
     repeats = 1 if quick else 3
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("small", vocab_size=4096)).to(dev, dt).eval()
@@ -112,8 +113,12 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batches", type=int, nargs="+", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args()
-    rows = run(args.device, args.dtype, args.quick)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args.device, args.dtype, args.quick, args.batches)
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} "
           f"prompt={PROMPT_LEN} greedy, model: 6 x 384, 6/2 heads, vocab 4096")
     print(f"{'engine':<18}{'batch':>6}{'tokens':>8}{'seconds':>10}{'tok/s':>10}{'TTFT ms':>10}{'vs HF':>8}")

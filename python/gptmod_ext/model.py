@@ -125,9 +125,9 @@ PRESETS: dict[str, dict] = {
     # The default: the modern architecture at GPT-2 124M's size (12 x 768, 12 query / 4 KV heads).
     "modern": dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_kv_head=4,
                    n_embd=768),
-    # Learns something in the default ~10 minute CPU training run (about 3.4M non-embedding params).
+    # Learns something in the default ~10 minute CPU training run (about 3M non-embedding params).
     "tiny": dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=256),
-    # The benchmark size: 6 x 384, 6 query / 2 KV heads (about 10.6M non-embedding params).
+    # The benchmark size: 6 x 384, 6 query / 2 KV heads (about 9.4M non-embedding params).
     "small": dict(vocab_size=4096, block_size=512, n_layer=6, n_head=6, n_kv_head=2, n_embd=384),
     # GPT-2 medium's size (24 x 1024, 350M class) with the modern architecture.
     "medium": dict(vocab_size=50304, block_size=1024, n_layer=24, n_head=16, n_kv_head=4,
