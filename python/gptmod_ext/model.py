@@ -160,6 +160,16 @@ def _dropout(x, p: float, training: bool):
     return F.dropout(x, p, True) if (training and p > 0) else x
 
 
+def _linear(x, layer: nn.Linear, wt: Optional[torch.Tensor] = None):
+    """layer(x) for x [N, in]; with wt = layer.weight.t().contiguous() ([in, out]) the same
+    product from that copy. PyTorch's CPU matrix-vector product streams a row-major [out, in]
+    weight at about 10 GB/s but an [in, out] one at over 20 GB/s (measured on the benchmark
+    machine), and decoding one token is bound by those weight reads: see GPT._decode_weights."""
+    if wt is None:
+        return F.linear(x, layer.weight, layer.bias)
+    return torch.mm(x, wt) if layer.bias is None else torch.addmm(layer.bias, x, wt)
+
+
 class KVCache:
     """Static K/V buffers for cached generation, allocated once and written in place.
 
@@ -224,17 +234,19 @@ class CausalSelfAttention(nn.Module):
             return torch.ops.gptmod.rope(x, cos, sin, positions, self.interleaved, False)
         return reference.rope(x, cos, sin, positions, self.interleaved)
 
-    def forward(self, x, B: int, T: int, backend: str, cos=None, sin=None, positions=None, kv=None):
+    def forward(self, x, B: int, T: int, backend: str, cos=None, sin=None, positions=None, kv=None,
+                wt=None):
         """x [B·T, C] (the 2-D residual stream of B sequences of T tokens) -> [B·T, C].
 
         kv None: the training/evaluation forward (causal over the T tokens of x, SDPA).
         kv = (k_cache, v_cache, lens_before, lens_after): cached forward; the new keys/values go
         into the caches at rows lens_before[b] + t, then queries attend to rows < lens_after[b].
+        wt: None or the [in, out] copies of (c_attn, c_proj) weights (see _linear).
         """
         Hq, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        # F.linear on the modules' weights rather than module calls: decoding one token is
-        # overhead-bound on CPUs, and every avoided Python layer counts.
-        qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias)
+        # Functional linears on the modules' weights rather than module calls: decoding one
+        # token is overhead-bound, and every avoided Python layer counts.
+        qkv = _linear(x, self.c_attn, wt and wt[0])
         v = qkv[..., (Hq + Hkv) * D:].view(B, T, Hkv, D)
         if self.q_norm is not None:
             q = self.q_norm(qkv[..., :Hq * D].view(B, T, Hq, D))
@@ -263,7 +275,7 @@ class CausalSelfAttention(nn.Module):
             else:
                 reference.kv_cache_write(k_cache, v_cache, k, v, lens_before)
                 y = reference.decode_attention(q, k_cache, v_cache, lens_after, scale)
-        y = F.linear(y.reshape(B * T, Hq * D), self.c_proj.weight, self.c_proj.bias)
+        y = _linear(y.reshape(B * T, Hq * D), self.c_proj, wt and wt[1])
         return _dropout(y, self.dropout, self.training)
 
 
@@ -278,8 +290,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, backend: str):
-        h = F.linear(x, self.c_fc.weight, self.c_fc.bias)
+    def forward(self, x, backend: str, wt=None):
+        h = _linear(x, self.c_fc, wt and wt[0])
         if self.kind == "gelu":
             h = F.gelu(h, approximate="tanh")
         elif backend == "ext":
@@ -287,7 +299,7 @@ class MLP(nn.Module):
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        h = F.linear(h, self.c_proj.weight, self.c_proj.bias)
+        h = _linear(h, self.c_proj, wt and wt[1])
         return _dropout(h, self.dropout, self.training)
 
 
@@ -303,12 +315,14 @@ class Block(nn.Module):
         self.ln_2 = None if self.parallel else Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, B, T, backend, cos=None, sin=None, positions=None, kv=None):
+    def forward(self, x, B, T, backend, cos=None, sin=None, positions=None, kv=None, wt=None):
+        # wt: None, or [in, out] weight copies (attn c_attn, attn c_proj, mlp c_fc, mlp c_proj).
+        wa, wm = (wt[:2], wt[2:]) if wt else (None, None)
         if self.parallel:
             h = self.ln_1(x)
-            return x + self.attn(h, B, T, backend, cos, sin, positions, kv) + self.mlp(h, backend)
-        x = x + self.attn(self.ln_1(x), B, T, backend, cos, sin, positions, kv)
-        return x + self.mlp(self.ln_2(x), backend)
+            return x + self.attn(h, B, T, backend, cos, sin, positions, kv, wa) + self.mlp(h, backend, wm)
+        x = x + self.attn(self.ln_1(x), B, T, backend, cos, sin, positions, kv, wa)
+        return x + self.mlp(self.ln_2(x), backend, wm)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -338,6 +352,7 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._backend = "torch"
         self.backend = backend
+        self._wt, self._wt_key = None, None  # see _decode_weights
         self.reset_parameters()
 
     # -- backend ----------------------------------------------------------------------------
@@ -432,8 +447,8 @@ class GPT(nn.Module):
                              else positions)
         return _dropout(x.view(-1, x.size(-1)), self.config.dropout, self.training)
 
-    def _logits(self, x):
-        logits = F.linear(self.ln_f(x), self.lm_head.weight)
+    def _logits(self, x, wt=None):
+        logits = _linear(self.ln_f(x), self.lm_head, wt)
         cap = self.config.logit_softcap
         if cap > 0:  # the same cap in training, evaluation and generation
             logits = cap * torch.tanh(logits / cap)
@@ -492,10 +507,29 @@ class GPT(nn.Module):
             raise ValueError(f"forward_cached: {T} more tokens do not fit the cache "
                              f"(max_seq_len={cache.max_seq_len}, longest row "
                              f"{int(cache.seqlens[rows].max())})")
-        return self._forward_cached(idx, cache, rows, lengths)
+        return self._forward_cached(idx, cache, rows, lengths, self._decode_weights())
 
-    def _forward_cached(self, idx, cache, rows, lengths):
+    def _decode_weights(self):
+        """On CPUs, [in, out] copies of every Linear weight (per layer: c_attn, attn c_proj, c_fc,
+        mlp c_proj; then lm_head) for the cached forward, where they read twice as fast (see
+        _linear); None elsewhere (GPU matmuls do not care). Made on first use and remade when a
+        weight changes (data pointer, in-place version counter or dtype), e.g. after training
+        steps; they take as much memory as the Linear weights themselves."""
+        if self.device.type != "cpu":
+            return None
+        layers = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in self.h]
+        params = [lin.weight for group in layers for lin in group] + [self.lm_head.weight]
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if key != self._wt_key:
+            with torch.no_grad():
+                t = [p.detach().t().contiguous() for p in params]
+            self._wt = ([tuple(t[4 * i:4 * i + 4]) for i in range(len(layers))], t[-1])
+            self._wt_key = key
+        return self._wt
+
+    def _forward_cached(self, idx, cache, rows, lengths, wt=None):
         # The unchecked body of forward_cached (generate checks the sizes once, up front).
+        # wt: _decode_weights() or None.
         b, T = idx.shape
         whole = rows == slice(None)
         lens_before = cache.seqlens if whole else cache.seqlens[rows]
@@ -508,7 +542,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.h):
             k, v = (cache.k[i], cache.v[i]) if whole else (cache.k[i][rows], cache.v[i][rows])
             x = block(x, b, T, self._backend, self.rope_cos, self.rope_sin, positions,
-                      (k, v, lens_before, lens_after))
+                      (k, v, lens_before, lens_after), wt and wt[0][i])
         if lengths is None:
             if T > 1:
                 x = x.view(b, T, -1)[:, -1]
@@ -517,7 +551,7 @@ class GPT(nn.Module):
             lengths = lengths.to(device=idx.device)
             x = x.view(b, T, -1)[torch.arange(b, device=idx.device), lengths.long() - 1]
             lens_before.add_(lengths.to(torch.int32))
-        return self._logits(x)
+        return self._logits(x, wt and wt[1])
 
     # -- generation -------------------------------------------------------------------------
 
@@ -564,7 +598,8 @@ class GPT(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         if use_cache:
             cache = self.new_kv_cache(B, T + max_new_tokens)
-            logits = self._forward_cached(tokens, cache, slice(None), lengths)
+            wt = self._decode_weights()
+            logits = self._forward_cached(tokens, cache, slice(None), lengths, wt)
         else:
             # Every step reruns the whole (right-padded) sequences: causal attention means the
             # padding after a row's last real token never changes that token's logits.
@@ -583,7 +618,7 @@ class GPT(nn.Module):
             if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
                 return
             if use_cache:
-                logits = self._forward_cached(nxt.view(B, 1), cache, slice(None), None)
+                logits = self._forward_cached(nxt.view(B, 1), cache, slice(None), None, wt)
             else:
                 buf[rows, cur] = nxt
                 cur += 1
