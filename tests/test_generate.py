@@ -300,3 +300,23 @@ def test_padded_vocab_is_never_sampled():
     assert out.max() < 70
     logits, _ = m(out)
     assert logits.size(-1) == 70
+
+
+def test_decode_weight_copies_follow_weight_changes():
+    # CPU decoding reads [in, out] copies of the weights: they must never go stale.
+    m = make_model()
+    idx = torch.randint(0, 97, (2, 5))
+    m.generate(idx, 4, temperature=0)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    _, loss = m(idx, idx)
+    loss.backward()
+    opt.step()  # in-place updates
+    assert torch.equal(m.generate(idx, 10, temperature=0), m.generate(idx, 10, temperature=0, use_cache=False))
+    other = make_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1.5)
+    m.load_state_dict(other.state_dict())
+    assert torch.equal(m.generate(idx, 10, temperature=0), other.generate(idx, 10, temperature=0, use_cache=False))
+    m.to(torch.float64)
+    assert torch.equal(m.generate(idx, 10, temperature=0), m.generate(idx, 10, temperature=0, use_cache=False))
