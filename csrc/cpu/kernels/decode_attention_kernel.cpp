@@ -47,7 +47,9 @@ template <> struct AccType<double> { using type = double; };
 
 // dst[0, n) = float(src[0, n)) (or a plain copy when the types agree).
 template <typename scalar_t, typename acc_t>
-inline void load_row(const scalar_t* __restrict__ src, acc_t* __restrict__ dst, int64_t n) {
+inline void load_row(const scalar_t* __restrict__ src,  // [n]
+                     acc_t* __restrict__ dst,           // [n]
+                     int64_t n) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     std::memcpy(dst, src, n * sizeof(acc_t));
   } else {
@@ -83,7 +85,7 @@ inline acc_t hsum(const Vectorized<acc_t>& v) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // out[0..3] = horizontal sums of four 8-float vectors: two rounds of hadd give, per 128-bit
 // half, the four partial sums side by side; adding the halves finishes them.
-inline void hsum4_256(__m256 b0, __m256 b1, __m256 b2, __m256 b3, float* out) {
+inline void hsum4_256(__m256 b0, __m256 b1, __m256 b2, __m256 b3, float* out /* [4] */) {
   const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 }
@@ -92,7 +94,7 @@ inline void hsum4_256(__m256 b0, __m256 b1, __m256 b2, __m256 b3, float* out) {
 // out[r] = sum of the lanes of a[r], r < 4: ~13 instructions for four rows where four separate
 // reductions take ~40 (the reductions dominated the score loop).
 template <typename acc_t>
-inline void hsum4(const Vectorized<acc_t> (&a)[4], acc_t* out) {
+inline void hsum4(const Vectorized<acc_t> (&a)[4], acc_t* out /* [4] */) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
     __m256 b[4];
@@ -117,7 +119,8 @@ inline void hsum4(const Vectorized<acc_t> (&a)[4], acc_t* out) {
 template <int kD, typename acc_t>
 inline void row_scores(const acc_t* __restrict__ q,  // [D]
                        const acc_t* __restrict__ k,  // [n, D], row stride k_stride
-                       int64_t k_stride, int64_t n, int64_t D, acc_t* __restrict__ s) {
+                       int64_t k_stride, int64_t n, int64_t D,
+                       acc_t* __restrict__ s) {      // [n]
   using Vec = Vectorized<acc_t>;
   constexpr int64_t VL = Vec::size();
   if constexpr (kD > 0 && kD % VL == 0) {
@@ -154,8 +157,11 @@ inline void row_scores(const acc_t* __restrict__ q,  // [D]
 
 // acc = alpha * acc + sum_j p[j] * v[j]   (acc: [D], v: [n, D] with row stride v_stride)
 template <int kD, typename acc_t>
-inline void row_accumulate(acc_t* __restrict__ acc, acc_t alpha, const acc_t* __restrict__ p,
-                           const acc_t* __restrict__ v, int64_t v_stride, int64_t n, int64_t D) {
+inline void row_accumulate(acc_t* __restrict__ acc,      // [D]
+                           acc_t alpha,
+                           const acc_t* __restrict__ p,  // [n]
+                           const acc_t* __restrict__ v,  // [n, D], row stride v_stride
+                           int64_t v_stride, int64_t n, int64_t D) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t VL = Vec::size();
   if constexpr (kD > 0 && kD % VL == 0) {
@@ -201,7 +207,7 @@ inline void row_accumulate(acc_t* __restrict__ acc, acc_t alpha, const acc_t* __
 
 // max(s[0, n)), n >= 1. Vectorized: a scalar std::max loop kept its running value in memory.
 template <typename acc_t>
-inline acc_t block_max(const acc_t* s, int64_t n) {
+inline acc_t block_max(const acc_t* s /* [n] */, int64_t n) {
   using Vec = Vectorized<acc_t>;
   int64_t j = 0;
   acc_t m = -std::numeric_limits<acc_t>::infinity();
@@ -218,7 +224,7 @@ inline acc_t block_max(const acc_t* s, int64_t n) {
 
 // s[j] = exp(s[j] - m) for j < n; returns the sum.
 template <typename acc_t>
-inline acc_t exp_and_sum(acc_t* s, int64_t n, acc_t m) {
+inline acc_t exp_and_sum(acc_t* s /* [n] */, int64_t n, acc_t m) {
   using Vec = Vectorized<acc_t>;
   const Vec mv(m);
   Vec sv(0);
