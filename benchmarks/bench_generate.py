@@ -100,7 +100,8 @@ def run(device: str = "cpu", dtype: str = "float32", quick: bool = False,
         hf_tps = B * counts["hf generate"] / secs["hf generate"] if "hf generate" in secs else None
         for name in runs:
             tps = B * counts[name] / secs[name]
-            rows.append(dict(engine=name, batch=B, new_tokens=counts[name],
+            rows.append(dict(engine=name, device=device, dtype=dtype, threads=torch.get_num_threads(),
+                             batch=B, new_tokens=counts[name],
                              seconds=round(secs[name], 4), tok_per_s=round(tps, 1),
                              ttft_ms=round(ttft[name] * 1e3, 2),
                              vs_hf=round(tps / hf_tps, 2) if hf_tps else None))
