@@ -320,3 +320,18 @@ def test_decode_weight_copies_follow_weight_changes():
     assert torch.equal(m.generate(idx, 10, temperature=0), other.generate(idx, 10, temperature=0, use_cache=False))
     m.to(torch.float64)
     assert torch.equal(m.generate(idx, 10, temperature=0), m.generate(idx, 10, temperature=0, use_cache=False))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_generation(backend):
+    m = make_model()
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    ref = m.generate(prompts, 12, temperature=0)
+    g = make_model(backend=backend).cuda()
+    assert g.generate(prompts, 12, temperature=0) == ref
+    idx = torch.tensor(prompts[1], device="cuda")[None]
+    assert torch.equal(g.generate(idx, 12, temperature=0), g.generate(idx, 12, temperature=0, use_cache=False))
+    g = g.to(torch.bfloat16)  # bf16: cached logits agree with the full forward's within bf16 tolerance
+    cached = g.forward_cached(idx, g.new_kv_cache(1, 16)).float()
+    torch.testing.assert_close(cached, g(idx)[0][:, -1].float(), rtol=5e-2, atol=5e-2)
