@@ -320,6 +320,9 @@ def test_decode_weight_copies_follow_weight_changes():
     assert torch.equal(m.generate(idx, 10, temperature=0), other.generate(idx, 10, temperature=0, use_cache=False))
     m.to(torch.float64)
     assert torch.equal(m.generate(idx, 10, temperature=0), m.generate(idx, 10, temperature=0, use_cache=False))
+    with_copies = m.generate(idx, 10, temperature=0)
+    m.cpu_decode_copies = False
+    assert torch.equal(m.generate(idx, 10, temperature=0), with_copies) and m._wt is None
 
 
 @pytest.mark.cuda

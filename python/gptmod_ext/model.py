@@ -358,6 +358,7 @@ class GPT(nn.Module):
         self._backend = "torch"
         self.backend = backend
         self._wt, self._wt_key = None, None  # see _decode_weights
+        self.cpu_decode_copies = True  # False: no [in, out] weight copies (saves their memory)
         self.reset_parameters()
 
     # -- backend ----------------------------------------------------------------------------
@@ -520,7 +521,8 @@ class GPT(nn.Module):
         _linear); None elsewhere (GPU matmuls do not care). Made on first use and remade when a
         weight changes (data pointer, in-place version counter or dtype), e.g. after training
         steps; they take as much memory as the Linear weights themselves."""
-        if self.device.type != "cpu":
+        if self.device.type != "cpu" or not self.cpu_decode_copies:
+            self._wt, self._wt_key = None, None
             return None
         layers = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in self.h]
         params = [lin.weight for group in layers for lin in group] + [self.lm_head.weight]
