@@ -358,7 +358,12 @@ def train(args) -> int:
     ddp, rank, local_rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
     try:
-        return _train(args, ddp, rank, world, device, is_main)
+        rc = _train(args, ddp, rank, world, device, is_main)
+        if ddp:
+            # Leave together: a gloo rank whose peer tears its connections down first can abort
+            # in teardown ("terminate called without an active exception").
+            torch.distributed.barrier()
+        return rc
     finally:
         if ddp:
             torch.distributed.destroy_process_group()
