@@ -14,11 +14,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define GPTMOD_HD __host__ __device__ __forceinline__
-#else
-#define GPTMOD_HD inline
-#endif
+#include "gptmod/macros.h"
 
 namespace gptmod {
 

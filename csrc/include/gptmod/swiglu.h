@@ -8,6 +8,7 @@
 
 #include "gptmod/cpu_dispatch.h"
 #include "gptmod/elementwise_math.h"
+#include "gptmod/macros.h"
 
 namespace gptmod {
 
