@@ -34,16 +34,13 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "gptmod/acc_type.h"
 #include "gptmod/decode_attention.h"
 
 namespace gptmod {
 namespace {
 
 using at::vec::Vectorized;
-
-// Math type: fp32 for fp32/fp16/bf16 (design.md: math in fp32), fp64 for fp64 inputs.
-template <typename T> struct AccType { using type = float; };
-template <> struct AccType<double> { using type = double; };
 
 // dst[0, n) = float(src[0, n)) (or a plain copy when the types agree).
 template <typename scalar_t, typename acc_t>

@@ -6,6 +6,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "gptmod/acc_type.h"
+
 namespace gptmod::cuda {
 
 // N elements moved as one aligned access (16 bytes when sizeof(T) * N == 16).
@@ -18,16 +20,8 @@ struct alignas(sizeof(T) * N) Pack {
 template <typename T>
 constexpr int kPack16 = 16 / sizeof(T) > 0 ? int(16 / sizeof(T)) : 1;
 
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccType<T>::type;
+using gptmod::AccType;
+using gptmod::acc_t;
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 

@@ -9,6 +9,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "gptmod/acc_type.h"
+
 #ifndef CPU_CAPABILITY
 #error "vec_utils.h is for kernel files, which are compiled with -DCPU_CAPABILITY=..."
 #endif
@@ -16,17 +18,8 @@
 namespace gptmod::vec {
 inline namespace CPU_CAPABILITY {
 
-// fp32 math for fp32/fp16/bf16, fp64 math for fp64 (gradcheck needs the full precision).
-template <typename scalar_t>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-template <typename scalar_t>
-using acc_t = typename Acc<scalar_t>::type;
+// fp32 math for fp32/fp16/bf16, fp64 math for fp64 (gptmod/acc_type.h).
+using gptmod::acc_t;
 template <typename scalar_t>
 using AVec = at::vec::Vectorized<acc_t<scalar_t>>;
 
