@@ -21,7 +21,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
                                 double scale, double softcap, int64_t num_splits) {
   check_decode_attention_args(q, k_cache, v_cache, cache_seqlens);
-  TORCH_CHECK(num_splits >= 0, "decode_attention: num_splits must be >= 0, got ", num_splits);
+  check_decode_attention_num_splits(num_splits);
   const int64_t B = q.size(0), Tq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t S_max = k_cache.size(1), Hkv = k_cache.size(2);
   // Values are cheap to check on the CPU (the CUDA kernel clamps instead): every query must

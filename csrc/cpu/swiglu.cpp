@@ -11,19 +11,6 @@ namespace gptmod {
 GPTMOD_DEFINE_STUB(swiglu_fwd_stub, SwigluFn);
 GPTMOD_DEFINE_STUB(swiglu_bwd_stub, SwigluFn);
 
-namespace {
-
-// t itself when its leading dims collapse to two strided row dims (no copy for row-strided
-// 2-D/3-D views), else a contiguous copy; fills its row layout.
-at::Tensor with_row_layout(const at::Tensor& t, RowLayout& rows) {
-  if (row_layout(t, rows)) return t;
-  at::Tensor c = t.contiguous();
-  TORCH_INTERNAL_ASSERT(row_layout(c, rows));
-  return c;
-}
-
-}  // namespace
-
 at::Tensor swiglu_cpu(const at::Tensor& gate_up) {
   check_swiglu_args("swiglu", gate_up);
   const int64_t F = gate_up.size(-1) / 2;

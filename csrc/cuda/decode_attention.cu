@@ -444,7 +444,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                  double scale, double softcap, int64_t num_splits) {
   check_decode_attention_args(q, k_cache, v_cache, cache_seqlens);
   check_decode_attention_cuda_args(q);
-  TORCH_CHECK(num_splits >= 0, "decode_attention: num_splits must be >= 0, got ", num_splits);
+  check_decode_attention_num_splits(num_splits);
   const int64_t B = q.size(0), Tq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t S_max = k_cache.size(1), Hkv = k_cache.size(2);
   TORCH_CHECK(B <= 65535 && Hkv <= 65535 && B * Hq * Tq < (int64_t(1) << 31),

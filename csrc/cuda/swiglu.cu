@@ -81,14 +81,6 @@ bool rows_pack16(const void* base, const RowLayout& l, int n) {
   return cuda::aligned16(base) && l.outer_stride % n == 0 && l.inner_stride % n == 0;
 }
 
-// t itself when its leading dims collapse to two strided row dims, else a contiguous copy.
-at::Tensor with_row_layout(const at::Tensor& t, RowLayout& rows) {
-  if (row_layout(t, rows)) return t;
-  at::Tensor c = t.contiguous();
-  TORCH_INTERNAL_ASSERT(row_layout(c, rows));
-  return c;
-}
-
 }  // namespace
 
 at::Tensor swiglu_cuda(const at::Tensor& gate_up) {

@@ -7,16 +7,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "gptmod/tensor_checks.h"
+
 namespace gptmod {
-
-inline bool is_attention_float(c10::ScalarType t) {
-  return t == c10::kFloat || t == c10::kHalf || t == c10::kBFloat16 || t == c10::kDouble;
-}
-
-inline void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) == 1, op, ": ", name,
-              " must have stride 1 in its last dim, got strides ", t.strides());
-}
 
 inline void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k_cache,
                                         const at::Tensor& v_cache,
@@ -27,7 +20,7 @@ inline void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k
               k_cache.dim(), "-D");
   TORCH_CHECK(v_cache.dim() == 4, op, ": v_cache must be 4-D [B, S_max, Hkv, D], got ",
               v_cache.dim(), "-D");
-  TORCH_CHECK(is_attention_float(q.scalar_type()), op,
+  TORCH_CHECK(is_gptmod_float(q.scalar_type()), op,
               ": q must be float32, float16, bfloat16 or float64, got ", q.scalar_type());
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"k_cache", &k_cache},
                          {"v_cache", &v_cache}}) {
@@ -54,6 +47,10 @@ inline void check_decode_attention_args(const at::Tensor& q, const at::Tensor& k
               ": cache_seqlens must be [B] = [", B, "], got ", cache_seqlens.sizes());
   TORCH_CHECK(cache_seqlens.device() == q.device(), op, ": cache_seqlens is on ",
               cache_seqlens.device(), " but q is on ", q.device());
+}
+
+inline void check_decode_attention_num_splits(int64_t num_splits) {
+  TORCH_CHECK(num_splits >= 0, "decode_attention: num_splits must be >= 0, got ", num_splits);
 }
 
 // What the CUDA kernel adds: no float64, head dims up to 256 (its generic path's bound).

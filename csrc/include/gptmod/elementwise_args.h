@@ -9,17 +9,9 @@
 
 #include "gptmod/rope.h"
 #include "gptmod/swiglu.h"
+#include "gptmod/tensor_checks.h"
 
 namespace gptmod {
-
-inline bool is_gptmod_float(c10::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
-
-inline void check_last_dim_contiguous(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) == 1, op, ": ", name,
-              " must have stride 1 in its last dim, got strides ", t.strides());
-}
 
 inline void check_rope_args(const char* op, const at::Tensor& x, const at::Tensor& cos,
                             const at::Tensor& sin, const std::optional<at::Tensor>& positions) {
@@ -144,6 +136,15 @@ inline bool row_layout(const at::Tensor& t, RowLayout& out) {
     return true;
   }
   return false;
+}
+
+// t itself when its leading dims collapse to two strided row dims (no copy for row-strided
+// 2-D/3-D views), else a contiguous copy; fills its row layout.
+inline at::Tensor with_row_layout(const at::Tensor& t, RowLayout& rows) {
+  if (row_layout(t, rows)) return t;
+  at::Tensor c = t.contiguous();
+  TORCH_INTERNAL_ASSERT(row_layout(c, rows));
+  return c;
 }
 
 }  // namespace gptmod
