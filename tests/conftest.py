@@ -15,3 +15,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # Tiny models and matmuls (in-process CLI runs included): threads only add synchronization,
+    # and the test machine's cores are shared. Modules opt in with
+    # `pytestmark = pytest.mark.usefixtures("one_thread")`, which sets it up before the module's
+    # own module-scoped fixtures (tiny runs and models are built single-threaded too).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

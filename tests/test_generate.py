@@ -7,17 +7,10 @@ import torch
 
 from gptmod_ext import ops, sampling
 from gptmod_ext.model import GPT, GPTConfig
+from helpers import needs_ext
 
-needs_ext = pytest.mark.skipif(not ops.AVAILABLE, reason="gptmod extension not built")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: threads only add synchronization, and the test machine's cores are shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 BACKENDS = ["torch", pytest.param("ext", marks=needs_ext)]
 
 ARCHS = {

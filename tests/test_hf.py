@@ -7,21 +7,14 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from gptmod_ext import hf, ops
+from gptmod_ext import hf
 from gptmod_ext.model import GPT, GPTConfig
+from helpers import needs_ext
 
-BACKENDS = ["torch", pytest.param("ext", marks=pytest.mark.skipif(
-    not ops.AVAILABLE, reason="gptmod extension not built"))]
+BACKENDS = ["torch", pytest.param("ext", marks=needs_ext)]
 NO_SPECIAL_IDS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: threads only add synchronization, and the test machine's cores are shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(tied=False, kv_heads=2, head_dim=None):

@@ -9,17 +9,9 @@ import torch.nn.functional as F
 
 from gptmod_ext import _ext, ops
 from gptmod_ext.model import GPT, GPTConfig, PRESETS
+from helpers import needs_ext
 
-needs_ext = pytest.mark.skipif(not ops.AVAILABLE, reason="gptmod extension not built")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: threads only add synchronization, and the test machine's cores are shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Tiny variants of every architecture the flags can express.
 ARCHS = {

@@ -25,15 +25,8 @@ PYTHON_DIR = str(Path(__file__).resolve().parents[1] / "python")
 TEXT = "the cat sat on the mat. 你好世界! café 🙂 the dog ran far. "
 PROG_ERROR = f"{sample.PROG}: error: "
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls (here and in the in-process CLI runs): threads only add overhead on a
-    # shared machine. Subprocesses get OMP_NUM_THREADS=1 (see env()).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One torch thread in-process (conftest.py); subprocesses get OMP_NUM_THREADS=1 (see env()).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,12 @@ where present.
 Every result is compared with the float64 formulas below, written for this file from the contract
 (sigma computed as 1 / (1 + exp(-g)) in float64), not with the code under test.
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import gptmod_ext
 from gptmod_ext import ops
+from helpers import run_capability_sweep
 
 pytestmark = pytest.mark.skipif(not ops.AVAILABLE, reason="gptmod_ext ops not built")
 
@@ -234,16 +229,7 @@ def capability_sweep(expected):
 
 @pytest.mark.parametrize("cap", ["DEFAULT", "AVX2"])
 def test_swiglu_narrower_cpu_builds(cap):
-    if cap == "AVX2" and ops.cpu_capability() == "DEFAULT":
-        pytest.fail("this CPU has no AVX2: the AVX2 build cannot be checked here")
-    env = dict(os.environ, GPTMOD_CPU_CAPABILITY=cap)
-    pkg_root = str(Path(gptmod_ext.__file__).resolve().parent.parent)
-    here = str(Path(__file__).resolve().parent)
-    env["PYTHONPATH"] = os.pathsep.join([pkg_root, here, env.get("PYTHONPATH", "")])
-    code = f"import test_swiglu; test_swiglu.capability_sweep({cap!r}); print('ok')"
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    run_capability_sweep("test_swiglu", cap)
 
 
 # ---------------------------------------------------------------------------------------------
