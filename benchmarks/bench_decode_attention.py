@@ -19,15 +19,11 @@ import torch
 import torch.nn.functional as F
 
 import gptmod_ext  # noqa: F401  (loads the ops)
+from common import sync
 
 HQ, HKV, D = 12, 4, 64
 LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 BATCHES = (1, 8)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench_interleaved(fns: dict, device: str, min_time: float = 0.3, max_iters: int = 100) -> dict:
@@ -36,11 +32,11 @@ def bench_interleaved(fns: dict, device: str, min_time: float = 0.3, max_iters: 
     for fn in fns.values():
         for _ in range(2):
             fn()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for fn in fns.values():
         fn()
-    _sync(device)
+    sync(device)
     one_round = max(time.perf_counter() - t0, 1e-6)
     rounds = int(min(max_iters, max(7, min_time / one_round)))
     times = {name: [] for name in fns}

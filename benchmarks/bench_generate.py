@@ -21,22 +21,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from gptmod_ext import _ext  # noqa: E402
 from gptmod_ext.model import GPT, GPTConfig  # noqa: E402
+from common import sync  # noqa: E402
 
 PROMPT_LEN = 16
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _best_time(fn, device, repeats):
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 

@@ -28,17 +28,13 @@ import torch
 import torch.nn.functional as F
 
 import gptmod_ext  # noqa: F401  (loads the ops)
+from common import sync
 from gptmod_ext import rope_cache
 
 ROPE_SHAPES = [(1, 128, 12, 64), (8, 512, 12, 64), (4, 1024, 16, 128)]
 SWIGLU_SHAPES = [(256, 2 * 512), (4096, 2 * 1536), (8192, 2 * 2048)]
 QUICK_ROPE_SHAPES = [(1, 128, 12, 64), (8, 512, 12, 64)]
 QUICK_SWIGLU_SHAPES = [(256, 2 * 512), (4096, 2 * 1536)]
-
-
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 # perf_counter (wall time) by default. On a loaded machine, `--threads 1 --clock thread` times
@@ -53,16 +49,16 @@ def _time_round_robin(fns: dict, device: str, budget_s: float, min_reps: int = 1
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    _sync(device)
+    sync(device)
     samples = {k: [] for k in fns}
     start = time.perf_counter()
     reps = 0
     while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
         for k, fn in fns.items():
-            _sync(device)
+            sync(device)
             t0 = CLOCK()
             fn()
-            _sync(device)
+            sync(device)
             samples[k].append(CLOCK() - t0)
         reps += 1
     return {k: (statistics.median(v), min(v)) for k, v in samples.items()}

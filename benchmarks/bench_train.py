@@ -23,21 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 from gptmod_ext import _ext  # noqa: E402
 from gptmod_ext.model import GPT, GPTConfig  # noqa: E402
 from gptmod_ext.train import PEAK_FLOPS  # noqa: E402
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from common import sync  # noqa: E402
 
 
 def _timed_steps(step, device, warmup, steps):
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - t0) / steps
 
 
