@@ -14,9 +14,7 @@ GPTMOD_DEFINE_STUB(swiglu_bwd_stub, SwigluFn);
 at::Tensor swiglu_cpu(const at::Tensor& gate_up) {
   check_swiglu_args("swiglu", gate_up);
   const int64_t F = gate_up.size(-1) / 2;
-  auto sizes = gate_up.sizes().vec();
-  sizes.back() = F;
-  at::Tensor out = at::empty(sizes, gate_up.options());
+  at::Tensor out = swiglu_empty_out(gate_up);
   if (out.numel() == 0) return out;
   SwigluParams p{};
   const at::Tensor gu = with_row_layout(gate_up, p.gate_up_rows);

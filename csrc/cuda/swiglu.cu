@@ -86,9 +86,7 @@ bool rows_pack16(const void* base, const RowLayout& l, int n) {
 at::Tensor swiglu_cuda(const at::Tensor& gate_up) {
   check_swiglu_args("swiglu", gate_up);
   const int64_t F = gate_up.size(-1) / 2;
-  auto sizes = gate_up.sizes().vec();
-  sizes.back() = F;
-  at::Tensor out = at::empty(sizes, gate_up.options());
+  at::Tensor out = swiglu_empty_out(gate_up);
   if (out.numel() == 0) return out;
   const c10::cuda::CUDAGuard guard(gate_up.device());
   RowLayout gu_rows;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include "gptmod/rope.h"
@@ -108,6 +109,13 @@ inline void check_swiglu_args(const char* op, const at::Tensor& gate_up,
   TORCH_CHECK(grad_out->device() == gate_up.device(), op, ": grad_out is on ",
               grad_out->device(), " but gate_up is on ", gate_up.device());
   check_last_dim_contiguous(op, "grad_out", *grad_out);
+}
+
+// swiglu's output for gate_up [..., 2F]: an uninitialised [..., F] tensor like gate_up.
+inline at::Tensor swiglu_empty_out(const at::Tensor& gate_up) {
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = gate_up.size(-1) / 2;
+  return at::empty(sizes, gate_up.options());
 }
 
 // Collapses the leading dims of t (all but the last) into at most two strided row dims. Returns
