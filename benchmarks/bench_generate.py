@@ -12,13 +12,11 @@ quarter of the tokens; its row says how many.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+import _paths  # noqa: E402,F401  (python/ only when gptmod_ext is not installed)
 from gptmod_ext import _ext  # noqa: E402
 from gptmod_ext.model import GPT, GPTConfig  # noqa: E402
 from common import sync  # noqa: E402

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
+import _paths  # noqa: E402,F401  (python/ only when gptmod_ext is not installed)
 
 CONCURRENCY = [1, 4, 8, 16, 32]
 N_REQUESTS = 32
@@ -63,8 +63,11 @@ def start_server(run_dir: Path, max_batch: int, extra=()):
     import httpx
 
     port = _free_port()
+    import gptmod_ext  # the server process imports the same package as this one
+
+    pkg_parent = str(Path(gptmod_ext.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT / "python"), os.environ.get("PYTHONPATH")) if p)}
+        p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, "-m", "gptmod_ext.serve", "--ckpt", str(run_dir),
                              "--port", str(port), "--max-batch", str(max_batch),
                              "--max-queue", "256", *extra], env=env)

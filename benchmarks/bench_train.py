@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+import _paths  # noqa: E402,F401  (python/ only when gptmod_ext is not installed)
 from gptmod_ext import _ext  # noqa: E402
 from gptmod_ext.model import GPT, GPTConfig  # noqa: E402
 from gptmod_ext.train import PEAK_FLOPS  # noqa: E402

@@ -4,9 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 
 import gptmod_ext

@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from gptmod_ext import _ext, ops
+from gptmod_ext import _ext
 from gptmod_ext.model import GPT, GPTConfig, PRESETS
 from helpers import needs_ext
 

@@ -15,7 +15,6 @@ transformers is optional: it is imported only when these functions run.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 

@@ -370,7 +370,6 @@ def train(args) -> int:
 
 
 def _train(args, ddp, rank, world, device, is_main) -> int:
-    import numpy as np
 
     if args.threads:
         torch.set_num_threads(args.threads)
