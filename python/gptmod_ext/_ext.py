@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +28,12 @@ def _candidate_dirs() -> list[Path]:
         dirs.append(Path(os.environ["GPTMOD_EXT_LIB_DIR"]))
     here = Path(__file__).resolve().parent
     dirs.append(here)
+    # An editable install (pip install -e .) keeps the Python files here and installs the
+    # libraries into site-packages; the package's __path__ lists both.
+    pkg = sys.modules.get(__package__)
+    for d in getattr(pkg, "__path__", []):
+        if Path(d).resolve() != here:
+            dirs.append(Path(d))
     # A source checkout: python/gptmod_ext/ -> <repo>/build (cmake -B build).
     dirs.append(here.parent.parent / "build")
     return dirs
