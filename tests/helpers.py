@@ -12,15 +12,18 @@ from gptmod_ext import ops
 needs_ext = pytest.mark.skipif(not ops.AVAILABLE, reason="gptmod extension not built")
 
 
+# Where the gptmod_ext under test lives (site-packages in CI, python/ in a checkout): subprocesses
+# get it on PYTHONPATH so they import the same package as the test process.
+PKG_PARENT = str(Path(gptmod_ext.__file__).resolve().parent.parent)
+
 def run_capability_sweep(module, cap):
     """Runs `module.capability_sweep(cap)` in a subprocess capped by GPTMOD_CPU_CAPABILITY=cap, so
     a narrower CPU build of the kernels (DEFAULT = no SIMD extensions, AVX2) is the one tested."""
     if cap == "AVX2" and ops.cpu_capability() == "DEFAULT":
         pytest.fail("this CPU has no AVX2: the AVX2 build cannot be checked here")
     env = dict(os.environ, GPTMOD_CPU_CAPABILITY=cap)
-    pkg_root = str(Path(gptmod_ext.__file__).resolve().parent.parent)
     here = str(Path(__file__).resolve().parent)
-    env["PYTHONPATH"] = os.pathsep.join([pkg_root, here, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([PKG_PARENT, here, env.get("PYTHONPATH", "")])
     code = f"import {module}; {module}.capability_sweep({cap!r}); print('ok')"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)

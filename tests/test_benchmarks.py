@@ -19,7 +19,11 @@ BAR_STATES = {"PASS", "FAIL", "not measured"}
 
 
 def _env():
-    path = os.pathsep.join(p for p in (str(ROOT / "python"), os.environ.get("PYTHONPATH")) if p)
+    # The same gptmod_ext as this process: the installed one in CI, the checkout's in development.
+    import gptmod_ext
+
+    pkg_parent = str(Path(gptmod_ext.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path}
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import gptmod_ext
 from gptmod_ext import ops, reference
 
 pytestmark = pytest.mark.skipif(not ops.AVAILABLE, reason="compiled ops not built")
@@ -362,8 +363,9 @@ def capability_parity(cap: str) -> None:
 def test_cpu_capability_builds(cap):
     tests_dir = Path(__file__).resolve().parent
     env = dict(os.environ, GPTMOD_CPU_CAPABILITY=cap)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(tests_dir.parent / "python"), str(tests_dir), env.get("PYTHONPATH", "")])
+    # The same gptmod_ext as this process: the installed one in CI, the checkout's in development.
+    pkg_parent = str(Path(gptmod_ext.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([pkg_parent, str(tests_dir), env.get("PYTHONPATH", "")])
     code = ("import torch; torch.manual_seed(0); import test_decode_attention as t; "
             f"t.capability_parity({cap!r}); print('ok')")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import PKG_PARENT
 
 from gptmod_ext import data as D
 from gptmod_ext import prepare as P
@@ -26,7 +27,7 @@ def run_cli(*args, capsys=None, subprocess_run=False):
     """The prepare CLI, in this process through main() (fast) or as a real subprocess."""
     argv = ["--no-progress", *args]
     if subprocess_run:
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), PYTHONWARNINGS="ignore")
+        env = dict(os.environ, PYTHONPATH=PKG_PARENT, PYTHONWARNINGS="ignore")
         return subprocess.run([sys.executable, "-m", "gptmod_ext.prepare", *argv],
                               capture_output=True, text=True, env=env, timeout=120)
     capsys.readouterr()

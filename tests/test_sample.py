@@ -14,14 +14,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from helpers import PKG_PARENT
 import torch
 
 from gptmod_ext import GPT, GPTConfig, checkpoint, sample, tokenizer
 
-PYTHON_DIR = str(Path(__file__).resolve().parents[1] / "python")
+PYTHON_DIR = PKG_PARENT  # the gptmod_ext under test (installed in CI)
 TEXT = "the cat sat on the mat. 你好世界! café 🙂 the dog ran far. "
 PROG_ERROR = f"{sample.PROG}: error: "
 

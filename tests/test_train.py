@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import PKG_PARENT
 import torch
 from safetensors.torch import load_file
 
@@ -47,7 +48,7 @@ def train(capsys, *args):
 
 
 def run_subprocess(args, timeout=180, launcher=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), PYTHONWARNINGS="ignore",
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT, PYTHONWARNINGS="ignore",
                OMP_NUM_THREADS="1")
     cmd = (launcher or [sys.executable, "-m", "gptmod_ext.train"]) + COMMON + [str(a) for a in args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -132,7 +133,7 @@ def test_exact_resume(tmp_path, capsys, data_dir):
 
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path, data_dir):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONPATH=PKG_PARENT, PYTHONWARNINGS="ignore")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "gptmod_ext.train", *COMMON, "--data", str(data_dir),
            "--out-dir", str(out), "--max-iters", "100000", "--eval-interval", "100000"]
