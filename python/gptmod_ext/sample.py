@@ -148,24 +148,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve_device(name: str):
-    import torch
+    """devices.pick_device ('auto': cuda, then mps, then cpu), with its errors as one line."""
+    from .devices import pick_device
 
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
+        return pick_device(name)
+    except RuntimeError:  # torch.device() could not parse the name
         raise SampleError(f"unknown device {name!r} (expected cpu, cuda, cuda:N, mps or "
                           "auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SampleError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SampleError(f"--device {name}: MPS is not available on this machine")
-    return device
+    except ValueError as e:  # a backend this machine does not have
+        raise SampleError(f"--device {name}: {e}") from None
 
 
 def resolve_dtype(name: str, device):
