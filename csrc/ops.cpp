@@ -1,6 +1,6 @@
 // Every schema of the gptmod namespace, in one place. Backends register implementations with
 // TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd live in
-// python/gptmod_ext/ops.py. The contracts are in design.md section 2.
+// python/gptmod_ext/ops.py. The contracts are in docs/design.md section 2.
 #include <torch/library.h>
 
 #include "gptmod/cpu_dispatch.h"

@@ -201,7 +201,7 @@ def test_torch_backend_matches_naive_float64(arch):
     m = make_model(arch, torch.float64)
     idx = torch.randint(0, 100, (2, 11))
     logits, _ = m(idx)
-    # Only the fp32 RoPE tables (design.md) keep this from matching to 1e-15.
+    # Only the fp32 RoPE tables (docs/design.md) keep this from matching to 1e-15.
     torch.testing.assert_close(logits, naive_logits(m, idx), rtol=1e-6, atol=1e-7)
     m32 = make_model(arch)
     torch.testing.assert_close(m32(idx)[0].double(), naive_logits(m32, idx), rtol=1e-4, atol=1e-5)

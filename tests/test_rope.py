@@ -1,4 +1,4 @@
-"""Tests of gptmod::rope and gptmod::rope_ (design.md section 2) on CPU, and on CUDA where present.
+"""Tests of gptmod::rope and gptmod::rope_ (docs/design.md section 2) on CPU, and on CUDA where present.
 
 Every result is compared with `ref_rope` below: float64 math written for this file from the
 contract (pair indices and the rotation formula), not the code under test.

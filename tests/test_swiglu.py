@@ -1,4 +1,4 @@
-"""Tests of gptmod::swiglu and gptmod::swiglu_backward (design.md section 2) on CPU, and on CUDA
+"""Tests of gptmod::swiglu and gptmod::swiglu_backward (docs/design.md section 2) on CPU, and on CUDA
 where present.
 
 Every result is compared with the float64 formulas below, written for this file from the contract

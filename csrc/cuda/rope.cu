@@ -1,4 +1,4 @@
-// rope / rope_ on CUDA (design.md section 2). Same indexing and math as the CPU kernel
+// rope / rope_ on CUDA (docs/design.md section 2). Same indexing and math as the CPU kernel
 // (csrc/cpu/kernels/rope_kernel.cpp); shared scalar math in gptmod/elementwise_math.h.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>

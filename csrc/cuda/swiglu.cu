@@ -1,4 +1,4 @@
-// swiglu / swiglu_backward on CUDA (design.md section 2). Same indexing and math as the CPU
+// swiglu / swiglu_backward on CUDA (docs/design.md section 2). Same indexing and math as the CPU
 // kernels (csrc/cpu/kernels/swiglu_kernel.cpp); shared scalar math in gptmod/elementwise_math.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

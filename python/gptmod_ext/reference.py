@@ -1,7 +1,7 @@
 """Pure-PyTorch implementations of every gptmod op.
 
 They serve as the `torch` backend of the model (readable, no extension needed) and as a second
-opinion in the tests. Each follows the contract of design.md section 2 exactly; they compute in
+opinion in the tests. Each follows the contract of docs/design.md section 2 exactly; they compute in
 the input dtype like eager PyTorch code would (tests feed them float64 for a reference).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// CPU kernel of rope / rope_ (design.md section 2), compiled once per CPU capability.
+// CPU kernel of rope / rope_ (docs/design.md section 2), compiled once per CPU capability.
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 

@@ -1,4 +1,4 @@
-// CPU kernels of swiglu / swiglu_backward (design.md section 2), compiled once per CPU capability.
+// CPU kernels of swiglu / swiglu_backward (docs/design.md section 2), compiled once per CPU capability.
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 

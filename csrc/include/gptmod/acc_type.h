@@ -1,5 +1,5 @@
 // Accumulation (math) type shared by the CPU kernels (csrc/cpu/kernels/*.cpp) and the CUDA
-// kernels (csrc/cuda/*.cu): fp32 math for fp32/fp16/bf16 (design.md: math in fp32), fp64 math
+// kernels (csrc/cuda/*.cu): fp32 math for fp32/fp16/bf16 (docs/design.md: math in fp32), fp64 math
 // for fp64 (gradcheck needs the full precision). A type-only trait with no code, so it can live
 // outside the per-capability inline namespace: every build sees the same definition. No torch
 // headers.
