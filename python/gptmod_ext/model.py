@@ -18,7 +18,10 @@ Two backends run the same weights and can be switched at any time with `model.ba
 Generation keeps a static KV cache (KVCache, written in place) and is tuned for the CPU case,
 where decoding one token is bound by per-op overhead and weight reads: the residual stream is
 kept 2-D [B·T, C] (plain matmuls), and the cached forward on CPUs multiplies by [in, out] copies
-of the weights, which PyTorch's matrix-vector product streams about twice as fast.
+of the weights (DecodeWeights), which PyTorch's matrix-vector product streams about twice as
+fast. Every layer's forward takes x and one Context (sizes, backend, RoPE tables, and for the
+cached forward the cache rows and lengths). GPT.compile_decode() switches the cached step to the
+fastest path on the device.
 
 Ideas from nanoGPT (init, layout), litgpt (config flags), gpt-fast (static KV cache) and Hugging
 Face's modeling_llama (RoPE convention, GQA head mapping); no code is copied.
@@ -165,16 +168,6 @@ def _dropout(x, p: float, training: bool):
     return F.dropout(x, p, True) if (training and p > 0) else x
 
 
-def _linear(x, layer: nn.Linear, wt: Optional[torch.Tensor] = None):
-    """layer(x) for x [N, in]; with wt = layer.weight.t().contiguous() ([in, out]) the same
-    product from that copy. PyTorch's CPU matrix-vector product streams a row-major [out, in]
-    weight at about 10 GB/s but an [in, out] one at over 20 GB/s (measured on the benchmark
-    machine), and decoding one token is bound by those weight reads: see GPT._decode_weights."""
-    if wt is None:
-        return F.linear(x, layer.weight, layer.bias)
-    return torch.mm(x, wt) if layer.bias is None else torch.addmm(layer.bias, x, wt)
-
-
 class KVCache:
     """Static K/V buffers for cached generation, allocated once and written in place.
 
@@ -215,11 +208,86 @@ def _as_slice(rows) -> slice:
     raise TypeError(f"rows must be None, an int or a slice (views of the cache), got {type(rows)}")
 
 
+class DecodeWeights:
+    """[in, out] copies of a model's Linear weights, the CPU cached forward's fast path.
+
+    PyTorch's CPU matrix-vector product streams a row-major [out, in] weight at about 10 GB/s
+    but an [in, out] one at over 20 GB/s (measured on the benchmark machine), and decoding one
+    token is bound by those weight reads. `DecodeWeights.of(model)` makes them on first use and
+    remakes them when a weight changes (data pointer, in-place version counter or dtype), e.g.
+    after training steps; they take as much memory as the Linear weights themselves.
+    """
+
+    def __init__(self, layers: list[nn.Linear]):
+        self.key = self._key(layers)
+        with torch.no_grad():
+            self.t = {id(lin): lin.weight.detach().t().contiguous() for lin in layers}
+
+    @staticmethod
+    def _key(layers):
+        return tuple((lin.weight.data_ptr(), lin.weight._version, lin.weight.dtype) for lin in layers)
+
+    @classmethod
+    def of(cls, model: "GPT") -> Optional["DecodeWeights"]:
+        """model's up-to-date copies (cached on model._decode_weights), or None off the CPU or
+        with model.cpu_decode_copies = False (GPU matmuls do not care)."""
+        if model.device.type != "cpu" or not model.cpu_decode_copies:
+            model._decode_weights = None
+            return None
+        layers = [lin for b in model.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
+                                                     b.mlp.c_proj)] + [model.lm_head]
+        cur = model._decode_weights
+        if cur is None or cur.key != cls._key(layers):
+            model._decode_weights = cur = cls(layers)
+        return cur
+
+    def linear(self, x, layer: nn.Linear):
+        wt = self.t[id(layer)]
+        return torch.mm(x, wt) if layer.bias is None else torch.addmm(layer.bias, x, wt)
+
+
+@dataclass
+class Context:
+    """What the layers of one forward pass share besides the residual stream x [B·T, C].
+
+    The training/evaluation forward sets only the first fields. The cached forward adds the
+    cache: layer i writes its new keys/values at rows lens_before[b] + t of cache rows `rows`,
+    then its queries attend to rows < lens_after[b] (see CausalSelfAttention.cached_attention).
+    """
+    B: int                                   # sequences
+    T: int                                   # new tokens of each
+    backend: str                             # 'ext' | 'torch'
+    cos: Optional[torch.Tensor] = None       # RoPE tables [block_size, D/2], fp32 (None: learned)
+    sin: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None  # int [B, T] absolute positions; None: 0..T-1
+    cache: Optional["KVCache"] = None        # None: the uncached (training) forward
+    rows: slice = dataclasses.field(default_factory=lambda: slice(None))  # their cache rows
+    lens_before: Optional[torch.Tensor] = None  # int32 [B]: cached rows before this forward
+    lens_after: Optional[torch.Tensor] = None   # lens_before + T
+    weights: Optional[DecodeWeights] = None  # CPU cached forward: the faster weight layout
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s K and V caches [B, S_max, Hkv, D] for this forward's rows."""
+        if self.rows == slice(None):
+            return self.cache.k[layer], self.cache.v[layer]
+        # One indexing of the buffer, not a view of the view cache.k[layer]: inductor replays
+        # a view chain of one buffer's aliases wrongly (v came out with 0 rows under compile).
+        buf = self.cache.buffer
+        return buf[layer, 0, self.rows], buf[layer, 1, self.rows]
+
+    def linear(self, x, layer: nn.Linear):
+        """layer(x) for x [N, in], from the decode weight layout when this forward has one."""
+        if self.weights is None:
+            return F.linear(x, layer.weight, layer.bias)
+        return self.weights.linear(x, layer)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention with grouped K/V heads: query head h reads KV head h // (Hq / Hkv)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
+        self.layer = layer  # which of the KV cache's layers this one reads and writes
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.use_rope = config.pos_emb == "rope"
         self.interleaved = config.rope_interleaved
@@ -234,54 +302,52 @@ class CausalSelfAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def _rope(self, x, backend, cos, sin, positions):
-        if backend == "ext":
-            return torch.ops.gptmod.rope(x, cos, sin, positions, self.interleaved, False)
-        return reference.rope(x, cos, sin, positions, self.interleaved)
+    def _rope(self, x, ctx: Context):
+        if ctx.backend == "ext":
+            return torch.ops.gptmod.rope(x, ctx.cos, ctx.sin, ctx.positions, self.interleaved, False)
+        return reference.rope(x, ctx.cos, ctx.sin, ctx.positions, self.interleaved)
 
-    def forward(self, x, B: int, T: int, backend: str, cos=None, sin=None, positions=None, kv=None,
-                wt=None):
-        """x [B·T, C] (the 2-D residual stream of B sequences of T tokens) -> [B·T, C].
-
-        kv None: the training/evaluation forward (causal over the T tokens of x, SDPA).
-        kv = (k_cache, v_cache, lens_before, lens_after): cached forward; the new keys/values go
-        into the caches at rows lens_before[b] + t, then queries attend to rows < lens_after[b].
-        wt: None or the [in, out] copies of (c_attn, c_proj) weights (see _linear).
-        """
+    def forward(self, x, ctx: Context):
+        """x [B·T, C] (the 2-D residual stream of B sequences of T tokens) -> [B·T, C]: causal
+        over the T tokens of x (SDPA), or, in the cached forward, over the cache as well."""
+        B, T = ctx.B, ctx.T
         Hq, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         # Functional linears on the modules' weights rather than module calls: decoding one
         # token is overhead-bound, and every avoided Python layer counts.
-        qkv = _linear(x, self.c_attn, wt and wt[0])
+        qkv = ctx.linear(x, self.c_attn)
         v = qkv[..., (Hq + Hkv) * D:].view(B, T, Hkv, D)
         if self.q_norm is not None:
             q = self.q_norm(qkv[..., :Hq * D].view(B, T, Hq, D))
             k = self.k_norm(qkv[..., Hq * D:(Hq + Hkv) * D].view(B, T, Hkv, D))
             if self.use_rope:
-                q = self._rope(q, backend, cos, sin, positions)
-                k = self._rope(k, backend, cos, sin, positions)
+                q, k = self._rope(q, ctx), self._rope(k, ctx)
         else:
             # q and k heads side by side, [B, T, Hq + Hkv, D]: one RoPE call rotates both.
             qk = qkv[..., :(Hq + Hkv) * D].view(B, T, Hq + Hkv, D)
             if self.use_rope:
-                qk = self._rope(qk, backend, cos, sin, positions)
+                qk = self._rope(qk, ctx)
             q, k = qk.split([Hq, Hkv], dim=2)
 
-        if kv is None:
+        if ctx.cache is None:
             y = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                 dropout_p=self.dropout if self.training else 0.0, enable_gqa=Hkv != Hq)
             y = y.transpose(1, 2)
         else:
-            k_cache, v_cache, lens_before, lens_after = kv
-            scale = 1.0 / math.sqrt(D)
-            if backend == "ext":
-                torch.ops.gptmod.kv_cache_write(k_cache, v_cache, k, v, lens_before)
-                y = torch.ops.gptmod.decode_attention(q, k_cache, v_cache, lens_after, scale, 0.0, 0)
-            else:
-                reference.kv_cache_write(k_cache, v_cache, k, v, lens_before)
-                y = reference.decode_attention(q, k_cache, v_cache, lens_after, scale)
-        y = _linear(y.reshape(B * T, Hq * D), self.c_proj, wt and wt[1])
+            y = self.cached_attention(q, k, v, ctx)
+        y = ctx.linear(y.reshape(B * T, Hq * D), self.c_proj)
         return _dropout(y, self.dropout, self.training)
+
+    def cached_attention(self, q, k, v, ctx: Context):
+        """q [B, T, Hq, D], the new k, v [B, T, Hkv, D] -> y [B, T, Hq, D]: appends k, v to this
+        layer's cache at rows lens_before[b] + t, then attends over rows < lens_after[b]."""
+        k_cache, v_cache = ctx.kv(self.layer)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if ctx.backend == "ext":
+            torch.ops.gptmod.kv_cache_write(k_cache, v_cache, k, v, ctx.lens_before)
+            return torch.ops.gptmod.decode_attention(q, k_cache, v_cache, ctx.lens_after, scale, 0.0, 0)
+        reference.kv_cache_write(k_cache, v_cache, k, v, ctx.lens_before)
+        return reference.decode_attention(q, k_cache, v_cache, ctx.lens_after, scale)
 
 
 class MLP(nn.Module):
@@ -295,39 +361,37 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x, backend: str, wt=None):
-        h = _linear(x, self.c_fc, wt and wt[0])
+    def forward(self, x, ctx: Context):
+        h = ctx.linear(x, self.c_fc)
         if self.kind == "gelu":
             h = F.gelu(h, approximate="tanh")
-        elif backend == "ext":
+        elif ctx.backend == "ext":
             h = torch.ops.gptmod.swiglu(h)
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        h = _linear(h, self.c_proj, wt and wt[1])
+        h = ctx.linear(h, self.c_proj)
         return _dropout(h, self.dropout, self.training)
 
 
 class Block(nn.Module):
     """Pre-norm transformer block, sequential (GPT-2, Llama) or parallel (GPT-J, PaLM)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.parallel = config.parallel_block
         self.ln_1 = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         # A parallel block feeds one normalized input to both branches: no second norm.
         self.ln_2 = None if self.parallel else Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, B, T, backend, cos=None, sin=None, positions=None, kv=None, wt=None):
-        # wt: None, or [in, out] weight copies (attn c_attn, attn c_proj, mlp c_fc, mlp c_proj).
-        wa, wm = (wt[:2], wt[2:]) if wt else (None, None)
+    def forward(self, x, ctx: Context):
         if self.parallel:
             h = self.ln_1(x)
-            return x + self.attn(h, B, T, backend, cos, sin, positions, kv, wa) + self.mlp(h, backend, wm)
-        x = x + self.attn(self.ln_1(x), B, T, backend, cos, sin, positions, kv, wa)
-        return x + self.mlp(self.ln_2(x), backend, wm)
+            return x + self.attn(h, ctx) + self.mlp(h, ctx)
+        x = x + self.attn(self.ln_1(x), ctx)
+        return x + self.mlp(self.ln_2(x), ctx)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -343,7 +407,7 @@ class GPT(nn.Module):
         Vp = config.padded_vocab_size  # rows past vocab_size are never looked up nor returned
         self.wte = nn.Embedding(Vp, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
-        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
         self.lm_head = nn.Linear(config.n_embd, Vp, bias=False)
         if config.tie_embeddings:
@@ -357,8 +421,9 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._backend = "torch"
         self.backend = backend
-        self._wt, self._wt_key = None, None  # see _decode_weights
         self.cpu_decode_copies = True  # False: no [in, out] weight copies (saves their memory)
+        self._decode_weights: Optional[DecodeWeights] = None  # see DecodeWeights.of
+        self._compiled_step = None  # see compile_decode
         self.reset_parameters()
 
     # -- backend ----------------------------------------------------------------------------
@@ -453,8 +518,8 @@ class GPT(nn.Module):
                              else positions)
         return _dropout(x.view(-1, x.size(-1)), self.config.dropout, self.training)
 
-    def _logits(self, x, wt=None):
-        logits = _linear(self.ln_f(x), self.lm_head, wt)
+    def _logits(self, x, ctx: Context):
+        logits = ctx.linear(self.ln_f(x), self.lm_head)
         cap = self.config.logit_softcap
         if cap > 0:  # the same cap in training, evaluation and generation
             logits = cap * torch.tanh(logits / cap)
@@ -470,10 +535,11 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size="
                              f"{self.config.block_size}")
+        ctx = Context(B, T, self._backend, self.rope_cos, self.rope_sin)
         x = self._embed(idx)
         for block in self.h:
-            x = block(x, B, T, self._backend, self.rope_cos, self.rope_sin)
-        logits = self._logits(x).view(B, T, -1)
+            x = block(x, ctx)
+        logits = self._logits(x, ctx).view(B, T, -1)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
@@ -513,43 +579,35 @@ class GPT(nn.Module):
             raise ValueError(f"forward_cached: {T} more tokens do not fit the cache "
                              f"(max_seq_len={cache.max_seq_len}, longest row "
                              f"{int(cache.seqlens[rows].max())})")
-        return self._forward_cached(idx, cache, rows, lengths, self._decode_weights())
+        return self._step()(idx, cache, rows, lengths, DecodeWeights.of(self))
 
-    def _decode_weights(self):
-        """On CPUs, [in, out] copies of every Linear weight (per layer: c_attn, attn c_proj, c_fc,
-        mlp c_proj; then lm_head) for the cached forward, where they read twice as fast (see
-        _linear); None elsewhere (GPU matmuls do not care). Made on first use and remade when a
-        weight changes (data pointer, in-place version counter or dtype), e.g. after training
-        steps; they take as much memory as the Linear weights themselves."""
-        if self.device.type != "cpu" or not self.cpu_decode_copies:
-            self._wt, self._wt_key = None, None
-            return None
-        layers = [(b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj) for b in self.h]
-        params = [lin.weight for group in layers for lin in group] + [self.lm_head.weight]
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if key != self._wt_key:
-            with torch.no_grad():
-                t = [p.detach().t().contiguous() for p in params]
-            self._wt = ([tuple(t[4 * i:4 * i + 4]) for i in range(len(layers))], t[-1])
-            self._wt_key = key
-        return self._wt
+    def compile_decode(self) -> "GPT":
+        """Switches cached decoding (forward_cached, generate, the server's engine) to its
+        fastest path on the current device: today the cached step through torch.compile (with
+        our ops through their fake kernels). Greedy tokens stay those of the plain path; calling
+        it again changes nothing. The first calls of each new shape pay the compilation."""
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._forward_cached, dynamic=False)
+        return self
 
-    def _forward_cached(self, idx, cache, rows, lengths, wt=None):
+    def _step(self):
+        return self._forward_cached if self._compiled_step is None else self._compiled_step
+
+    def _forward_cached(self, idx, cache: KVCache, rows: slice, lengths, weights):
         # The unchecked body of forward_cached (generate checks the sizes once, up front).
-        # wt: _decode_weights() or None.
+        # weights: DecodeWeights.of(self), or None.
         b, T = idx.shape
-        whole = rows == slice(None)
-        lens_before = cache.seqlens if whole else cache.seqlens[rows]
+        lens_before = cache.seqlens if rows == slice(None) else cache.seqlens[rows]
         lens_after = lens_before + T
         if T == 1:
             positions = lens_before.view(b, 1)
         else:
             positions = lens_before.view(b, 1) + torch.arange(T, device=idx.device, dtype=torch.int32)
+        ctx = Context(b, T, self._backend, self.rope_cos, self.rope_sin, positions, cache, rows,
+                      lens_before, lens_after, weights)
         x = self._embed(idx, positions)
-        for i, block in enumerate(self.h):
-            k, v = (cache.k[i], cache.v[i]) if whole else (cache.k[i][rows], cache.v[i][rows])
-            x = block(x, b, T, self._backend, self.rope_cos, self.rope_sin, positions,
-                      (k, v, lens_before, lens_after), wt and wt[0][i])
+        for block in self.h:
+            x = block(x, ctx)
         if lengths is None:
             if T > 1:
                 x = x.view(b, T, -1)[:, -1]
@@ -558,7 +616,7 @@ class GPT(nn.Module):
             lengths = lengths.to(device=idx.device)
             x = x.view(b, T, -1)[torch.arange(b, device=idx.device), lengths.long() - 1]
             lens_before.add_(lengths.to(torch.int32))
-        return self._logits(x, wt and wt[1])
+        return self._logits(x, ctx)
 
     # -- generation -------------------------------------------------------------------------
 
@@ -605,8 +663,8 @@ class GPT(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         if use_cache:
             cache = self.new_kv_cache(B, T + max_new_tokens)
-            wt = self._decode_weights()
-            logits = self._forward_cached(tokens, cache, slice(None), lengths, wt)
+            run_step, weights = self._step(), DecodeWeights.of(self)
+            logits = run_step(tokens, cache, slice(None), lengths, weights)
         else:
             # Every step reruns the whole (right-padded) sequences: causal attention means the
             # padding after a row's last real token never changes that token's logits.
@@ -625,7 +683,7 @@ class GPT(nn.Module):
             if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
                 return
             if use_cache:
-                logits = self._forward_cached(nxt.view(B, 1), cache, slice(None), None, wt)
+                logits = run_step(nxt.view(B, 1), cache, slice(None), None, weights)
             else:
                 buf[rows, cur] = nxt
                 cur += 1
