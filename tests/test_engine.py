@@ -187,3 +187,22 @@ def test_invalid_requests_are_refused(model, tok, prompt, params, match):
     engine = Engine(model, tok, max_batch=4)
     with pytest.raises(ValueError, match=match):
         engine.submit(prompt, params, lambda ev: None)
+
+
+# -- the model API the engine relies on ------------------------------------------------------------
+def test_all_logits_and_copy_prefix_match_the_plain_forward(model, tok):
+    prompt = tok.encode("copy this prompt")
+    T = len(prompt)
+    full, _ = model(torch.tensor([prompt]))  # the uncached forward: the independent reference
+    cache = model.new_kv_cache(3, 64)
+    logits = model.forward_cached(torch.tensor([prompt]), cache, rows=0, all_logits=True)
+    assert logits.shape == (1, T, tok.vocab_size)
+    torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
+    # Rows 1 and 2 get row 0's prompt K/V: their next step equals a forward over prompt + token.
+    cache.copy_prefix(0, [1, 2], T)
+    assert cache.seqlens.tolist() == [T, T, T]
+    nxt = torch.tensor([[5], [6], [7]])
+    step = model.forward_cached(nxt, cache)
+    for row in range(3):
+        ref, _ = model(torch.tensor([prompt + [int(nxt[row, 0])]]))
+        torch.testing.assert_close(step[row], ref[0, -1], atol=1e-4, rtol=1e-4)

@@ -197,6 +197,13 @@ class KVCache:
         """Empties rows (all by default): their lengths go to 0; stale K/V are never read."""
         self.seqlens[_as_slice(rows)] = 0
 
+    def copy_prefix(self, src: int, dst: Sequence[int], length: int) -> None:
+        """Gives rows dst the first `length` K/V positions of row src, and that length: a
+        prompt prefilled once serves several sequences (n choices of one request)."""
+        for row in dst:
+            self.buffer[:, :, row, :length] = self.buffer[:, :, src, :length]
+            self.seqlens[row] = length
+
 
 def _as_slice(rows) -> slice:
     if rows is None:
@@ -561,7 +568,8 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def forward_cached(self, idx: torch.Tensor, cache: KVCache, rows: Union[None, int, slice] = None,
-                       lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       lengths: Optional[torch.Tensor] = None,
+                       all_logits: bool = False) -> torch.Tensor:
         """Appends idx [b, T] to cache rows `rows` and returns next-token logits [b, vocab_size].
 
         rows: None (every row, b = cache.batch_size), an int or a slice of the cache's rows
@@ -571,6 +579,8 @@ class GPT(nn.Module):
         lengths: int [b] or None. Row i's real tokens are idx[i, :lengths[i]] (right padding
         after them); its logits are taken at position lengths[i] - 1 and its length advances
         by lengths[i], so the next call overwrites the padding. None means all T are real.
+        all_logits: return logits [b, T, vocab_size] for every position instead (prompt
+        logprobs from the one prefill pass); padding positions hold arbitrary values.
         Raises ValueError if a row would pass cache.max_seq_len. Runs under inference_mode.
         """
         rows = _as_slice(rows)
@@ -579,7 +589,7 @@ class GPT(nn.Module):
             raise ValueError(f"forward_cached: {T} more tokens do not fit the cache "
                              f"(max_seq_len={cache.max_seq_len}, longest row "
                              f"{int(cache.seqlens[rows].max())})")
-        return self._step()(idx, cache, rows, lengths, DecodeWeights.of(self))
+        return self._step()(idx, cache, rows, lengths, DecodeWeights.of(self), all_logits)
 
     def compile_decode(self) -> "GPT":
         """Switches cached decoding (forward_cached, generate, the server's engine) to its
@@ -593,7 +603,7 @@ class GPT(nn.Module):
     def _step(self):
         return self._forward_cached if self._compiled_step is None else self._compiled_step
 
-    def _forward_cached(self, idx, cache: KVCache, rows: slice, lengths, weights):
+    def _forward_cached(self, idx, cache: KVCache, rows: slice, lengths, weights, all_logits=False):
         # The unchecked body of forward_cached (generate checks the sizes once, up front).
         # weights: DecodeWeights.of(self), or None.
         b, T = idx.shape
@@ -609,14 +619,16 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x, ctx)
         if lengths is None:
-            if T > 1:
+            if T > 1 and not all_logits:
                 x = x.view(b, T, -1)[:, -1]
             lens_before.copy_(lens_after)
         else:
             lengths = lengths.to(device=idx.device)
-            x = x.view(b, T, -1)[torch.arange(b, device=idx.device), lengths.long() - 1]
+            if not all_logits:
+                x = x.view(b, T, -1)[torch.arange(b, device=idx.device), lengths.long() - 1]
             lens_before.add_(lengths.to(torch.int32))
-        return self._logits(x, ctx)
+        logits = self._logits(x, ctx)
+        return logits.view(b, T, -1) if all_logits else logits
 
     # -- generation -------------------------------------------------------------------------
 

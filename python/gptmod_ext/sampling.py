@@ -1,17 +1,19 @@
-"""Turning next-token logits into tokens: temperature, top-k, top-p, min-p, greedy.
+"""Turning next-token logits into tokens: penalties, logit bias, temperature, top-k, top-p,
+min-p, greedy.
 
 Plain functions on logits [B, V], shared by GPT.generate, the sampler and the server. Every
 parameter is either one number for the whole batch or a tensor [B] with one value per row
 (a server batches requests with different settings); a filter whose value is None or "off"
 (top_k <= 0, top_p >= 1, min_p <= 0) leaves the row unchanged. Filtered-out tokens get -inf.
 
-Order, as in Hugging Face and vLLM: temperature, then top-k, then top-p, then min-p.
+Order, as in Hugging Face and vLLM: penalties and logit bias (apply_penalties), then
+temperature, then top-k, then top-p, then min-p.
 Randomness comes only from the torch.Generator passed in (or one per row), never from the
 global RNG, so the same seed gives the same tokens.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -77,6 +79,35 @@ def min_p_filter(logits: torch.Tensor, min_p: Param) -> torch.Tensor:
     # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p): no softmax needed.
     threshold = logits.amax(dim=-1, keepdim=True) + _per_row(min_p, logits).log()
     return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_penalties(logits: torch.Tensor, counts: Optional[torch.Tensor] = None,
+                    seen: Optional[torch.Tensor] = None, presence_penalty: Param = None,
+                    frequency_penalty: Param = None, repetition_penalty: Param = None,
+                    logit_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """OpenAI's and vLLM's logit adjustments, applied before temperature: logits [B, V] -> [B, V].
+
+    logit_bias [B, V] (or [V]) is added first. repetition_penalty r (vLLM's, over `seen`: a bool
+    [B, V] of the prompt's and the generated tokens) divides positive logits of seen tokens by r
+    and multiplies negative ones by r. frequency_penalty f and presence_penalty p (OpenAI's,
+    over `counts`: [B, V] how often each token was generated) subtract f * count and p * (count
+    > 0). Penalties are numbers or [B] tensors; 0 (1 for repetition) or None is off.
+    """
+    logits = logits.float()
+    if logit_bias is not None:
+        logits = logits + logit_bias.to(logits.device, torch.float32)
+    if repetition_penalty is not None and seen is not None \
+            and not _is_off(repetition_penalty, lambda r: r == 1.0):
+        r = _per_row(repetition_penalty, logits)
+        scaled = torch.where(logits > 0, logits / r, logits * r)
+        logits = torch.where(seen.to(logits.device), scaled, logits)
+    if counts is not None:
+        c = counts.to(logits.device, torch.float32)
+        if not _is_off(frequency_penalty, lambda f: f == 0):
+            logits = logits - _per_row(frequency_penalty, logits) * c
+        if not _is_off(presence_penalty, lambda p: p == 0):
+            logits = logits - _per_row(presence_penalty, logits) * (c > 0).float()
+    return logits
 
 
 def process_logits(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = None,
