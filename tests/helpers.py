@@ -28,3 +28,20 @@ def run_capability_sweep(module, cap):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def train_steps(model, data, steps, batch=8, seq_len=48, lr=1e-2):
+    """AdamW on random windows of the 1-D token tensor `data` (the global RNG picks them), so
+    that a tiny model's greedy continuations become real text."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        i = torch.randint(0, len(data) - seq_len - 1, (batch,))
+        x = torch.stack([data[j:j + seq_len] for j in i])
+        y = torch.stack([data[j + 1:j + seq_len + 1] for j in i])
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model

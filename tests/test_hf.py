@@ -123,3 +123,64 @@ def test_from_hf_refuses_unsupported_checkpoints():
                      activation_function="relu")
     with pytest.raises(ValueError, match="activation_function"):
         hf.from_hf(GPT2LMHeadModel(cfg))
+
+
+# -- our tokenizers as transformers tokenizers ---------------------------------------------------
+
+CORPUS = ("def add(a, b):\n    return a + b  # sum\n\nclass Point:\n\tx: int = 0\n"
+          "The quick brown fox jumps over the lazy dog. It's 2024, isn't it? "
+          "naïve café Größe 你好世界 🙂 1234567 12 4096, we'll see: the dog's bone...\n\n") * 20
+HELD_OUT = [
+    "for i in range(10):\n\tif i % 2:\n\t\tprint(f'{i:>4}')  # odd\n",
+    "a    b\t\t\tc \t \t d      \n\n\n   \t", "line one\r\nline two\r\n\r\n\rx",
+    "Ελληνικά, русский, 日本語のテキスト, עברית, ﷽", "🙂👍🏽👨‍👩‍👧 🇫🇷 ok",
+    "\u00a0nbsp\u3000wide\u2028sep\u200bzw\x0bvt\x0cff\x00nul", "I'll've DON'T 1234567 3.14159",
+    "end<|endoftext|>start", "", " ", "\n",
+]
+
+
+def random_texts(n, seed=0):
+    """Strings drawn from a pool that mixes ASCII, whitespace kinds, letters of several
+    scripts, digits and emoji, to hit the split pattern's corners."""
+    import random
+    pool = list("ab Z9_'.,;:(){}\t\n\r  \u00a0\u3000é中🙂ß\u0301\u05d0-+*/\\\"") + ["'s", "'LL", "<|endoftext|>"]
+    rng = random.Random(seed)
+    return ["".join(rng.choice(pool) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+def our_tokenizer(kind):
+    from gptmod_ext import tokenizer
+    if kind == "bytes":
+        return tokenizer.byte_tokenizer()
+    bpe = tokenizer.train_bpe([CORPUS], 400)
+    if kind == "bpe":
+        return bpe
+    # GPT-2's files need the network: its split pattern over our ranks stands in for them.
+    from tiktoken_ext.openai_public import r50k_pat_str
+    return tokenizer.Tokenizer("gpt2", "gpt2", r50k_pat_str, bpe.mergeable_ranks,
+                               bpe.special_tokens)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "bytes", "gpt2"])
+def test_to_hf_tokenizer_same_ids_as_tiktoken(kind):
+    ours = our_tokenizer(kind)
+    theirs = hf.to_hf_tokenizer(ours, model_max_length=64)
+    assert len(theirs) == ours.vocab_size and theirs.model_max_length == 64
+    assert theirs.eos_token_id == ours.eot_id == theirs.bos_token_id
+    if kind != "bytes":
+        assert len(ours.encode(CORPUS)) < len(CORPUS.encode()) / 2  # real merges are exercised
+    for s in HELD_OUT + random_texts(300):
+        ids = theirs.encode(s)
+        assert ids == ours.encode(s), repr(s)  # tiktoken's encoding is the reference
+        assert theirs.decode(ids) == s, repr(s)
+    ids = theirs.encode("x<|endoftext|>")
+    assert ids[-1] == ours.eot_id and theirs.decode(ids, skip_special_tokens=True) == "x"
+
+
+def test_to_hf_tokenizer_refuses_ids_it_cannot_keep():
+    from gptmod_ext import tokenizer
+    byte = tokenizer.byte_tokenizer()
+    gap = tokenizer.Tokenizer("bytes", "gap", byte.pattern, byte.mergeable_ranks,
+                              {tokenizer.EOT: 300})  # the converter would number it 256
+    with pytest.raises(ValueError, match="differ"):
+        hf.to_hf_tokenizer(gap)

@@ -4,6 +4,9 @@
                                       config.json and *.safetensors (nothing is downloaded)
   to_hf(model) -> transformers model  LlamaForCausalLM for the modern architecture,
                                       GPT2LMHeadModel for the GPT-2 one
+  to_hf_tokenizer(tok)                our tokenizer as a PreTrainedTokenizerFast, same ids
+  save_hf(model, tok, dir)            both as a folder transformers loads on its own (what
+                                      `python -m gptmod_ext.export` writes)
 
 The modern architecture maps onto Llama one to one: RoPE with HF's half-split convention
 (rotate_half, same as ours), RMSNorm, SwiGLU (HF's separate gate/up projections become our fused
@@ -15,6 +18,11 @@ transformers is optional: it is imported only when these functions run.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -286,3 +294,147 @@ def to_hf(model: GPT, arch: Optional[str] = None, **config_overrides):
     hf_model = cls(hf_config)
     hf_model.load_state_dict({k: v.contiguous() for k, v in hf.items()}, strict=True)
     return hf_model.to(device=model.device, dtype=model.dtype).eval()
+
+
+# -----------------------------------------------------------------------------------------------
+# Export: a model and its tokenizer as a folder transformers loads on its own
+
+
+def _ranks_converter():
+    """transformers' TikTokenConverter (tiktoken ranks -> a byte-level `tokenizers` BPE), fed
+    ranks held in memory instead of a .tiktoken file."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class RanksConverter(TikTokenConverter):
+        def __init__(self, ranks: dict[bytes, int], **kwargs):
+            super().__init__(vocab_file=None, **kwargs)
+            self.ranks = ranks
+
+        def load_tiktoken_bpe(self, _vocab_file) -> dict[bytes, int]:
+            return self.ranks
+
+    return RanksConverter
+
+
+def to_hf_tokenizer(tok, model_max_length: Optional[int] = None):
+    """Our tokenizer (a tokenizer.Tokenizer: bpe, bytes or gpt2) as a transformers
+    PreTrainedTokenizerFast that gives the same ids for every text, special tokens included.
+
+    The ranks become a byte-level BPE through transformers' own tiktoken converter, split by our
+    pattern; <|endoftext|> is the eos (and bos: it starts every document, as in GPT-2). Nothing
+    is cleaned up on decode, so decode(encode(s)) == s."""
+    transformers = _transformers()
+    from .tokenizer import EOT
+
+    specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
+    fast = _ranks_converter()(tok.mergeable_ranks, pattern=tok.pattern,
+                              extra_special_tokens=[name for name, _ in specials]).converted()
+    # The converter numbers tokens by rank and appends the special tokens in the order given;
+    # any other numbering (ranks with gaps, specials not right after them) would change ids.
+    wrong = [name for name, i in specials if fast.token_to_id(name) != i]
+    if fast.get_vocab_size() != tok.vocab_size or wrong:
+        raise ValueError(f"tokenizer {tok.name!r}: the converted ids differ from ours "
+                         f"({', '.join(wrong) or 'vocabulary size'})")
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=fast, bos_token=EOT, eos_token=EOT, clean_up_tokenization_spaces=False,
+        **extra)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def save_hf(model: GPT, tokenizer, directory, dtype=None, overwrite: bool = False) -> Path:
+    """Writes `model` and `tokenizer` (ours) as a Hugging Face folder that transformers loads
+    with no gptmod_ext code: config.json, model.safetensors, generation_config.json (eos =
+    <|endoftext|>), tokenizer.json and tokenizer_config.json. Returns the folder's path.
+
+    The architecture is to_hf's (Llama or GPT-2; what neither can express is a ValueError).
+    dtype: 'fp32', 'bf16', 'fp16' or a torch dtype; by default the model's. The folder is
+    written next to `directory` under a temporary name and renamed into place, so a failure
+    leaves nothing behind; an existing non-empty `directory` is a FileExistsError unless
+    overwrite=True (then it is replaced whole)."""
+    transformers = _transformers()
+    target = Path(directory)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                         f"{model.config.vocab_size} embeddings")
+    _check_target(target, overwrite)
+    eot = tokenizer.eot_id
+    hf_model = to_hf(model, bos_token_id=eot, eos_token_id=eot)
+    if dtype is not None:
+        hf_model.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    # pad = eos only here: in the model config it would become the embedding's padding_idx,
+    # whose row fine-tuning would then never update.
+    hf_model.generation_config = transformers.GenerationConfig(
+        bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+    hf_tok = to_hf_tokenizer(tokenizer, model_max_length=model.config.block_size)
+    with _staging(target) as tmp:
+        hf_model.save_pretrained(tmp)
+        hf_tok.save_pretrained(tmp)
+        _for_older_readers(tmp, model.config)
+    return target
+
+
+def _edit_json(path: Path, **entries) -> None:
+    d = json.loads(path.read_text())
+    d.update(entries)
+    path.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
+def _for_older_readers(folder: Path, c: GPTConfig) -> None:
+    """Keys that transformers 5 no longer writes but earlier releases (and the tools pinned to
+    them) read: the tokenizer class by its long-standing name (5 writes its new alias,
+    TokenizersBackend), and Llama's rope_theta at the top level (5 nests it in
+    rope_parameters; a reader that looks only at the top would fall back to 10000)."""
+    _edit_json(folder / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
+    if c.pos_emb == "rope":
+        _edit_json(folder / "config.json", rope_theta=c.rope_base)
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    """Refuses, before anything is converted, a target that cannot or may not be written."""
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty (overwrite it with --force)")
+    base = target.absolute().parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise NotADirectoryError(f"cannot write {target}: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {target}: {base} is not writable")
+
+
+@contextlib.contextmanager
+def _staging(target: Path):
+    """A fresh directory next to target to write into; on success it replaces target."""
+    target = target.absolute()
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+    try:
+        yield tmp
+        # mkdtemp and safetensors make what they create private; a model folder is not.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old", dir=target.parent))
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old is not None:
+                os.replace(old, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # parents made for a folder that never came
+            if not target.exists():
+                with contextlib.suppress(OSError):
+                    p.rmdir()

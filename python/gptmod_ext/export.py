@@ -1,0 +1,79 @@
+"""Export a run directory as a Hugging Face folder (model, tokenizer, generation config).
+
+    python -m gptmod_ext.export --ckpt out/ --out hf_dir/ [--dtype fp32|bf16|fp16] [--force]
+
+The folder loads with transformers alone (AutoModelForCausalLM / AutoTokenizer /
+pipeline("text-generation")) and with our own sampler and server (`--ckpt hf_dir`). The
+Python API behind it is gptmod_ext.hf.save_hf(model, tokenizer, dir).
+
+What it does, in the terms of the flags:
+- --ckpt: a run directory written by `python -m gptmod_ext.train` (model.safetensors,
+  config.json, tokenizer.json). Its weights are read on the CPU.
+- --out: the folder to create. It is written under a temporary name next to it and renamed
+  into place at the end, so an error leaves nothing behind. An existing non-empty folder is
+  refused unless --force, which replaces it whole.
+- --dtype: the weights' dtype in model.safetensors (default fp32, as trained).
+- The architecture follows the model: RoPE models become LlamaForCausalLM, learned positions
+  GPT2LMHeadModel; a feature neither expresses (soft-cap, QK-norm, parallel blocks, ...) is
+  refused with its name.
+- stdout: one line saying what was written. Errors: one line on stderr,
+  `python -m gptmod_ext.export: error: ...`, exit 1 (2 for usage errors); GPTMOD_DEBUG=1 shows
+  tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .sample import _first_line, _Parser  # one-line usage errors and messages, as sample's
+
+PROG = "python -m gptmod_ext.export"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Write a gptmod_ext run directory as a Hugging Face "
+                "folder (config.json, model.safetensors, generation_config.json, tokenizer.json, "
+                "tokenizer_config.json) that transformers loads without gptmod_ext.")
+    p.add_argument("--ckpt", default="out", help="run directory (default: out)")
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="dtype of the exported weights (default: fp32)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it exists and is not empty")
+    return p
+
+
+def export(ckpt, out, dtype: str = "fp32", force: bool = False) -> str:
+    """Exports run directory ckpt to out; returns a one-line description of what was written."""
+    from . import checkpoint, hf
+
+    model, tok, _ = checkpoint.load_run(ckpt, device="cpu")
+    path = hf.save_hf(model, tok, out, dtype=dtype, overwrite=force)
+    arch = "GPT2LMHeadModel" if model.config.pos_emb == "learned" else "LlamaForCausalLM"
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return (f"wrote {path}: {arch}, {params:.2f}M parameters, {dtype}, tokenizer {tok.name} "
+            f"({tok.vocab_size} ids, eos {tok.eot_id})")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from .hf import _transformers
+
+        _transformers().utils.logging.disable_progress_bar()  # stderr is for errors only
+        print(export(args.ckpt, args.out, args.dtype, args.force), flush=True)
+        return 0
+    except Exception as e:  # every failure, ours or the libraries', is one line
+        if os.environ.get("GPTMOD_DEBUG") == "1":
+            raise
+        if isinstance(e, OSError) and e.strerror and e.filename:
+            msg = f"{e.filename}: {e.strerror}"
+        else:
+            msg = _first_line(e)
+        print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

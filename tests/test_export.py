@@ -1,0 +1,315 @@
+"""`python -m gptmod_ext.export`: small runs trained here become Hugging Face folders, and
+transformers alone must reproduce our tokens, greedy text and logits from them.
+
+The loading side is a subprocess in which `import gptmod_ext` fails (sys.modules blocks it), so
+nothing of ours helps transformers read the folder. Our side is the run directory's own model
+and tiktoken tokenizer. Runs: a byte-level BPE with the modern architecture (-> Llama; exported
+fp32 through the command line and bf16) and the bytes tokenizer with the GPT-2 architecture
+(-> GPT-2). Then the folders go back through our sampler (`sample --ckpt hf_dir`), and bad input
+gets one line on stderr, exit 1 and nothing written.
+"""
+import codecs
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import PKG_PARENT, train_steps
+
+from gptmod_ext import GPT, GPTConfig, checkpoint, export, hf, sample, tokenizer
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CORPUS = ("def add(a, b):\n    return a + b  # the sum\n\nclass Point:\n\tx: int = 0\n\ty: int = 0\n"
+          "The quick brown fox jumps over the lazy dog. It's 2024, isn't it? We'll see.\r\n"
+          "naïve café, Größe, 你好世界 🙂 and the dog's bone.\n\n")
+# Held out: none of these lines is in the corpus.
+TEXTS = [
+    "for i in range(10):\n\tif i % 2:\n\t\tprint(f'{i:>4}')  # odd\n    return None\n",
+    "a    b\t\t\tc \t \t d      \n\n\n   \t", "line one\r\nline two\r\n\r\n\rx",
+    "Ελληνικά, русский, 日本語のテキスト, עברית", "emoji 🙂👍🏽👨‍👩‍👧 🇫🇷 ok🙃",
+    "\u00a0nbsp\u3000wide\u2028sep\u200bzw\x0bvt", "I'll've DON'T 1234567 3.14159",
+    "end<|endoftext|>start", " ",
+]
+PROMPTS = ["def add(", "The quick", "naïve"]
+N_NEW = 24
+
+
+def train_run(directory, tok, cfg, steps=150):
+    """A model trained on CORPUS until its greedy continuations are confident, saved as a run."""
+    torch.manual_seed(0)
+    model = train_steps(GPT(cfg), torch.tensor(tok.encode(CORPUS * 3)), steps)
+    checkpoint.save_model(directory, model, tok)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    bpe = tokenizer.train_bpe([CORPUS * 4], 320)
+    small = dict(block_size=96, n_layer=2, n_head=4, n_embd=32)
+    modern = GPTConfig(vocab_size=bpe.vocab_size, n_kv_head=1, rope_base=5000.0, **small)
+    gpt2 = GPTConfig.from_preset("gpt2", vocab_size=257, **small)
+    return {"bpe": train_run(tmp_path_factory.mktemp("run_bpe"), bpe, modern),
+            "bytes": train_run(tmp_path_factory.mktemp("run_bytes"), tokenizer.byte_tokenizer(),
+                               gpt2)}
+
+
+def env():
+    import os
+    return dict(os.environ, PYTHONPATH=PKG_PARENT, OMP_NUM_THREADS="1",
+                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    out = {"bpe": root / "bpe", "bytes": root / "bytes", "bpe_bf16": root / "bpe_bf16"}
+    r = subprocess.run([sys.executable, "-m", "gptmod_ext.export", "--ckpt", str(runs["bpe"]),
+                        "--out", str(out["bpe"])], env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"wrote {out['bpe']}: LlamaForCausalLM")
+    assert export.main(["--ckpt", str(runs["bytes"]), "--out", str(out["bytes"])]) == 0
+    assert export.main(["--ckpt", str(runs["bpe"]), "--out", str(out["bpe_bf16"]),
+                        "--dtype", "bf16"]) == 0
+    return out
+
+
+# The loading side: transformers only. Prints one JSON object per folder.
+HF_SIDE = r"""
+import json, sys
+sys.modules["gptmod_ext"] = None  # any import of ours now fails
+import torch, transformers
+torch.set_num_threads(1)
+job = json.loads(sys.stdin.read())
+result = {}
+for name, folder in job["folders"].items():
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    r = {"class": type(model).__name__, "dtype": str(model.dtype), "vocab": len(tok),
+         "eos": tok.eos_token_id, "gen_eos": model.generation_config.eos_token_id,
+         "ids": [tok.encode(s) for s in job["texts"]]}
+    r["decoded"] = [tok.decode(ids) for ids in r["ids"]]
+    r["greedy"] = []
+    for p in job["prompts"]:
+        idx = torch.tensor([tok.encode(p)])
+        with torch.no_grad():
+            out = model.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
+                                 max_new_tokens=job["n_new"])
+        r["greedy"].append(out[0, idx.shape[1]:].tolist())
+    with torch.no_grad():
+        r["logits"] = model(torch.tensor([job["logit_ids"][name]])).logits[0].float().tolist()
+    pipe = transformers.pipeline("text-generation", model=folder)
+    r["pipeline"] = pipe(job["prompts"][0], max_new_tokens=job["n_new"],
+                         do_sample=False)[0]["generated_text"]
+    result[name] = r
+result["imported_ours"] = any(k.startswith("gptmod_ext.") for k in sys.modules)
+print(json.dumps(result))
+"""
+
+
+@pytest.fixture(scope="module")
+def ours(runs):
+    loaded = {k: checkpoint.load_run(d, device="cpu") for k, d in runs.items()}
+    res = {}
+    for name, (model, tok, _) in loaded.items():
+        model.backend = "torch"
+        greedy = [model.generate([tok.encode(p)], N_NEW, temperature=0, eos_id=tok.eot_id)[0]
+                  [len(tok.encode(p)):] for p in PROMPTS]
+        res[name] = dict(model=model, tok=tok, greedy=greedy,
+                         logit_ids=tok.encode(CORPUS[:40] + TEXTS[0])[:64])
+    res["bpe_bf16"] = res["bpe"]
+    return res
+
+
+@pytest.fixture(scope="module")
+def theirs(exported, ours):
+    job = {"folders": {k: str(v) for k, v in exported.items()}, "texts": TEXTS,
+           "prompts": PROMPTS, "n_new": N_NEW,
+           "logit_ids": {k: ours[k]["logit_ids"] for k in exported}}
+    r = subprocess.run([sys.executable, "-c", HF_SIDE], input=json.dumps(job), env=env(),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result.pop("imported_ours") is False
+    return result
+
+
+@pytest.mark.parametrize("name,cls", [("bpe", "LlamaForCausalLM"), ("bytes", "GPT2LMHeadModel"),
+                                      ("bpe_bf16", "LlamaForCausalLM")])
+def test_transformers_tokenizer_same_ids(theirs, ours, name, cls):
+    t, tok = theirs[name], ours[name]["tok"]
+    assert t["class"] == cls
+    assert t["vocab"] == tok.vocab_size
+    assert t["eos"] == t["gen_eos"] == tok.eot_id
+    for s, ids, text in zip(TEXTS, t["ids"], t["decoded"]):
+        assert ids == tok.encode(s), repr(s)
+        assert text == s, repr(s)
+
+
+@pytest.mark.parametrize("name", ["bpe", "bytes"])
+def test_transformers_fp32_logits_and_greedy(theirs, ours, name):
+    t, o = theirs[name], ours[name]
+    assert t["dtype"] == "torch.float32"
+    with torch.no_grad():
+        want = o["model"](torch.tensor([o["logit_ids"]]))[0][0, :, :o["tok"].vocab_size]
+    torch.testing.assert_close(torch.tensor(t["logits"]), want, rtol=1e-4, atol=1e-4)
+    assert t["greedy"] == o["greedy"]
+    # The runs learned real continuations, which generation stops at or runs through.
+    assert any(len(g) == N_NEW for g in o["greedy"])
+    tok = o["tok"]
+    new = [i for i in o["greedy"][0] if i != tok.eot_id]
+    assert t["pipeline"] == PROMPTS[0] + tok.decode(new)
+
+
+def test_transformers_bf16_export(theirs, ours):
+    t, o = theirs["bpe_bf16"], ours["bpe"]
+    assert t["dtype"] == "torch.bfloat16"
+    model, V = o["model"], o["tok"].vocab_size
+    with torch.no_grad():
+        want = model(torch.tensor([o["logit_ids"]]))[0][0, :, :V]
+    got = torch.tensor(t["logits"])
+    scale = want.abs().max().item()
+    # bf16 keeps 8 bits of mantissa (2^-8 relative per rounding); through two layers the logits
+    # drift by about 1% of their largest value here, ours in bf16 as much as transformers.
+    torch.testing.assert_close(got, want, rtol=0, atol=0.03 * scale)
+    assert (got - want).abs().max() > 0  # the weights really are bf16
+    # Greedy in bf16 may pick a different token only where ours sees a near tie.
+    for p, g in zip(PROMPTS, t["greedy"]):
+        seq = o["tok"].encode(p) + g
+        with torch.no_grad():
+            logits = model(torch.tensor([seq[:-1]]))[0][0, :, :V]
+        steps = logits[len(seq) - len(g) - 1:]
+        chosen = steps.gather(1, torch.tensor(g)[:, None])[:, 0]
+        assert (steps.max(1).values - chosen).max() < 0.03 * scale, p
+
+
+def sample_text(capsys, ckpt, prompt):
+    code = sample.main(["--ckpt", str(ckpt), "--prompt", prompt, "--temperature", "0",
+                        "--max-new-tokens", str(N_NEW), "--backend", "torch", "-q"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+@pytest.mark.parametrize("name", ["bpe", "bytes"])
+def test_sample_reads_the_exported_folder(runs, exported, ours, capsys, name):
+    tok = ours[name]["tok"]
+    for prompt, greedy in zip(PROMPTS, ours[name]["greedy"]):
+        text = sample_text(capsys, exported[name], prompt)
+        # Cut by the token limit (no end-of-text), a last incomplete character is dropped.
+        raw = tok.decode_bytes([i for i in greedy if i != tok.eot_id])
+        new = codecs.getincrementaldecoder("utf-8")("replace").decode(
+            raw, final=tok.eot_id in greedy)
+        assert text == prompt + new + "\n"
+        assert text == sample_text(capsys, runs[name], prompt)
+
+
+def test_save_hf_python_api(runs, tmp_path):
+    model, tok, _ = checkpoint.load_run(runs["bytes"], device="cpu")
+    path = hf.save_hf(model, tok, tmp_path / "a" / "b")
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
+    back = hf.from_hf(path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    with pytest.raises(FileExistsError, match="not empty"):
+        hf.save_hf(model, tok, path)
+    hf.save_hf(model, tok, path, dtype="fp16", overwrite=True)
+    assert hf.from_hf(path).dtype == torch.float16
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+def run_export(capsys, *args):
+    code = export.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err, words):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{export.PROG}: error: ") and words in lines[0], err
+
+
+def listing(d):
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+def test_missing_and_corrupt_run(runs, tmp_path, capsys):
+    code, _, err = run_export(capsys, "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert code == 1
+    assert_one_line_error(err, "does not exist")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in runs["bpe"].iterdir():
+        data = f.read_bytes()
+        (broken / f.name).write_bytes(data[:len(data) // 2] if f.suffix == ".safetensors" else data)
+    code, _, err = run_export(capsys, "--ckpt", str(broken), "--out", str(tmp_path / "o"))
+    assert code == 1
+    assert_one_line_error(err, "corrupt or truncated")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_existing_out_needs_force(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run_export(capsys, "--ckpt", str(runs["bytes"]), "--out", str(out))
+    assert code == 1
+    assert_one_line_error(err, "--force")
+    assert listing(tmp_path) == ["out", "out/keep.txt"]
+    code, stdout, err = run_export(capsys, "--ckpt", str(runs["bytes"]), "--out", str(out),
+                                   "--force")
+    assert code == 0, err
+    assert "GPT2LMHeadModel" in stdout and "bytes" in stdout
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
+    empty = tmp_path / "empty"  # an empty folder is not in the way
+    empty.mkdir()
+    assert run_export(capsys, "--ckpt", str(runs["bytes"]), "--out", str(empty))[0] == 0
+
+
+def test_unwritable_out(runs, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_export(capsys, "--ckpt", str(runs["bytes"]), "--out", str(blocker / "hf"))
+    assert code == 1
+    assert_one_line_error(err, "file is not a directory")
+    code, _, err = run_export(capsys, "--ckpt", str(runs["bytes"]), "--out", str(blocker))
+    assert code == 1
+    assert_one_line_error(err, "not a directory")
+    assert listing(tmp_path) == ["file"]
+
+
+def test_failure_while_writing_leaves_nothing(runs, tmp_path, capsys, monkeypatch):
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "x"))
+    monkeypatch.setattr(hf, "_for_older_readers", boom)  # after every file has been written
+    for target in (tmp_path / "new" / "deeper" / "hf", tmp_path / "old"):
+        if target.name == "old":
+            target.mkdir()
+            (target / "keep.txt").write_text("mine")
+        code, _, err = run_export(capsys, "--ckpt", str(runs["bytes"]), "--out", str(target),
+                                  "--force")
+        assert code == 1
+        assert_one_line_error(err, "No space left")
+    assert listing(tmp_path) == ["old", "old/keep.txt"]  # made parents and temporaries removed
+
+
+def test_model_transformers_cannot_express(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    model, tok, _ = checkpoint.load_run(runs["bpe"], device="cpu")
+    model.config = dataclasses.replace(model.config, logit_softcap=30.0)
+    checkpoint.save_model(run, model, tok)
+    r = subprocess.run([sys.executable, "-m", "gptmod_ext.export", "--ckpt", str(run), "--out",
+                        str(tmp_path / "hf")], env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and r.stdout == ""
+    assert_one_line_error(r.stderr, "soft-cap")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
