@@ -12,48 +12,16 @@ bandwidth of the same bytes ((read + write) / time) as a ceiling.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import gptmod_ext  # noqa: F401  (loads the ops)
-from common import sync
+from common import time_round_robin
 
 HQ, HKV, D = 12, 4, 64
 LENGTHS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 BATCHES = (1, 8)
-
-
-def bench_interleaved(fns: dict, device: str, min_time: float = 0.3, max_iters: int = 100) -> dict:
-    """Median seconds per call of each fn, measured round-robin (one call of each per round), so
-    a load change on a shared machine hits every candidate alike and the ratios stay fair."""
-    for fn in fns.values():
-        for _ in range(2):
-            fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for fn in fns.values():
-        fn()
-    sync(device)
-    one_round = max(time.perf_counter() - t0, 1e-6)
-    rounds = int(min(max_iters, max(7, min_time / one_round)))
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end) * 1e-3)
-            else:
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def eager_attention(q, k, v, scale):
@@ -114,7 +82,8 @@ def run(device: str = "cpu", dtypes=("float32",), quick: bool = False,
                         fns["compile"] = lambda: compiled(qt, kt, vt, scale)
                     except Exception:  # noqa: BLE001 - inductor unavailable: leave the column out
                         compiled = None
-                t = bench_interleaved(fns, device)
+                t = {k: v["median_s"] for k, v in time_round_robin(
+                    fns, device, warmup=2, budget_s=0.3, min_repeats=7, max_repeats=100).items()}
                 for name in ("ours", "sdpa_gqa", "sdpa_repeat", "copy"):
                     row[f"{name}_ms"] = t[name] * 1e3
                 row["compile_ms"] = t["compile"] * 1e3 if "compile" in t else None

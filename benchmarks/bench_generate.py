@@ -12,27 +12,15 @@ quarter of the tokens; its row says how many.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import _paths  # noqa: E402,F401  (python/ only when gptmod_ext is not installed)
 from gptmod_ext import _ext  # noqa: E402
 from gptmod_ext.model import GPT, GPTConfig  # noqa: E402
-from common import sync  # noqa: E402
+from common import time_round_robin  # noqa: E402
 
 PROMPT_LEN = 16
-
-
-def _best_time(fn, device, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def run(device: str = "cpu", dtype: str = "float32", quick: bool = False,
@@ -83,14 +71,16 @@ def run(device: str = "cpu", dtype: str = "float32", quick: bool = False,
         for gen in runs.values():
             gen(8)  # warm-up
         # Engines take turns, best of `repeats`: other load on the machine hits all of them alike.
-        secs = {name: float("inf") for name in runs}
-        ttft = dict(secs)
-        for r in range(repeats):
-            for name, gen in runs.items():
-                if r and name == "gptmod no-cache":
-                    continue  # slow, and only a point of reference: once is enough
-                secs[name] = min(secs[name], _best_time(lambda: gen(counts[name]), dev, 1))
-                ttft[name] = min(ttft[name], _best_time(lambda: gen(1), dev, 2))
+        # The no-cache run is slow and only a point of reference: timed once.
+        secs, ttft = {}, {}
+        slow = [n for n in runs if n == "gptmod no-cache"]
+        for names, reps in (([n for n in runs if n not in slow], repeats), (slow, 1)):
+            def best(n_tokens, reps):
+                t = time_round_robin({n: (lambda n=n: runs[n](n_tokens or counts[n])) for n in names},
+                                     dev, warmup=0, budget_s=0.0, min_repeats=reps, max_repeats=reps)
+                return {n: v["min_s"] for n, v in t.items()}
+            secs.update(best(None, reps))
+            ttft.update(best(1, 2 * reps))
         hf_tps = B * counts["hf generate"] / secs["hf generate"] if "hf generate" in secs else None
         for name in runs:
             tps = B * counts[name] / secs[name]

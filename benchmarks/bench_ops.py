@@ -21,14 +21,13 @@ Run: python benchmarks/bench_ops.py [--device cuda] [--quick] [--dtypes float32 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
 import gptmod_ext  # noqa: F401  (loads the ops)
-from common import sync
+from common import time_round_robin
 from gptmod_ext import rope_cache
 
 ROPE_SHAPES = [(1, 128, 12, 64), (8, 512, 12, 64), (4, 1024, 16, 128)]
@@ -43,25 +42,11 @@ QUICK_SWIGLU_SHAPES = [(256, 2 * 512), (4096, 2 * 1536)]
 CLOCK = time.perf_counter
 
 
-def _time_round_robin(fns: dict, device: str, budget_s: float, min_reps: int = 15,
-                      max_reps: int = 400, warmup: int = 3) -> dict:
-    """(median, min) seconds per call of each fn, calling them in turn until the budget is spent."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    samples = {k: [] for k in fns}
-    start = time.perf_counter()
-    reps = 0
-    while reps < max_reps and (reps < min_reps or time.perf_counter() - start < budget_s):
-        for k, fn in fns.items():
-            sync(device)
-            t0 = CLOCK()
-            fn()
-            sync(device)
-            samples[k].append(CLOCK() - t0)
-        reps += 1
-    return {k: (statistics.median(v), min(v)) for k, v in samples.items()}
+def _time(fns: dict, device: str, budget_s: float) -> dict:
+    """(median, min) seconds per call of each fn, round-robin until the budget is spent."""
+    t = time_round_robin(fns, device, warmup=3, budget_s=budget_s, min_repeats=15,
+                         max_repeats=400, clock=CLOCK)
+    return {k: (v["median_s"], v["min_s"]) for k, v in t.items()}
 
 
 def hf_rotate_half(x):
@@ -142,7 +127,7 @@ def bench_rope(shape, dtype, device, budget_s, with_compile):
            "copy": _copy_fn(nbytes, dtype, device)}
     if compiled:
         fns["compile"] = lambda: compiled(x, cos_full, sin_full)
-    rows += _rows("rope", "fwd", shape, dtype, _time_round_robin(fns, device, budget_s), nbytes,
+    rows += _rows("rope", "fwd", shape, dtype, _time(fns, device, budget_s), nbytes,
                   why)
 
     xg = x.clone().requires_grad_(True)
@@ -152,7 +137,7 @@ def bench_rope(shape, dtype, device, budget_s, with_compile):
            "copy": _copy_fn(2 * nbytes, dtype, device)}
     if compiled:
         fns["compile"] = _fwd_bwd(compiled, xg, grad, cos_full, sin_full)
-    rows += _rows("rope", "fwd+bwd", shape, dtype, _time_round_robin(fns, device, budget_s),
+    rows += _rows("rope", "fwd+bwd", shape, dtype, _time(fns, device, budget_s),
                   2 * nbytes, why)
     return rows
 
@@ -169,7 +154,7 @@ def bench_swiglu(shape, dtype, device, budget_s, with_compile):
            "copy": _copy_fn(fwd_bytes, dtype, device)}
     if compiled:
         fns["compile"] = lambda: compiled(gate_up)
-    rows += _rows("swiglu", "fwd", shape, dtype, _time_round_robin(fns, device, budget_s),
+    rows += _rows("swiglu", "fwd", shape, dtype, _time(fns, device, budget_s),
                   fwd_bytes, why)
 
     # Backward: read grad_out [rows, F] and gate_up [rows, 2F], write [rows, 2F].
@@ -181,7 +166,7 @@ def bench_swiglu(shape, dtype, device, budget_s, with_compile):
            "copy": _copy_fn(bytes_total, dtype, device)}
     if compiled:
         fns["compile"] = _fwd_bwd(compiled, xg, grad)
-    rows += _rows("swiglu", "fwd+bwd", shape, dtype, _time_round_robin(fns, device, budget_s),
+    rows += _rows("swiglu", "fwd+bwd", shape, dtype, _time(fns, device, budget_s),
                   bytes_total, why)
     return rows
 

@@ -21,18 +21,7 @@ import _paths  # noqa: E402,F401  (python/ only when gptmod_ext is not installed
 from gptmod_ext import _ext  # noqa: E402
 from gptmod_ext.model import GPT, GPTConfig  # noqa: E402
 from gptmod_ext.train import PEAK_FLOPS  # noqa: E402
-from common import sync  # noqa: E402
-
-
-def _timed_steps(step, device, warmup, steps):
-    for _ in range(warmup):
-        step()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return (time.perf_counter() - t0) / steps
+from common import time_fn  # noqa: E402
 
 
 def _make_step(forward, params, x, y, autocast):
@@ -102,7 +91,7 @@ def run(device: str = "cpu", quick: bool = False, compile: bool = True) -> list[
                 add(name, None, f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
                 continue
         step = _make_step(lambda idx: fwd(idx)[0], model.parameters(), x, y, autocast)
-        add(name, _timed_steps(step, dev, warmup, steps), note)
+        add(name, time_fn(step, dev, warmup, 0.0, steps, steps)["median_s"], note)
         del model, fwd, step
 
     try:
@@ -111,7 +100,7 @@ def run(device: str = "cpu", quick: bool = False, compile: bool = True) -> list[
         model.load_state_dict(init)
         hf = to_hf(model).train()
         step = _make_step(lambda idx: hf(input_ids=idx).logits, hf.parameters(), x, y, autocast)
-        add("HF LlamaForCausalLM", _timed_steps(step, dev, warmup, steps),
+        add("HF LlamaForCausalLM", time_fn(step, dev, warmup, 0.0, steps, steps)["median_s"],
             f"attn={hf.config._attn_implementation}")
     except ImportError as e:
         add("HF LlamaForCausalLM", None, f"skipped: {e}")

@@ -1,6 +1,7 @@
 """Shared pieces of the benchmark suites: timing, the machine description, result files, plots.
 
-Timing rules (every suite should follow them, and `time_fn` / `time_round_robin` implement them):
+Timing rules (every suite follows them; `time_round_robin` implements them, `time_fn` is its
+one-function case, and no suite has a timing loop of its own):
   - warm-up calls first, never timed (allocator, caches, lazy init, compilation);
   - each call timed on its own and the *median* reported (the minimum too: on a shared machine it
     shows the undisturbed cost);
@@ -34,44 +35,14 @@ def _summary(samples: list[float]) -> dict:
     return {"median_s": statistics.median(samples), "min_s": min(samples), "n": len(samples)}
 
 
-def time_fn(fn, device="cpu", warmup: int = 3, min_time: float = 0.2, min_repeats: int = 5,
-            max_repeats: int = 200) -> dict:
-    """{median_s, min_s, n} of single calls of fn, after `warmup` untimed calls.
-
-    The repeat count adapts to the call's cost: enough calls to fill about `min_time` seconds,
-    between `min_repeats` and `max_repeats`.
-    """
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    one = max(time.perf_counter() - t0, 1e-7)
-    n = int(min(max_repeats, max(min_repeats, min_time / one)))
-    if str(device).startswith("cuda"):
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for s, e in zip(starts, ends):
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        return _summary([s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)])
-    samples = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return _summary(samples)
-
-
 def time_round_robin(fns: dict, device="cpu", warmup: int = 3, budget_s: float = 1.0,
-                     min_repeats: int = 10, max_repeats: int = 400) -> dict:
+                     min_repeats: int = 10, max_repeats: int = 400, clock=time.perf_counter) -> dict:
     """{name: {median_s, min_s, n}}: one call of each fn per round, rounds until the budget is spent.
 
-    A neighbour that slows the machine for a moment slows every implementation alike, so the
-    ratios between them stay meaningful.
+    The one timing loop of the suites. A neighbour that slows the machine for a moment slows
+    every implementation alike, so the ratios between them stay meaningful. `clock` times CPU
+    calls (time.thread_time leaves out the time the thread waits for a core); on a GPU each
+    call is bracketed by CUDA events instead. min_repeats == max_repeats gives a fixed count.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -90,9 +61,9 @@ def time_round_robin(fns: dict, device="cpu", warmup: int = 3, budget_s: float =
                 e.record()
                 samples[k].append((s, e))
             else:
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
-                samples[k].append(time.perf_counter() - t0)
+                samples[k].append(clock() - t0)
         rounds += 1
         if cuda and rounds % 50 == 0:
             torch.cuda.synchronize()  # keeps the budget check honest: the GPU has caught up
@@ -100,6 +71,14 @@ def time_round_robin(fns: dict, device="cpu", warmup: int = 3, budget_s: float =
     if cuda:
         samples = {k: [s.elapsed_time(e) * 1e-3 for s, e in v] for k, v in samples.items()}
     return {k: _summary(v) for k, v in samples.items()}
+
+
+def time_fn(fn, device="cpu", warmup: int = 3, min_time: float = 0.2, min_repeats: int = 5,
+            max_repeats: int = 200, clock=time.perf_counter) -> dict:
+    """{median_s, min_s, n} of single calls of fn after `warmup` untimed calls: enough calls to
+    fill about `min_time` seconds, between `min_repeats` and `max_repeats`."""
+    return time_round_robin({"fn": fn}, device, warmup, min_time, min_repeats, max_repeats,
+                            clock)["fn"]
 
 
 def copy_bandwidth(device="cpu", nbytes: int = 256 << 20, min_time: float = 0.5) -> dict:
