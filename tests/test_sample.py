@@ -19,7 +19,7 @@ import pytest
 from helpers import PKG_PARENT
 import torch
 
-from gptmod_ext import GPT, GPTConfig, checkpoint, sample, tokenizer
+from gptmod_ext import GPT, GPTConfig, _ext, checkpoint, sample, tokenizer
 
 PYTHON_DIR = PKG_PARENT  # the gptmod_ext under test (installed in CI)
 TEXT = "the cat sat on the mat. 你好世界! café 🙂 the dog ran far. "
@@ -52,7 +52,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-    model, tok, _ = checkpoint.load_run(run_dir, device="cpu")
+    model, tok, _ = checkpoint.load_model(run_dir, device="cpu", backend="torch")
     return model, tok
 
 
@@ -205,7 +205,7 @@ def test_num_samples_one_batch_each_row_stops_on_its_own(run_dir, loaded):
 
 
 def test_ext_backend_same_greedy_text(run_dir, loaded, capsys):
-    if sample.ext_missing_ops(torch.device("cpu")):
+    if _ext.ext_unavailable_reason("cpu"):
         pytest.skip("the compiled ops are not built for the CPU")
     code, out, err = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "the c",
                               "--temperature", "0", "--max-new-tokens", "60", "--backend", "ext")

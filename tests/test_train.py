@@ -95,7 +95,7 @@ def test_loss_decreases_and_run_dir(tmp_path, capsys, data_dir):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["step"] == 60 and cfg["model"]["n_layer"] == 1
     assert cfg["train"]["max_iters"] == 60 and cfg["tokenizer"]["kind"] == "bpe"
-    model, tok, config = C.load_run(out, device="cpu")
+    model, tok, config = C.load_model(out, device="cpu")
     assert not model.training and tok.vocab_size == 512
     text = tok.decode(model.generate(torch.tensor([[tok.eot_id]]), 10, temperature=0)[0].tolist())
     assert isinstance(text, str)
@@ -197,6 +197,21 @@ def test_bad_inputs(tmp_path, capsys, data_dir, monkeypatch):
     one_error_line(err, "n_embd=30")
 
 
+def test_cpu_only_build_with_device_cuda(tmp_path, capsys, data_dir, monkeypatch):
+    # A torch that sees a GPU, a gptmod_ext built without CUDA: the one message of
+    # _ext.resolve_backend for an explicit --backend ext (see test_devices.py for the others).
+    from gptmod_ext import _ext
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_ext, "AVAILABLE", True)
+    monkeypatch.setattr(_ext, "LOAD_ERROR", None)
+    monkeypatch.setattr(_ext, "CUDA_LOADED", False)
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", tmp_path / "o", "--device", "cuda",
+                    "--dtype", "float32", "--backend", "ext")
+    assert rc == 1
+    one_error_line(err, "backend 'ext' cannot run on cuda", "no CUDA kernels")
+    assert not (tmp_path / "o").exists()
+
+
 def test_corrupt_checkpoints(tmp_path, capsys, data_dir):
     out = tmp_path / "run"
     rc, err = train(capsys, "--data", data_dir, "--out-dir", out, "--max-iters", 4,
@@ -219,16 +234,16 @@ def test_corrupt_checkpoints(tmp_path, capsys, data_dir):
     assert rc == 1
     one_error_line(err, "model.safetensors is corrupt or truncated")
     with pytest.raises(C.CheckpointError, match="corrupt or truncated"):
-        C.load_run(out, device="cpu")
+        C.load_model(out, device="cpu")
     (out / "model.safetensors").write_bytes(weights)
-    C.load_run(out, device="cpu")  # whole again
+    C.load_model(out, device="cpu")  # whole again
 
 
-def test_load_run_errors(tmp_path, capsys, data_dir):
+def test_load_model_errors(tmp_path, capsys, data_dir):
     with pytest.raises(C.CheckpointError, match="does not exist"):
-        C.load_run(tmp_path / "missing")
+        C.load_model(tmp_path / "missing")
     with pytest.raises(C.CheckpointError, match="holds no model.safetensors"):
-        C.load_run(tmp_path)
+        C.load_model(tmp_path)
     out = tmp_path / "run"
     rc, err = train(capsys, "--data", data_dir, "--out-dir", out, "--max-iters", 2,
                     "--eval-interval", 2, "--sample-tokens", 0)
@@ -237,15 +252,15 @@ def test_load_run_errors(tmp_path, capsys, data_dir):
     cfg["model"]["n_layer"] = 2
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(C.CheckpointError, match="does not match the weights.*missing h.1"):
-        C.load_run(out, device="cpu")
+        C.load_model(out, device="cpu")
     cfg["model"]["n_layer"], cfg["model"]["n_embd"] = 1, 64
     cfg["model"]["head_dim"] = cfg["model"]["ffn_hidden"] = None
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(C.CheckpointError, match="does not match the weights.*shape"):
-        C.load_run(out, device="cpu")
+        C.load_model(out, device="cpu")
     (out / "config.json").write_text("{broken")
     with pytest.raises(C.CheckpointError, match="config.json is corrupt"):
-        C.load_run(out, device="cpu")
+        C.load_model(out, device="cpu")
 
 
 def _tiny_model(**kw):
@@ -267,15 +282,15 @@ def test_tied_weights_and_compiled_model_round_trip(tmp_path):
     keys = load_file(tmp_path / "model.safetensors").keys()
     assert not any("_orig_mod" in k for k in keys)
     assert "wte.weight" in keys and "lm_head.weight" not in keys  # stored once
-    model, tok, cfg = C.load_run(tmp_path, device="cpu")
+    model, tok, cfg = C.load_model(tmp_path, device="cpu", backend="torch")
     assert model.lm_head.weight is model.wte.weight  # still tied after loading
     x = torch.randint(0, 256, (2, 16))
     torch.testing.assert_close(model(x)[0], tied.eval()(x)[0], rtol=0, atol=0)
-    assert cfg["train"] == {"note": "test"} and tok.kind == "bytes"
+    assert cfg.config["train"] == {"note": "test"} and tok.kind == "bytes"
 
     untied = _tiny_model()
     C.save_model(tmp_path / "u", untied, byte_tokenizer())
-    model, _, _ = C.load_run(tmp_path / "u", device="cpu", dtype="bfloat16")
+    model, _, _ = C.load_model(tmp_path / "u", device="cpu", dtype="bfloat16")
     assert model.lm_head.weight.dtype == torch.bfloat16
     for k, v in untied.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k].float(), v, rtol=1e-2, atol=1e-2)

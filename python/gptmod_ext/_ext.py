@@ -5,6 +5,9 @@ source checkout's build/ directory for development builds):
   libgptmod_cpu.so   every schema plus the CPU kernels
   libgptmod_cuda.so  the CUDA kernels (only in CUDA builds)
 They are plain libraries loaded with torch.ops.load_library: they use no Python C API.
+
+`resolve_backend(requested, device)` is the only place that decides whether the `ext` backend
+can run on a device; train, sample, serve and the GPT.backend setter all ask it.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -83,3 +87,47 @@ def require() -> None:
     """Raises ExtensionNotAvailable with the reason when the compiled ops cannot be used."""
     if not AVAILABLE:
         raise ExtensionNotAvailable(LOAD_ERROR)
+
+
+def ext_unavailable_reason(device: torch.device | str) -> str | None:
+    """Why the ext ops cannot run on device, or None when they can.
+
+    The CPU library carries every schema and every CPU kernel; the CUDA kernels come only with
+    libgptmod_cuda.so (design.md §2: each library has a kernel for every op), so what is loaded
+    answers the question without asking the dispatcher.
+    """
+    if not AVAILABLE:
+        return LOAD_ERROR
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return None
+    if kind == "cuda":
+        if CUDA_LOADED:
+            return None
+        return (f"this gptmod_ext build has no CUDA kernels (no libgptmod_cuda.so loaded from "
+                f"{LIB_DIR}); build it with CUDA or use the torch backend")
+    return f"gptmod_ext has no kernels for {kind} devices; use the torch backend"
+
+
+class Backend(NamedTuple):
+    name: str           # 'ext' or 'torch'
+    reason: str | None  # why 'auto' chose torch; None when nothing was given up
+
+
+def resolve_backend(requested: str = "auto", device: torch.device | str = "cpu") -> Backend:
+    """The one place that decides which backend runs on device.
+
+    'torch' is always possible. 'ext' runs when the ops are loaded with kernels for device,
+    otherwise ExtensionNotAvailable says why. 'auto' is 'ext' when it can run, else 'torch'
+    with the reason, for the caller to report.
+    """
+    if requested not in ("auto", "ext", "torch"):
+        raise ValueError(f"backend must be 'ext' or 'torch' (or 'auto'), got {requested!r}")
+    if requested == "torch":
+        return Backend("torch", None)
+    reason = ext_unavailable_reason(device)
+    if reason is None:
+        return Backend("ext", None)
+    if requested == "auto":
+        return Backend("torch", reason)
+    raise ExtensionNotAvailable(f"backend 'ext' cannot run on {torch.device(device)}: {reason}")

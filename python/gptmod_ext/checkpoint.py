@@ -11,8 +11,8 @@ A run directory (out/ by default) holds
 Every file is written to a temporary name and os.replace()d into place, so a crash mid-save
 leaves the previous file whole.
 
-For the sampler and server:
-    model, tok, config = checkpoint.load_run("out/", device="cuda", dtype="bfloat16")
+For the sampler and server, one loader for run directories and Hugging Face folders:
+    model, tok, info = checkpoint.load_model("out/", device="auto", dtype="auto", backend="auto")
 raises CheckpointError (a one-line message) for a missing directory, a directory without a
 model, corrupt or truncated weights, and a config that does not match the weights.
 """
@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -153,7 +153,7 @@ def read_weights(run_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return tensors, tied
 
 
-def build_model(model_config: dict):
+def model_from_config(model_config: dict):
     """GPT(GPTConfig(**model_config)), with unknown or invalid fields as CheckpointError."""
     from .model import GPT, GPTConfig
 
@@ -204,39 +204,101 @@ def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
     module.load_state_dict(tensors, strict=False)
 
 
-def _resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise CheckpointError(f"unknown dtype {dtype!r} (expected one of {', '.join(table)})")
-    return table[dtype]
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    """A Hugging Face model folder: config.json written by transformers (model_type /
+    architectures at the top level; ours nests the model under "model")."""
+    try:
+        cfg = json.loads((Path(path) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What load_model read, besides the model and the tokenizer."""
+    kind: str                   # 'run' (a run directory) or 'hf' (a Hugging Face folder)
+    path: Path
+    config: dict                # the folder's config.json as read
+    backend_note: str | None    # why backend='auto' chose torch; None when nothing was given up
+
+
+class LoadedModel(NamedTuple):
+    model: Any       # GPT in eval mode, on the device and dtype asked for, backend set
+    tokenizer: Any   # tokenizer.Tokenizer for a run, hf.HFTokenizer for a Hugging Face folder
+    info: ModelInfo
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _load_hf(path: Path):
+    from . import hf
+
+    try:
+        tok = hf.HFTokenizer(path)  # first: a folder without one fails before the weights load
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    try:
+        model = hf.from_hf(path)
+    except ImportError:  # transformers missing: its own message says what to install
+        raise
+    except Exception as e:  # unsupported architecture, corrupt or missing weights
+        raise CheckpointError(f"cannot load the Hugging Face model in {path}: "
+                              f"{_first_line(e)}") from None
+    return model, tok, json.loads((path / CONFIG_FILE).read_text())
+
+
+def _load_run_dir(path: Path):
+    config = read_config(path)
+    try:
+        tok = tokenizer_mod.load(path)
+    except tokenizer_mod.TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+    tensors, tied = read_weights(path)
+    model = model_from_config(config["model"])
+    load_weights(model, tensors, tied, f" in {path}")
+    return model, tok, config
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, backend: str = "auto") -> LoadedModel:
+    """The one model loader: a run directory or a Hugging Face folder (Llama, GPT-2).
+
+    device and dtype go through devices.pick_device / pick_dtype (None means 'auto': a GPU
+    when there is one, bfloat16 there, float32 on the CPU), backend through
+    _ext.resolve_backend ('auto': ext where it can run). Returns (model, tokenizer, info);
+    every problem with the folder, the device or the backend is a one-line CheckpointError
+    (transformers missing stays an ImportError).
+    """
+    from . import _ext
+    from .devices import pick_device, pick_dtype
+
+    path = Path(path)
+    try:  # before reading anything: a backend that cannot run fails fast
+        device = pick_device(device)
+        dtype = pick_dtype(dtype, device)
+        backend, note = _ext.resolve_backend(backend, device)
+    except (_ext.ExtensionNotAvailable, ValueError) as e:
+        raise CheckpointError(str(e)) from None
+    kind = "hf" if path.is_dir() and is_hf_dir(path) else "run"
+    model, tok, config = (_load_hf if kind == "hf" else _load_run_dir)(path)
+    try:
+        model.to(device=device, dtype=dtype)
+    except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device on a CPU-only torch
+        raise CheckpointError(f"cannot put the model on {device}: {_first_line(e)}") from None
+    model.backend = backend
+    model.eval()
+    return LoadedModel(model, tok, ModelInfo(kind, path, config, note))
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None):
-    """(model in eval mode, tokenizer, config dict) from a run directory.
-
-    device None picks CUDA when available, else the CPU; dtype None keeps the saved fp32."""
-    run_dir = Path(run_dir)
-    config = read_config(run_dir)
-    try:
-        tok = tokenizer_mod.load(run_dir)
-    except tokenizer_mod.TokenizerError as e:
-        raise CheckpointError(str(e)) from None
-    tensors, tied = read_weights(run_dir)
-    model = build_model(config["model"])
-    load_weights(model, tensors, tied, f" in {run_dir}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        model.to(device=device, dtype=_resolve_dtype(dtype))
-    except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device on a CPU-only torch
-        raise CheckpointError(f"cannot put the model on {device}: "
-                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    model.eval()
-    return model, tok, config
+    """Deprecated: load_model(run_dir, device, dtype or 'float32', backend='torch'), kept until
+    serve.py has moved to load_model. (model, tokenizer, config dict)."""
+    model, tok, info = load_model(run_dir, device, dtype or "float32", backend="torch")
+    return model, tok, info.config
 
 
 def load_train_state(run_dir: str | os.PathLike) -> dict:

@@ -7,6 +7,8 @@
   to_hf_tokenizer(tok)                our tokenizer as a PreTrainedTokenizerFast, same ids
   save_hf(model, tok, dir)            both as a folder transformers loads on its own (what
                                       `python -m gptmod_ext.export` writes)
+  HFTokenizer(path)                   a folder's transformers tokenizer behind our tokenizer
+                                      interface (checkpoint.load_model uses it)
 
 The modern architecture maps onto Llama one to one: RoPE with HF's half-split convention
 (rotate_half, same as ours), RMSNorm, SwiGLU (HF's separate gate/up projections become our fused
@@ -199,6 +201,36 @@ def from_hf(model_or_path, block_size: Optional[int] = None, dtype: Optional[tor
     if missing or unexpected:
         raise ValueError(f"from_hf: weights do not match: missing {missing}, unexpected {unexpected}")
     return model.to(dtype or src_dtype).eval()
+
+
+class HFTokenizer:
+    """A transformers tokenizer of a local folder behind the encode/decode/eot_id interface of
+    ours (checkpoint.load_model returns it for Hugging Face folders). It has no decode_bytes,
+    so streaming.TextStreamer streams it by re-decoding."""
+
+    FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not any((path / f).is_file() for f in self.FILES):
+            raise ValueError(f"{path} holds no tokenizer files ({', '.join(self.FILES)}); "
+                             "save one there with tokenizer.save_pretrained()")
+        transformers = _transformers()
+        transformers.logging.set_verbosity_error()
+        try:
+            self.hf = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:  # transformers raises many types for unusable files
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"cannot load the tokenizer in {path}: {msg}") from None
+        self.eot_id = self.hf.eos_token_id
+        self.bos_id = self.hf.bos_token_id
+        self.vocab_size = len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=True)
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
 # -----------------------------------------------------------------------------------------------

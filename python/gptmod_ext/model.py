@@ -442,11 +442,9 @@ class GPT(nn.Module):
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name not in ("ext", "torch"):
-            raise ValueError(f"backend must be 'ext' or 'torch', got {name!r}")
-        if name == "ext":
-            _ext.require()  # the loader's message: why the ops are missing and how to build them
-        self._backend = name
+        # 'auto' picks ext when it can run on the model's device; an 'ext' that cannot raises
+        # ExtensionNotAvailable with the reason (_ext.resolve_backend decides, for everyone).
+        self._backend = _ext.resolve_backend(name, self.device).name
 
     # -- init, sizes ------------------------------------------------------------------------
 

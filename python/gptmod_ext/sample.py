@@ -33,7 +33,6 @@ What it does, in the terms of the flags:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -41,6 +40,8 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from .devices import DTYPE_CHOICES, dtype_name
 
 PROG = "python -m gptmod_ext.sample"
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
            "such as \\n are understood; use --stop=STR for strings starting with '-'")
     a("--no-echo", dest="echo", action="store_false", help="do not print the prompt")
     a("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    a("--dtype", default="auto", choices=DTYPE_CHOICES,
       help="auto: bfloat16 on GPUs that support it, else float32")
     a("--backend", default="auto", choices=["auto", "ext", "torch"],
       help="ext: our compiled ops; torch: pure PyTorch; auto: ext when built (default)")
@@ -147,108 +148,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Loading
 
 
-def resolve_device(name: str):
-    """devices.pick_device ('auto': cuda, then mps, then cpu), with its errors as one line."""
-    from .devices import pick_device
-
-    try:
-        return pick_device(name)
-    except RuntimeError:  # torch.device() could not parse the name
-        raise SampleError(f"unknown device {name!r} (expected cpu, cuda, cuda:N, mps or "
-                          "auto)") from None
-    except ValueError as e:  # a backend this machine does not have
-        raise SampleError(f"--device {name}: {e}") from None
-
-
-def resolve_dtype(name: str, device):
-    import torch
-
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def is_hf_dir(path: Path) -> bool:
-    """A Hugging Face model folder: config.json written by transformers (model_type /
-    architectures at the top level; ours nests the model under "model")."""
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and ("model_type" in cfg or "architectures" in cfg)
-
-
-class HFTokenizer:
-    """A transformers tokenizer behind the encode/decode/eot_id interface of ours. It has no
-    decode_bytes, so TextStreamer streams it by re-decoding."""
-
-    FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-    def __init__(self, path: Path):
-        if not any((path / f).is_file() for f in self.FILES):
-            raise SampleError(f"{path} holds no tokenizer files ({', '.join(self.FILES)}); "
-                              "save one there with tokenizer.save_pretrained()")
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        try:
-            self.hf = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except Exception as e:  # transformers raises many types for unusable files
-            raise SampleError(f"cannot load the tokenizer in {path}: {_first_line(e)}") from None
-        self.eot_id = self.hf.eos_token_id
-        self.bos_id = self.hf.bos_token_id
-        self.vocab_size = len(self.hf)
-
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=True)
-
-    def decode(self, ids) -> str:
-        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
-
-
-EXT_OPS = ("rope", "swiglu", "kv_cache_write", "decode_attention")
-
-
-def ext_missing_ops(device) -> list[str]:
-    """The ops generation needs that the loaded extension has no kernel for on device (all
-    of them when the extension is not loaded). A build can register schemas before kernels."""
-    import torch
-
-    from . import _ext
-
-    if not _ext.AVAILABLE:
-        return list(EXT_OPS)
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    missing = []
-    for op in EXT_OPS:
-        try:
-            ok = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-                f"gptmod::{op}", key)
-        except RuntimeError:  # schema not registered
-            ok = False
-        if not ok:
-            missing.append(op)
-    return missing
-
-
-def choose_backend(name: str, device) -> str:
-    from . import _ext
-
-    if name == "torch":
-        return "torch"
-    missing = ext_missing_ops(device)
-    if name == "auto":
-        return "torch" if missing else "ext"
-    if not _ext.AVAILABLE:
-        raise SampleError(f"--backend ext: {_first_line(Exception(_ext.LOAD_ERROR))}")
-    if missing:
-        raise SampleError(f"--backend ext: this build has no {device.type} kernel for "
-                          f"{', '.join('gptmod::' + op for op in missing)}; use --backend torch")
-    return "ext"
-
-
 @dataclass
 class Loaded:
     model: object
@@ -256,39 +155,25 @@ class Loaded:
     description: str
 
 
-def load(args, device, dtype) -> Loaded:
-    """The model (eval mode, on device/dtype, backend set) and its tokenizer."""
+def load(args) -> Loaded:
+    """The model (eval mode, on --device/--dtype, --backend resolved) and its tokenizer, through
+    checkpoint.load_model (run directories and Hugging Face folders alike)."""
     from . import checkpoint
 
-    path = Path(args.ckpt)
-    backend = choose_backend(args.backend, device)
-    if path.is_dir() and is_hf_dir(path):
-        from . import hf
-
-        tok = HFTokenizer(path)
-        try:
-            model = hf.from_hf(path, dtype=dtype)
-        except ImportError:  # transformers missing: main reports its own message
-            raise
-        except Exception as e:  # unsupported architecture, corrupt or missing weights
-            raise SampleError(f"cannot load the Hugging Face model in {path}: "
-                              f"{_first_line(e)}") from None
-        model.to(device)
-        kind = "Hugging Face model"
-    else:
-        model, tok, _ = checkpoint.load_run(path, device=device, dtype=dtype)
-        kind = "run"
-    model.backend = backend  # raises the loader's message when the ext ops are missing
+    model, tok, info = checkpoint.load_model(args.ckpt, device=args.device, dtype=args.dtype,
+                                             backend=args.backend)
     if args.compile:
         import torch
 
         # Generation runs every step through _forward_cached (prefill and decode), not through
         # forward(), so that is the function to compile.
         model._forward_cached = torch.compile(model._forward_cached)
+    kind = "Hugging Face model" if info.kind == "hf" else "run"
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    desc = (f"{kind} {path}: {params:.2f}M parameters, block_size {model.config.block_size}, "
-            f"{str(dtype).replace('torch.', '')} on {device}, backend {backend}"
-            f"{', compiled' if args.compile else ''}")
+    note = f" (ext unavailable: {info.backend_note})" if info.backend_note else ""
+    desc = (f"{kind} {info.path}: {params:.2f}M parameters, block_size "
+            f"{model.config.block_size}, {dtype_name(model.dtype)} on {model.device}, backend "
+            f"{model.backend}{note}{', compiled' if args.compile else ''}")
     return Loaded(model, tok, desc)
 
 
@@ -462,10 +347,8 @@ def run(args) -> int:
     if (out.encoding or "").lower().replace("-", "") != "utf8" and hasattr(out, "reconfigure"):
         # A terminal that cannot show a character gets "?" rather than an encoding error.
         out.reconfigure(errors="replace")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
     t = time.perf_counter()
-    loaded = load(args, device, dtype)
+    loaded = load(args)
     if not args.quiet:
         print(f"loaded {loaded.description} in {time.perf_counter() - t:.2f} s", file=err,
               flush=True)

@@ -48,10 +48,12 @@ from pathlib import Path
 
 import torch
 
+from . import _ext
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import prepare as prepare_mod
 from . import tokenizer as tokenizer_mod
+from .devices import DTYPE_CHOICES, pick_device, pick_dtype
 
 DEFAULT_DATA = "data/stdlib"
 # Peak dense bf16 tensor FLOP/s by GPU name, for MFU (datasheet numbers, no sparsity).
@@ -89,11 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--beta1", type=float, default=0.9)
     a("--beta2", type=float, default=0.95)
     a("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-      help="autocast dtype; auto: bfloat16 on GPUs that support it, float32 on the CPU")
-    a("--backend", default="ext", choices=["ext", "torch"],
-      help="ext: our compiled ops (falls back to torch with a warning when missing)")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    a("--dtype", default="auto", choices=DTYPE_CHOICES,
+      help="autocast dtype; auto: bfloat16 on GPUs that support it, else float32")
+    a("--backend", default="auto", choices=["auto", "ext", "torch"],
+      help="ext: our compiled ops; torch: pure PyTorch; auto (default): ext where it can run, "
+           "else torch with a warning that says why")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--resume", action="store_true", help="continue the run in --out-dir")
     a("--stop-at", type=int, default=None,
@@ -142,20 +145,10 @@ def setup_distributed(device_arg: str):
 
 
 def resolve_device(arg: str) -> torch.device:
-    if arg == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(arg)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda but no CUDA GPU is available")
-    return dev
-
-
-def resolve_dtype(arg: str, device: torch.device) -> torch.dtype:
-    if arg == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[arg]
+    try:
+        return pick_device(arg)
+    except ValueError as e:
+        raise TrainError(f"--device: {e}") from None
 
 
 def resolve_data(args, is_main: bool, ddp: bool) -> Path:
@@ -194,7 +187,7 @@ def resolve_data(args, is_main: bool, ddp: bool) -> Path:
 
 
 # -- model and optimizer ----------------------------------------------------------------------
-def build_model(args, vocab_size: int, resume_config: dict | None):
+def build_model(args, vocab_size: int, resume_config: dict | None, device: torch.device):
     from .model import GPT, GPTConfig
 
     try:
@@ -209,13 +202,13 @@ def build_model(args, vocab_size: int, resume_config: dict | None):
         raise TrainError(f"the model's vocab_size {config.vocab_size} is smaller than the "
                          f"tokenizer's {vocab_size}")
     model = GPT(config)
-    backend = args.backend
-    if backend == "ext":
-        from . import _ext
-        if not _ext.AVAILABLE:
-            warnings.warn(f"--backend ext: {_ext.LOAD_ERROR} Falling back to --backend torch.",
-                          RuntimeWarning, stacklevel=2)
-            backend = "torch"
+    try:
+        backend, reason = _ext.resolve_backend(args.backend, device)
+    except _ext.ExtensionNotAvailable as e:
+        raise TrainError(f"--backend ext: {e}") from None
+    if reason is not None:
+        warnings.warn(f"--backend auto: {reason} Using the torch backend.", RuntimeWarning,
+                      stacklevel=2)
     model.backend = backend
     return model
 
@@ -409,7 +402,7 @@ def _train(args, ddp, rank, world, device, is_main) -> int:
         raise TrainError(f"--resume: the tokenizer of {data_dir} is not the one the run in "
                          f"{out_dir} was trained with; pass its --data")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = build_model(args, tok.vocab_size, resume_config)
+    model = build_model(args, tok.vocab_size, resume_config, device)
     if args.block_size is None:
         args.block_size = model.config.block_size
     if args.block_size > model.config.block_size:
@@ -444,7 +437,7 @@ def _train(args, ddp, rank, world, device, is_main) -> int:
         raise TrainError(f"the run in {out_dir} is already at step {start_step} "
                          f"(--max-iters {args.max_iters}); raise --max-iters to continue")
 
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = pick_dtype(args.dtype, device)
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                 else contextlib.nullcontext())
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
@@ -467,7 +460,7 @@ def _train(args, ddp, rank, world, device, is_main) -> int:
 
     metrics_path = out_dir / "metrics.jsonl"
     rows = read_metrics(metrics_path, start_step) if state is not None else []
-    train_args = {k: v for k, v in vars(args).items()}
+    train_args = {**vars(args), "backend": raw_model.backend}
     tracker = MLflowLogger(args.mlflow, args, out_dir) if is_main else MLflowLogger(None, args, out_dir)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

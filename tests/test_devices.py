@@ -1,0 +1,94 @@
+"""devices.pick_device / pick_dtype and _ext.resolve_backend: the one answer to 'which device,
+which dtype, which backend', and the same answer from the trainer, the sampler and the loader."""
+import pytest
+import torch
+
+from gptmod_ext import GPT, GPTConfig, _ext, checkpoint, devices, sample, tokenizer
+
+
+@pytest.fixture
+def cuda_build_missing(monkeypatch):
+    """A machine whose torch sees a GPU, with a gptmod_ext build that has only CPU kernels."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_ext, "AVAILABLE", True)
+    monkeypatch.setattr(_ext, "LOAD_ERROR", None)
+    monkeypatch.setattr(_ext, "CUDA_LOADED", False)
+
+
+def test_dtype_auto_rule(monkeypatch):
+    assert devices.pick_dtype("auto", "cpu") == torch.float32
+    assert devices.pick_dtype(None, "mps") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert devices.pick_dtype("auto", "cuda") == torch.bfloat16
+    assert devices.pick_dtype("auto", "cuda:1") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert devices.pick_dtype("auto", "cuda") == torch.float32  # never float16 on its own
+    assert devices.pick_dtype("BF16") is torch.bfloat16 and devices.pick_dtype("half") is torch.float16
+    assert devices.pick_dtype(torch.float64) is torch.float64
+    for name in devices.DTYPE_CHOICES[1:]:
+        assert devices.pick_dtype(name) is getattr(torch, name)
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        devices.pick_dtype("float8")
+
+
+def test_device_names():
+    assert devices.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        devices.pick_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            devices.pick_device("cuda:0")
+
+
+def test_resolve_backend_on_the_cpu(monkeypatch):
+    assert _ext.resolve_backend("torch", "cpu") == ("torch", None)
+    with pytest.raises(ValueError, match="'ext' or 'torch'"):
+        _ext.resolve_backend("cuda", "cpu")
+    if _ext.AVAILABLE:  # the CPU library has every CPU kernel
+        assert _ext.resolve_backend("auto", "cpu") == ("ext", None)
+        assert _ext.resolve_backend("ext", torch.device("cpu")) == ("ext", None)
+    monkeypatch.setattr(_ext, "AVAILABLE", False)
+    monkeypatch.setattr(_ext, "LOAD_ERROR", "ops missing: build them")
+    assert _ext.resolve_backend("auto", "cpu") == ("torch", "ops missing: build them")
+    with pytest.raises(_ext.ExtensionNotAvailable, match="cannot run on cpu: ops missing"):
+        _ext.resolve_backend("ext", "cpu")
+
+
+def test_resolve_backend_cuda_needs_the_cuda_library(monkeypatch):
+    monkeypatch.setattr(_ext, "AVAILABLE", True)
+    monkeypatch.setattr(_ext, "LOAD_ERROR", None)
+    monkeypatch.setattr(_ext, "CUDA_LOADED", False)
+    name, reason = _ext.resolve_backend("auto", "cuda")
+    assert name == "torch" and "no CUDA kernels" in reason
+    with pytest.raises(_ext.ExtensionNotAvailable, match="cannot run on cuda:1: .*no CUDA kernels"):
+        _ext.resolve_backend("ext", "cuda:1")
+    name, reason = _ext.resolve_backend("auto", "mps")
+    assert name == "torch" and "mps" in reason
+    monkeypatch.setattr(_ext, "CUDA_LOADED", True)
+    assert _ext.resolve_backend("ext", "cuda") == ("ext", None)
+
+
+def test_model_backend_setter_asks_resolve_backend(monkeypatch):
+    m = GPT(GPTConfig.from_preset("tiny", vocab_size=64, n_layer=1, n_embd=32, n_head=2,
+                                  n_kv_head=1, block_size=8))
+    m.backend = "auto"
+    assert m.backend == ("ext" if _ext.AVAILABLE else "torch")
+    monkeypatch.setattr(_ext, "AVAILABLE", False)
+    monkeypatch.setattr(_ext, "LOAD_ERROR", "ops missing")
+    m.backend = "auto"
+    assert m.backend == "torch"
+
+
+def test_cpu_only_build_with_device_cuda_is_one_error_everywhere(cuda_build_missing, tmp_path,
+                                                                 capsys):
+    tok = tokenizer.byte_tokenizer()
+    checkpoint.save_model(tmp_path, GPT(GPTConfig.from_preset(
+        "tiny", vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, n_kv_head=1,
+        block_size=16)), tok)
+    want = "backend 'ext' cannot run on cuda: this gptmod_ext build has no CUDA kernels"
+    with pytest.raises(checkpoint.CheckpointError, match=want):
+        checkpoint.load_model(tmp_path, device="cuda", dtype="float32", backend="ext")
+    assert sample.main(["--ckpt", str(tmp_path), "--device", "cuda", "--dtype", "float32",
+                        "--backend", "ext", "--prompt", "x"]) == 1
+    err = capsys.readouterr().err
+    assert want in err and len(err.strip().splitlines()) == 1
