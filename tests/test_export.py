@@ -287,18 +287,22 @@ def test_unwritable_out(runs, tmp_path, capsys):
     assert listing(tmp_path) == ["file"]
 
 
-def test_failure_while_writing_leaves_nothing(runs, tmp_path, capsys, monkeypatch):
-    def boom(*a, **k):
-        raise OSError(28, "No space left on device", str(tmp_path / "x"))
-    monkeypatch.setattr(hf, "_for_older_readers", boom)  # after every file has been written
+@pytest.mark.parametrize("error,words,code", [
+    (OSError(28, "No space left on device", "x"), "No space left", 1),
+    (KeyboardInterrupt(), "interrupted", 130)])
+def test_failure_while_writing_leaves_nothing(runs, tmp_path, capsys, monkeypatch, error, words,
+                                              code):
+    def fail(*a, **k):
+        raise error
+    monkeypatch.setattr(hf, "_for_older_readers", fail)  # after every file has been written
     for target in (tmp_path / "new" / "deeper" / "hf", tmp_path / "old"):
         if target.name == "old":
             target.mkdir()
             (target / "keep.txt").write_text("mine")
-        code, _, err = run_export(capsys, "--ckpt", str(runs["bytes"]), "--out", str(target),
-                                  "--force")
-        assert code == 1
-        assert_one_line_error(err, "No space left")
+        got, _, err = run_export(capsys, "--ckpt", str(runs["bytes"]), "--out", str(target),
+                                 "--force")
+        assert got == code
+        assert_one_line_error(err, words)
     assert listing(tmp_path) == ["old", "old/keep.txt"]  # made parents and temporaries removed
 
 
@@ -313,3 +317,18 @@ def test_model_transformers_cannot_express(runs, tmp_path, capsys):
     assert r.returncode == 1 and r.stdout == ""
     assert_one_line_error(r.stderr, "soft-cap")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_out_must_not_replace_the_run(runs, tmp_path, capsys):
+    run = tmp_path / "parent" / "run"
+    run.mkdir(parents=True)
+    for f in runs["bytes"].iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    before = listing(tmp_path)
+    for out in (run, run.parent):
+        code, _, err = run_export(capsys, "--ckpt", str(run), "--out", str(out), "--force")
+        assert code == 1
+        assert_one_line_error(err, "would replace the run directory")
+    assert listing(tmp_path) == before
+    code, _, err = run_export(capsys, "--ckpt", str(run), "--out", str(run / "hf"))
+    assert code == 0, err  # a folder inside the run is fine

@@ -23,8 +23,10 @@ What it does, in the terms of the flags:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from .sample import _first_line, _Parser  # one-line usage errors and messages, as sample's
 
@@ -48,9 +50,13 @@ def export(ckpt, out, dtype: str = "fp32", force: bool = False) -> str:
     """Exports run directory ckpt to out; returns a one-line description of what was written."""
     from . import checkpoint, hf
 
+    ckpt_dir, out_dir = Path(ckpt).resolve(), Path(out).resolve()
+    if out_dir == ckpt_dir or out_dir in ckpt_dir.parents:
+        # --force would replace the run (its training state too) with the exported folder.
+        raise ValueError(f"--out {out} would replace the run directory {ckpt}; choose another")
     model, tok, _ = checkpoint.load_run(ckpt, device="cpu")
     path = hf.save_hf(model, tok, out, dtype=dtype, overwrite=force)
-    arch = "GPT2LMHeadModel" if model.config.pos_emb == "learned" else "LlamaForCausalLM"
+    arch = json.loads((path / "config.json").read_text())["architectures"][0]
     params = sum(p.numel() for p in model.parameters()) / 1e6
     return (f"wrote {path}: {arch}, {params:.2f}M parameters, {dtype}, tokenizer {tok.name} "
             f"({tok.vocab_size} ids, eos {tok.eot_id})")
@@ -58,14 +64,20 @@ def export(ckpt, out, dtype: str = "fp32", force: bool = False) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    debug = os.environ.get("GPTMOD_DEBUG") == "1"
     try:
         from .hf import _transformers
 
         _transformers().utils.logging.disable_progress_bar()  # stderr is for errors only
         print(export(args.ckpt, args.out, args.dtype, args.force), flush=True)
         return 0
+    except KeyboardInterrupt:  # save_hf has removed its temporary folder on the way out
+        if debug:
+            raise
+        print(f"{PROG}: error: interrupted", file=sys.stderr, flush=True)
+        return 130
     except Exception as e:  # every failure, ours or the libraries', is one line
-        if os.environ.get("GPTMOD_DEBUG") == "1":
+        if debug:
             raise
         if isinstance(e, OSError) and e.strerror and e.filename:
             msg = f"{e.filename}: {e.strerror}"
