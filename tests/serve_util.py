@@ -36,10 +36,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerUrl(str):
+    """The base URL of a live server; .proc is its subprocess.Popen."""
+    proc: subprocess.Popen
+
+
 @contextlib.contextmanager
 def live_server(run_dir: Path, *args: str, timeout: float = 90.0):
-    """Runs `python -m gptmod_ext.serve` on a free localhost port; yields its base URL and
-    always shuts it down."""
+    """Runs `python -m gptmod_ext.serve` on a free localhost port; yields its base URL (a
+    ServerUrl, with the process as .proc) and always shuts it down."""
     import httpx
 
     port = free_port()
@@ -54,7 +59,8 @@ def live_server(run_dir: Path, *args: str, timeout: float = 90.0):
         [sys.executable, "-m", "gptmod_ext.serve", "--ckpt", str(run_dir), "--host", "127.0.0.1",
          "--port", str(port), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    url = ServerUrl(f"http://127.0.0.1:{port}")
+    url.proc = proc
     try:
         deadline = time.time() + timeout
         while True:
@@ -99,3 +105,26 @@ def expected_text(tok, ids, truncated: bool) -> str:
     if truncated:
         data = _strip_incomplete_char(data)
     return data.decode("utf-8", errors="replace")
+
+
+def greedy(ref, prompt_ids, max_tokens, stop=()):
+    """(text, completion token count, finish_reason) of the prompt run alone through
+    model.generate, greedy: what the server must answer. ref is (model, tokenizer)."""
+    model, tok = ref
+    ids = model.generate([prompt_ids], max_tokens, temperature=0, eos_id=tok.eot_id)[0][len(prompt_ids):]
+    for k in range(1, len(ids) + 1 if stop else 0):
+        text = tok.decode([t for t in ids[:k] if t != tok.eot_id])
+        hits = [text.find(s) for s in stop if s in text]
+        if hits:
+            return text[:min(hits)], k, "stop"
+    reason = "stop" if ids[-1] == tok.eot_id else "length"
+    return expected_text(tok, ids, truncated=reason == "length"), len(ids), reason
+
+
+def served_model(run_dir: Path, url: str):
+    """(model, tokenizer): the served weights loaded here, on the backend the server uses."""
+    import httpx
+
+    model, tok, _ = checkpoint.load_run(run_dir, device="cpu")
+    model.backend = httpx.get(url + "/health").json()["backend"]
+    return model, tok

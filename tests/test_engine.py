@@ -206,3 +206,84 @@ def test_all_logits_and_copy_prefix_match_the_plain_forward(model, tok):
     for row in range(3):
         ref, _ = model(torch.tensor([prompt + [int(nxt[row, 0])]]))
         torch.testing.assert_close(step[row], ref[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_batched_prefill_equals_one_request_at_a_time(model, tok):
+    # Submitted before the engine starts: all are admitted in one step and prefilled by one
+    # forward (ragged lengths); each must get what it gets alone.
+    prompts = [tok.encode("x" * k + "batched") for k in (1, 9, 3, 17, 5)]
+    engine = Engine(model, tok, max_batch=8)
+    results = [[] for _ in prompts]
+    for i, p in enumerate(prompts):
+        engine.submit(p, SamplingParams(max_tokens=12, temperature=0), results[i].append)
+    with engine:
+        deadline = time.time() + 60
+        while engine.stats()["requests_finished"] < len(prompts):
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert engine.stats()["max_prefill_batch"] == len(prompts)
+    with Engine(model, tok, max_batch=8) as alone:
+        for p, events in zip(prompts, results):
+            ids = [t for ev in events if ev.kind == "text" for t in ev.token_ids]
+            assert ids == alone.generate(p, SamplingParams(max_tokens=12, temperature=0))[1][0]
+            assert ids == reference(model, tok, p, 12, temperature=0)
+
+
+def test_long_prompt_prefilled_in_chunks_while_others_decode(model, tok):
+    with Engine(model, tok, max_batch=4, prefill_budget=4) as engine:
+        jobs = [(tok.encode("short"), SamplingParams(max_tokens=40, temperature=0)),
+                (tok.encode("a much longer prompt, " * 2), SamplingParams(max_tokens=10, temperature=0))]
+        results = run_concurrently(engine, jobs)
+    for (prompt, p), (_, ids, _, _) in zip(jobs, results):
+        assert ids[0] == reference(model, tok, prompt, p.max_tokens, temperature=0)
+
+
+def test_penalties_match_a_float64_reference(model, tok):
+    # Greedy with a frequency and presence penalty and a logit bias, against the same rule
+    # written here over the plain forward in float64.
+    prompt = tok.encode("repeat repeat")
+    bias = {int(tok.encode("e")[0]): -100.0}
+    params = SamplingParams(max_tokens=20, temperature=0, frequency_penalty=0.5,
+                            presence_penalty=0.3, logit_bias=bias, stop_at_eos=False)
+    with Engine(model, tok, max_batch=2) as engine:
+        got = engine.generate(prompt, params)[1][0]
+    seq, counts = list(prompt), torch.zeros(tok.vocab_size, dtype=torch.float64)
+    for _ in range(20):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]))[0][0, -1].double()
+        for t, b in bias.items():
+            logits[t] += b
+        logits -= 0.5 * counts + 0.3 * (counts > 0).double()
+        nxt = int(logits.argmax())
+        counts[nxt] += 1
+        seq.append(nxt)
+    assert got == seq[len(prompt):]
+    assert not set(bias) & set(got)
+
+
+def test_repetition_penalty_matches_a_float64_reference(model, tok):
+    prompt = tok.encode("abcabc")
+    with Engine(model, tok, max_batch=2) as engine:
+        got = engine.generate(prompt, SamplingParams(max_tokens=15, temperature=0,
+                                                     repetition_penalty=1.7, stop_at_eos=False))[1][0]
+    seq = list(prompt)
+    for _ in range(15):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]))[0][0, -1].double()
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[seq] = True
+        logits = torch.where(seen, torch.where(logits > 0, logits / 1.7, logits * 1.7), logits)
+        seq.append(int(logits.argmax()))
+    assert got == seq[len(prompt):]
+
+
+def test_timeout_before_any_token_is_a_504_error(model, tok):
+    engine = Engine(model, tok, max_batch=2)
+    events = []
+    engine.submit(tok.encode("late"), SamplingParams(max_tokens=5, timeout=0.0), events.append)
+    with engine:
+        deadline = time.time() + 10
+        while not events:
+            assert time.time() < deadline
+            time.sleep(0.01)
+    assert [(ev.kind, ev.status) for ev in events] == [("error", 504)]

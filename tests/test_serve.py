@@ -13,9 +13,8 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from gptmod_ext import checkpoint  # noqa: E402
 from gptmod_ext.serve import CHAT_STOP, render_chat  # noqa: E402
-from serve_util import API_KEY, expected_text, live_server, make_tiny_run  # noqa: E402
+from serve_util import API_KEY, expected_text, greedy, live_server, make_tiny_run, served_model  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -33,10 +32,7 @@ def server(run_dir):
 
 @pytest.fixture(scope="module")
 def ref(run_dir, server):
-    """The served weights, loaded here, on the backend the server uses."""
-    model, tok, _ = checkpoint.load_run(run_dir, device="cpu")
-    model.backend = httpx.get(server + "/health").json()["backend"]
-    return model, tok
+    return served_model(run_dir, server)
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +43,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def model_id(client):
     return client.models.list().data[0].id
-
-
-def greedy(ref, prompt_ids, max_tokens, stop=()):
-    """(text, completion token count, finish_reason) of the prompt run alone, greedy."""
-    model, tok = ref
-    ids = model.generate([prompt_ids], max_tokens, temperature=0, eos_id=tok.eot_id)[0][len(prompt_ids):]
-    for k in range(1, len(ids) + 1 if stop else 0):
-        text = tok.decode([t for t in ids[:k] if t != tok.eot_id])
-        hits = [text.find(s) for s in stop if s in text]
-        if hits:
-            return text[:min(hits)], k, "stop"
-    reason = "stop" if ids[-1] == tok.eot_id else "length"
-    return expected_text(tok, ids, truncated=reason == "length"), len(ids), reason
 
 
 def wait_idle(server, timeout=15.0):
@@ -229,7 +212,10 @@ def test_oversized_body(server):
     ("max_tokens", "5"), ("max_tokens", 0), ("max_tokens", 2.5), ("temperature", "hot"),
     ("temperature", -1), ("temperature", 3), ("top_p", 0), ("top_p", 1.5), ("top_k", -2),
     ("min_p", 2), ("n", 0), ("n", 99), ("seed", "x"), ("stop", 5), ("stop", ["a", 1]),
-    ("stream", "yes"), ("logprobs", 3), ("temperature", True),
+    ("stream", "yes"), ("logprobs", 21), ("logprobs", -1), ("logprobs", True),
+    ("temperature", True), ("presence_penalty", "x"), ("frequency_penalty", 3),
+    ("repetition_penalty", 0), ("logit_bias", {"99999": 1}), ("logit_bias", {"a": 1}),
+    ("logit_bias", {"5": 101}), ("logit_bias", [1]), ("echo", 1),
 ])
 def test_invalid_fields_name_the_field(server, field, value):
     err = assert_error(post(server, "/v1/completions", {"prompt": "hi", field: value}), 400,
@@ -239,10 +225,14 @@ def test_invalid_fields_name_the_field(server, field, value):
 
 @pytest.mark.parametrize("body,param", [
     ({"prompt": ""}, "prompt"), ({}, "prompt"), ({"prompt": []}, "prompt"),
-    ({"prompt": 5}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": 5}, "prompt"), ({"prompt": ["a", ""]}, "prompt[1]"),
+    ({"prompt": [[1, 2], []]}, "prompt[1]"), ({"prompt": [[1], [1, 999]]}, "prompt[1]"),
+    ({"prompt": ["a", 5]}, "prompt"),
 ])
 def test_bad_prompts(server, body, param):
-    assert_error(post(server, "/v1/completions", body), 400, param=param)
+    # A bad prompt inside a list fails the whole request, naming its index.
+    err = assert_error(post(server, "/v1/completions", body), 400, param="prompt")
+    assert param in err["message"]
 
 
 @pytest.mark.parametrize("messages", [[], "hi", [{"role": "user"}], [{"content": "x"}],

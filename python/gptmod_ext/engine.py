@@ -270,6 +270,7 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.max_batch = max_batch
         self.cache = None
+        self.max_prefill_rows = 0  # the most prompts prefilled by one forward so far
 
     def start(self) -> None:
         self.cache = self.model.new_kv_cache(self.max_batch, self.model.config.block_size)
@@ -289,6 +290,7 @@ class ModelRunner:
         Prompt logprobs of requests that asked for them are appended to request.prompt_logprobs."""
         out = {}
         for run in self._runs(chunks):
+            self.max_prefill_rows = max(self.max_prefill_rows, len(run))
             logits = self._forward_run(run)
             for r, c in enumerate(run):
                 req, n = c.request, c.end - c.start
@@ -540,7 +542,8 @@ class Engine:
             return {"max_batch": self.max_batch, "max_queue": self.max_queue,
                     "active_slots": active, "waiting_requests": len(s.waiting),
                     "decode_steps": self.steps, "max_active_seen": self.max_active_seen,
-                    "requests_finished": self.finished, "requests_cancelled": self.cancelled}
+                    "requests_finished": self.finished, "requests_cancelled": self.cancelled,
+                    "max_prefill_batch": self.runner.max_prefill_rows}
 
     # -- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:

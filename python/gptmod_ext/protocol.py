@@ -8,17 +8,19 @@ shape of a choice and of a streamed delta.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from .engine import SamplingParams
+from .engine import Event, SamplingParams
 
 CHAT_STOP = "\nuser:"
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
-MAX_STOP_STRINGS = 4
+MAX_STOP_STRINGS = 256  # lm-evaluation-harness sends a task's whole `until` list
+MAX_LOGPROBS = 20
 
 
 class ApiError(Exception):
@@ -79,14 +81,27 @@ def _stop(body) -> list[str]:
 def _unsupported(body) -> None:
     # Accepted at their neutral values (clients send them by default); anything else is refused
     # rather than silently ignored.
-    for name, neutral in (("logprobs", (None, False)), ("top_logprobs", (None, 0)),
-                          ("echo", (None, False)), ("best_of", (None, 1)), ("suffix", (None, "")),
-                          ("presence_penalty", (None, 0, 0.0)), ("frequency_penalty", (None, 0, 0.0)),
-                          ("logit_bias", (None, {})), ("tools", (None, [])),
+    for name, neutral in (("best_of", (None, 1)), ("suffix", (None, "")), ("tools", (None, [])),
                           ("response_format", (None, {"type": "text"}))):
         if name in body and body[name] not in neutral:
             raise ApiError(400, f"'{name}' is not supported by this server", param=name,
                            code="unsupported_parameter")
+
+
+def _logit_bias(body, vocab_size: int) -> dict:
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ApiError(400, "'logit_bias' must be an object {token id: bias}", param="logit_bias")
+    out = {}
+    for key, bias in v.items():
+        tok = int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else None
+        if tok is None or not 0 <= tok < vocab_size:
+            raise ApiError(400, f"'logit_bias' key {json.dumps(key)[:40]} is not a token id in "
+                                f"[0, {vocab_size})", param="logit_bias")
+        out[tok] = number({"logit_bias": bias}, "logit_bias", -100, 100, 0)
+    return out
 
 
 def _message_text(m, i) -> dict:
@@ -118,34 +133,99 @@ def parse_messages(body) -> list[dict]:
     return [_message_text(m, i) for i, m in enumerate(messages)]
 
 
-def _prompt_ids(body, tokenizer) -> list[int]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise ApiError(400, "'prompt' is empty", param="prompt")
-        return tokenizer.encode(prompt)
-    if (isinstance(prompt, list) and prompt
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-        if min(prompt) < 0 or max(prompt) >= tokenizer.vocab_size:
-            raise ApiError(400, f"'prompt' token ids must be in [0, {tokenizer.vocab_size})",
+def _one_prompt(p, where: str, tokenizer) -> list[int]:
+    if isinstance(p, str):
+        if not p:
+            raise ApiError(400, f"'{where}' is empty", param="prompt")
+        return tokenizer.encode(p)
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        if min(p) < 0 or max(p) >= tokenizer.vocab_size:
+            raise ApiError(400, f"'{where}' token ids must be in [0, {tokenizer.vocab_size})",
                            param="prompt")
-        return prompt
-    if prompt is None or prompt == []:
-        raise ApiError(400, "'prompt' is required and must not be empty", param="prompt")
-    raise ApiError(400, "'prompt' must be a string, a list with one string, or a list of "
-                        "token ids (one prompt per request)", param="prompt")
+        return p
+    if p == [] or p is None:
+        raise ApiError(400, f"'{where}' is required and must not be empty", param="prompt")
+    raise ApiError(400, f"'{where}' must be a string or a list of token ids", param="prompt")
+
+
+def prompt_list(body, tokenizer) -> list[list[int]]:
+    """OpenAI's four prompt forms: a string, a list of strings, a list of token ids, a list of
+    lists of token ids -> token id lists, one per prompt."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return [_one_prompt(p, f"prompt[{i}]", tokenizer) for i, p in enumerate(prompt)]
+    if not isinstance(prompt, (str, list)) and prompt is not None:
+        raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids "
+                            "or a list of lists of token ids", param="prompt")
+    return [_one_prompt(prompt, "prompt", tokenizer)]
+
+
+# -- token strings and logprobs ---------------------------------------------------------------
+def token_bytes(tokenizer, tok: int) -> bytes:
+    if hasattr(tokenizer, "decode_bytes"):
+        return tokenizer.decode_bytes([tok])
+    return tokenizer.decode([tok]).encode("utf-8")
+
+
+def token_str(tokenizer, tok: int) -> str:
+    """A token as text; a piece of a UTF-8 character as OpenAI writes it, 'bytes:\\xe2\\x80'."""
+    data = token_bytes(tokenizer, tok)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+class TextOffsets:
+    """Character offsets of successive tokens in the text they decode to."""
+
+    def __init__(self, tokenizer, start: int = 0):
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.offset = start
+
+    def take(self, tokens: Sequence[int]) -> list[int]:
+        out = []
+        for t in tokens:
+            out.append(self.offset)
+            self.offset += len(self._utf8.decode(token_bytes(self._tokenizer, t)))
+        return out
+
+
+def legacy_logprobs(tokenizer, entries: Sequence, offsets: list[int]) -> dict:
+    """OpenAI's completions format for TokenLogprob entries (None: a prompt's first token)."""
+    tokens, lps, tops = [], [], []
+    for e in entries:
+        if isinstance(e, tuple):  # (token id, None): nothing predicts a prompt's first token
+            tokens.append(token_str(tokenizer, e[0]))
+            lps.append(None)
+            tops.append(None)
+            continue
+        tokens.append(token_str(tokenizer, e.token))
+        lps.append(e.logprob)
+        top = {token_str(tokenizer, t): lp for t, lp in e.top}
+        top.setdefault(tokens[-1], e.logprob)  # the sampled token is always listed
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, entries: Sequence) -> dict:
+    """OpenAI's chat format: {'content': [{token, logprob, bytes, top_logprobs}]}."""
+    def one(t, lp):
+        return {"token": token_str(tokenizer, t), "logprob": lp,
+                "bytes": list(token_bytes(tokenizer, t))}
+    return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries]}
 
 
 # -- the two APIs --------------------------------------------------------------------------------
 class Api:
-    """/v1/completions: a prompt, choices with `text`."""
+    """/v1/completions: prompts, choices with `text` and legacy logprobs."""
     id_prefix, object, chunk_object, field = "cmpl-", "text_completion", "text_completion", "prompt"
     extra_stop: tuple = ()
 
-    def prompt_ids(self, body, tokenizer) -> list[int]:
-        return _prompt_ids(body, tokenizer)
+    def prompts(self, body, tokenizer) -> list[list[int]]:
+        return prompt_list(body, tokenizer)
 
     def default_max_tokens(self, room: int) -> int:
         return min(DEFAULT_COMPLETION_TOKENS, room)
@@ -153,12 +233,20 @@ class Api:
     def max_tokens_field(self, body) -> str:
         return "max_tokens"
 
-    def choice(self, i: int, text: str, finish: Optional[str]) -> dict:
-        return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+    def logprobs(self, body) -> tuple[Optional[int], bool]:
+        """(logprobs k or None, echo)."""
+        k = number(body, "logprobs", 0, MAX_LOGPROBS, None, integer=True)
+        return k, boolean(body, "echo")
+
+    def format_logprobs(self, tokenizer, entries, offsets):
+        return legacy_logprobs(tokenizer, entries, offsets)
+
+    def choice(self, i: int, text: str, finish: Optional[str], logprobs=None) -> dict:
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     def delta(self, i: int, text: Optional[str] = None, finish: Optional[str] = None,
-              role: bool = False) -> dict:
-        return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+              role: bool = False, logprobs=None) -> dict:
+        return {"index": i, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
     def opening(self, n: int) -> list[dict]:
         """Chunks that open a stream, before any text."""
@@ -170,8 +258,13 @@ class ChatApi(Api):
     id_prefix, object, chunk_object, field = "chatcmpl-", "chat.completion", "chat.completion.chunk", "messages"
     extra_stop = (CHAT_STOP,)
 
-    def prompt_ids(self, body, tokenizer) -> list[int]:
-        return tokenizer.encode(render_chat(parse_messages(body)))
+    def __init__(self, template=None):
+        self.template = template  # messages -> prompt text; None: render_chat
+
+    def prompts(self, body, tokenizer) -> list[list[int]]:
+        messages = parse_messages(body)
+        text = self.template(messages) if self.template else render_chat(messages)
+        return [tokenizer.encode(text)]
 
     def default_max_tokens(self, room: int) -> int:
         return room
@@ -180,15 +273,22 @@ class ChatApi(Api):
         return "max_completion_tokens" if body.get("max_completion_tokens") is not None \
             else "max_tokens"
 
-    def choice(self, i, text, finish) -> dict:
-        return {"index": i, "message": {"role": "assistant", "content": text},
-                "logprobs": None, "finish_reason": finish}
+    def logprobs(self, body) -> tuple[Optional[int], bool]:
+        k = number(body, "top_logprobs", 0, MAX_LOGPROBS, 0, integer=True)
+        return (k if boolean(body, "logprobs") else None), False
 
-    def delta(self, i, text=None, finish=None, role=False) -> dict:
+    def format_logprobs(self, tokenizer, entries, offsets):
+        return chat_logprobs(tokenizer, entries)
+
+    def choice(self, i, text, finish, logprobs=None) -> dict:
+        return {"index": i, "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs, "finish_reason": finish}
+
+    def delta(self, i, text=None, finish=None, role=False, logprobs=None) -> dict:
         delta = {"role": "assistant"} if role else {}
         if text is not None:
             delta["content"] = text
-        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def opening(self, n: int) -> list[dict]:
         return [self.delta(i, "", role=True) for i in range(n)]  # OpenAI opens with the role
@@ -200,8 +300,8 @@ COMPLETIONS, CHAT = Api(), ChatApi()
 # -- parsing a generation request --------------------------------------------------------------
 @dataclass
 class Job:
-    """A parsed (chat) completion request."""
-    prompt_ids: list
+    """A parsed (chat) completion request: one or more prompts, the same settings for each."""
+    prompts: list
     params: SamplingParams
     stream: bool
     include_usage: bool
@@ -216,22 +316,27 @@ def _check_model(body, model_name: str) -> None:
                             f"'{model_name}'", param="model", code="model_not_found")
 
 
-def _max_tokens(api: Api, body, n_prompt: int, block_size: int) -> int:
+def _max_tokens(api: Api, body, prompts: list, block_size: int, echo: bool) -> int:
+    where = (lambda i: f"prompt[{i}] ") if len(prompts) > 1 else (lambda i: "the prompt ")
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    n_prompt = len(prompts[longest])
+    name = api.max_tokens_field(body)
+    max_tokens = number(body, name, 0 if echo else 1, 1 << 30, None, integer=True)
     room = block_size - n_prompt
-    if room < 1:
-        raise ApiError(400, f"the prompt is {n_prompt} tokens long; the model's context is "
+    if room < 1 and not (echo and max_tokens == 0 and room == 0):
+        raise ApiError(400, f"{where(longest)}is {n_prompt} tokens long; the model's context is "
                             f"{block_size} tokens, which leaves no room to generate",
                        param=api.field, code="context_length_exceeded")
-    name = api.max_tokens_field(body)
-    max_tokens = number(body, name, 1, 1 << 30, api.default_max_tokens(room), integer=True)
+    if max_tokens is None:
+        return api.default_max_tokens(room)
     if n_prompt + max_tokens > block_size:
-        raise ApiError(400, f"the prompt ({n_prompt} tokens) plus {name} ({max_tokens}) is "
+        raise ApiError(400, f"{where(longest)}({n_prompt} tokens) plus {name} ({max_tokens}) is "
                             f"{n_prompt + max_tokens} tokens, more than the model's context of "
                             f"{block_size} tokens", param=name, code="context_length_exceeded")
     return max_tokens
 
 
-def _sampling(body, max_tokens: int, stop: list, max_batch: int) -> SamplingParams:
+def _sampling(body, max_tokens: int, stop: list, max_batch: int, vocab_size: int) -> SamplingParams:
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=number(body, "temperature", 0.0, 2.0, 1.0),
@@ -240,7 +345,11 @@ def _sampling(body, max_tokens: int, stop: list, max_batch: int) -> SamplingPara
         min_p=number(body, "min_p", 0.0, 1.0, 0.0),
         seed=number(body, "seed", -(1 << 63), (1 << 63) - 1, None, integer=True),
         n=number(body, "n", 1, max_batch, 1, integer=True),
-        stop=stop)
+        stop=stop,
+        presence_penalty=number(body, "presence_penalty", -2.0, 2.0, 0.0),
+        frequency_penalty=number(body, "frequency_penalty", -2.0, 2.0, 0.0),
+        repetition_penalty=number(body, "repetition_penalty", 0.0, 10.0, 1.0, lo_open=True),
+        logit_bias=_logit_bias(body, vocab_size))
     params.top_k = max(params.top_k, 0)  # -1 (vLLM's "off") and 0 both mean no top-k
     # An extension (as vLLM's): keep going past <|endoftext|>, for fixed-length benchmarks.
     params.stop_at_eos = not boolean(body, "ignore_eos")
@@ -248,24 +357,79 @@ def _sampling(body, max_tokens: int, stop: list, max_batch: int) -> SamplingPara
 
 
 def parse_request(body: Any, api: Api, tokenizer, block_size: int, max_batch: int,
-                  model_name: str) -> Job:
+                  model_name: str, vocab_size: Optional[int] = None) -> Job:
     """The JSON body of a (chat) completion request -> Job. Raises ApiError naming the field."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     _check_model(body, model_name)
     _unsupported(body)
     stop = _stop(body) + list(api.extra_stop)
-    ids = api.prompt_ids(body, tokenizer)
-    max_tokens = _max_tokens(api, body, len(ids), block_size)
-    params = _sampling(body, max_tokens, stop, max_batch)
+    prompts = api.prompts(body, tokenizer)
+    logprobs, echo = api.logprobs(body)
+    max_tokens = _max_tokens(api, body, prompts, block_size, echo)
+    params = _sampling(body, max_tokens, stop, max_batch, vocab_size or tokenizer.vocab_size)
+    params.logprobs, params.echo = logprobs, echo
     stream = boolean(body, "stream")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-    return Job(ids, params, stream, boolean(opts or {}, "include_usage"))
+    return Job(prompts, params, stream, boolean(opts or {}, "include_usage"))
 
 
 # -- responses -----------------------------------------------------------------------------------
+class ChoiceOutput:
+    """One choice as its events arrive: text, logprob entries, finish reason. With echo the
+    prompt's text (and its tokens' logprobs) come first."""
+
+    def __init__(self, api: Api, tokenizer, index: int, prompt_ids: list, params: SamplingParams):
+        self.api, self.tokenizer, self.index = api, tokenizer, index
+        self.prompt_ids, self.want_logprobs = prompt_ids, params.logprobs is not None
+        self.text, self.finish_reason = "", None
+        self.entries, self.pending = [], []  # all logprob entries; those not yet streamed
+        self._pending_ids: list = []
+        prompt_text = tokenizer.decode(prompt_ids) if params.echo else ""
+        self.head = prompt_text  # text not yet streamed
+        self.text = prompt_text
+        # text_offset counts from the start of the prompt's text, as OpenAI's does.
+        self._offsets = TextOffsets(tokenizer, 0 if params.echo else len(tokenizer.decode(prompt_ids)))
+
+    def on_prompt(self, ev: Event) -> None:
+        entries = [(self.prompt_ids[0], None)] + list(ev.logprobs[1:])
+        self._add(entries, self.prompt_ids)
+
+    def on_text(self, ev: Event) -> None:
+        self.text += ev.text
+        self.head += ev.text
+        if self.want_logprobs:
+            self._add(ev.logprobs, ev.token_ids)
+
+    def _add(self, entries, ids) -> None:
+        self.entries += entries
+        self.pending += entries
+        self._pending_ids += list(ids)
+
+    def _format(self, entries, ids):
+        if not self.want_logprobs:
+            return None
+        return self.api.format_logprobs(self.tokenizer, entries, self._offsets.take(ids))
+
+    def choice(self) -> dict:
+        ids = self._pending_ids
+        self._pending_ids, self.pending = [], []
+        return self.api.choice(self.index, self.text, self.finish_reason,
+                               self._format(self.entries, ids))
+
+    def delta(self, finish: bool = False) -> Optional[dict]:
+        """The chunk for what arrived since the last one (None if nothing to send)."""
+        if not self.head and not finish:  # logprobs of held-back tokens wait for their text
+            return None
+        text, self.head = self.head, ""
+        lp = self._format(self.pending, self._pending_ids) if self.pending else None
+        self.pending, self._pending_ids = [], []
+        return self.api.delta(self.index, text if text or not finish else None,
+                              self.finish_reason if finish else None, logprobs=lp)
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}

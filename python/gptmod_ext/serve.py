@@ -2,28 +2,36 @@
 
     python -m gptmod_ext.serve --ckpt out/ [--host 127.0.0.1] [--port 8000] [--max-batch 16]
                                [--max-queue 64] [--api-key KEY] [--device] [--dtype] [--backend]
+                               [--cors-origin URL] [--request-timeout S] [--shutdown-timeout S]
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET / (the playground page). The engine (engine.py) runs the model on its own thread; each
-HTTP handler submits a request and reads its events from an asyncio.Queue that the engine
-thread feeds through loop.call_soon_threadsafe.
+POST /tokenize, POST /detokenize, GET /tokenizer_info (vLLM's shapes), GET /metrics
+(Prometheus), GET / (the playground page). The engine (engine.py) runs the model on its own
+thread; each HTTP handler submits one engine request per prompt and reads their events from an
+asyncio.Queue that the engine thread feeds through loop.call_soon_threadsafe. The wire format
+(parsing, choices, chunks, logprobs) is in protocol.py.
 
 Chat: the models are base models, so messages are rendered as plain text, one line per
 message, "{role}: {content}\\n", followed by "assistant:"; generation stops at "\\nuser:"
 (added to the request's own stop strings) so the model does not write the user's next turn.
+A Hugging Face folder with a chat template uses its template instead.
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for invalid
 requests (bad JSON, a field of the wrong type or out of range, an empty prompt, prompt +
 max_tokens beyond the context), 401 for a missing or wrong API key (every route except
-/health and the static page), 404 for an unknown model name or route, 413 for a body over
---max-body-bytes (1 MB), 429 when every slot is busy and --max-queue requests already wait.
+/health, /metrics and the static page), 404 for an unknown model name or route, 413 for a body
+over --max-body-bytes (1 MB), 429 when every slot is busy and --max-queue requests already
+wait, 503 while shutting down, 504 when --request-timeout passed before any token (in a
+stream, whose headers are already sent, that error is the last event).
 """
 
 import argparse
 import asyncio
 import hmac
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,11 +47,37 @@ except ImportError as e:  # the one optional dependency group this module needs
                       f"pip install 'gptmod_ext[serve]' ({e})") from None
 
 from .engine import Engine, Event, QueueFull
-from .protocol import (CHAT, CHAT_STOP, COMPLETIONS, SSE_DONE, Api, ApiError, Job,  # noqa: F401
-                       parse_request, render_chat, response_head, sse, usage)
+from .protocol import (CHAT, CHAT_STOP, COMPLETIONS, SSE_DONE, Api, ApiError, ChatApi,  # noqa: F401
+                       ChoiceOutput, Job, parse_request, render_chat,
+                       response_head, sse, usage)
 
 MAX_BODY_BYTES = 1 << 20
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+class Metrics:
+    """The Prometheus series of one server (its own registry, so several apps can coexist)."""
+
+    def __init__(self, engine: Engine):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("gptmod_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("gptmod_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("gptmod_generation_tokens", "Tokens generated", registry=r)
+        Gauge("gptmod_num_requests_running", "Sequences holding a KV cache slot",
+              registry=r).set_function(lambda: engine.stats()["active_slots"])
+        Gauge("gptmod_num_requests_waiting", "Requests waiting for a slot",
+              registry=r).set_function(lambda: engine.stats()["waiting_requests"])
+        buckets = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+        self.ttft = Histogram("gptmod_time_to_first_token_seconds",
+                              "From submission to a choice's first token", buckets=buckets, registry=r)
+        self.itl = Histogram("gptmod_inter_token_latency_seconds",
+                             "Between successive tokens of a choice", buckets=buckets, registry=r)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+        return generate_latest(self.registry)
 
 
 @dataclass
@@ -54,7 +88,12 @@ class ServerState:
     model_name: str
     api_key: Optional[str] = None
     max_body_bytes: int = MAX_BODY_BYTES
+    request_timeout: Optional[float] = None
+    chat: ChatApi = CHAT
+    chat_template: Optional[str] = None  # the Hugging Face template string, for /tokenizer_info
     created: int = field(default_factory=lambda: int(time.time()))
+    metrics: Optional[Metrics] = None
+    draining: bool = False
 
 
 router = APIRouter()
@@ -66,7 +105,7 @@ def _state(request: Request) -> ServerState:
 
 # -- errors, auth, bodies ----------------------------------------------------------------------
 def error_response(e: ApiError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if e.status == 429 else None
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
@@ -112,23 +151,86 @@ async def read_json(request: Request) -> Any:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
 
+async def _lifecycle(request: Request, call_next):
+    """Refuses new work while draining (503); counts requests by route and status."""
+    st = _state(request)
+    path = request.url.path
+    if st.draining and path not in ("/health", "/metrics"):
+        response = error_response(ApiError(503, "the server is shutting down", "server_error",
+                                           code="shutting_down"))
+    else:
+        response = await call_next(request)
+    if st.metrics is not None and path != "/metrics":
+        route = path if path in _ROUTES else "other"
+        st.metrics.requests.labels(route, str(response.status_code)).inc()
+    return response
+
+
 # -- talking to the engine ---------------------------------------------------------------------
-def submit(engine: Engine, job: Job):
-    """Submits to the engine; returns (engine request, asyncio.Queue of its events)."""
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    try:
-        req = engine.submit(job.prompt_ids, job.params,
-                            lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
-    except QueueFull as e:
-        raise ApiError(429, f"the server is busy: {e}; retry later", "rate_limit_error",
-                       code="queue_full") from None
-    except ValueError as e:
-        raise ApiError(400, str(e)) from None
-    return req, queue
+class Submission:
+    """The engine requests of one HTTP request, one per prompt, and their merged events
+    (prompt index, Event, time it was emitted)."""
+
+    def __init__(self, st: ServerState, job: Job):
+        loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+        self.reqs, self.metrics, self.remaining = [], st.metrics, len(job.prompts)
+        self.prompt_tokens = self.completion_tokens = 0
+        self._last: dict = {}
+        if st.request_timeout is not None:
+            job.params.timeout = st.request_timeout
+        try:
+            for i, ids in enumerate(job.prompts):
+                self.reqs.append(st.engine.submit(
+                    ids, job.params, lambda ev, i=i: loop.call_soon_threadsafe(
+                        self.queue.put_nowait, (i, ev, time.perf_counter()))))
+        except QueueFull as e:
+            self.cancel()
+            raise ApiError(429, f"the server is busy: {e}; retry later", "rate_limit_error",
+                           code="queue_full") from None
+        except ValueError as e:
+            self.cancel()
+            where = f"prompt[{len(self.reqs)}]: " if len(job.prompts) > 1 else ""
+            raise ApiError(400, where + str(e), param="prompt" if where else None) from None
+
+    def cancel(self) -> None:
+        for r in self.reqs:
+            r.cancel()  # a no-op once finished; frees the slots of an abandoned request
+
+    async def next(self, request: Request):
+        """(prompt index, Event), or None once the client has gone away. An 'error' event
+        cancels the other prompts; 'done' events are summed, and only the last one is passed on."""
+        while True:
+            item = await next_event(request, self.queue)
+            if item is None:
+                return None
+            i, ev, t = item
+            self._observe(i, ev, t)
+            if ev.kind == "error":
+                self.cancel()
+            elif ev.kind == "done":
+                self.remaining -= 1
+                self.prompt_tokens += ev.prompt_tokens
+                self.completion_tokens += ev.completion_tokens
+                if self.remaining:
+                    continue
+            return i, ev
+
+    def _observe(self, i: int, ev: Event, t: float) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        if ev.kind == "text":
+            key = (i, ev.index)
+            last = self._last.get(key)
+            (m.ttft if last is None else m.itl).observe(t - (last or self.reqs[i].submitted_at))
+            self._last[key] = t
+        elif ev.kind == "done":
+            m.prompt_tokens.inc(ev.prompt_tokens)
+            m.generation_tokens.inc(ev.completion_tokens)
 
 
-async def next_event(request: Request, queue: asyncio.Queue) -> Optional[Event]:
-    """The request's next event, or None once the client has gone away. Waking up now and
+async def next_event(request: Request, queue: asyncio.Queue):
+    """The next item of queue, or None once the client has gone away. Waking up now and
     then notices a disconnect even when no token is due (a long queue wait)."""
     if not queue.empty():  # the common case while tokens flow: no task, no timer
         return queue.get_nowait()
@@ -147,6 +249,12 @@ async def next_event(request: Request, queue: asyncio.Queue) -> Optional[Event]:
             getter.cancel()
 
 
+def _event_error(ev: Event) -> ApiError:
+    if ev.status == 504:
+        return ApiError(504, ev.text, "timeout_error", code="request_timeout")
+    return ApiError(ev.status, ev.text, "server_error")
+
+
 # -- generation routes -------------------------------------------------------------------------
 @router.post("/v1/completions")
 async def completions(request: Request):
@@ -155,7 +263,7 @@ async def completions(request: Request):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    return await generate(request, CHAT)
+    return await generate(request, _state(request).chat)
 
 
 async def generate(request: Request, api: Api):
@@ -163,74 +271,144 @@ async def generate(request: Request, api: Api):
     st = _state(request)
     body = await read_json(request)
     job = parse_request(body, api, st.tokenizer, st.engine.block_size, st.engine.max_batch,
-                        st.model_name)
-    req, queue = submit(st.engine, job)
+                        st.model_name, st.engine.model.config.vocab_size)
+    sub = Submission(st, job)
+    n = job.params.n
+    outs = [ChoiceOutput(api, st.tokenizer, i * n + j, ids, job.params)
+            for i, ids in enumerate(job.prompts) for j in range(n)]
     head = response_head(api, st.model_name, job.stream)
-    if job.stream:
+    if job.stream:  # headers go out at once: a queued client knows it was accepted
         return StreamingResponse(
-            stream_events(request, api, req, queue, head, job),
+            stream_events(request, api, sub, outs, head, job),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    n = job.params.n
-    texts, reasons = [""] * n, [None] * n
+    return await collect(request, sub, outs, head, n)
+
+
+def _apply(outs: list, n: int, i: int, ev: Event) -> Optional[ChoiceOutput]:
+    """Feeds one event to its choice (every choice of prompt i for 'prompt'); returns it."""
+    if ev.kind == "prompt":
+        for j in range(n):
+            outs[i * n + j].on_prompt(ev)
+        return None
+    out = outs[i * n + ev.index]
+    if ev.kind == "text":
+        out.on_text(ev)
+    elif ev.kind == "finish":
+        out.finish_reason = ev.finish_reason
+    return out
+
+
+async def collect(request: Request, sub: Submission, outs: list, head: dict, n: int):
+    """The whole (non-streamed) response."""
     try:
         while True:
-            ev = await next_event(request, queue)
-            if ev is None:  # nobody to answer; the finally clause frees the slots
+            item = await sub.next(request)
+            if item is None:  # nobody to answer; the finally clause frees the slots
                 return Response(status_code=499)
-            if ev.kind == "text":
-                texts[ev.index] += ev.text
-            elif ev.kind == "finish":
-                reasons[ev.index] = ev.finish_reason
-            elif ev.kind == "error":
-                raise ApiError(500, ev.text, "server_error")
-            elif ev.kind == "done":
+            i, ev = item
+            if ev.kind == "error":
+                raise _event_error(ev)
+            if ev.kind == "done":
                 break
+            _apply(outs, n, i, ev)
     finally:
-        req.cancel()  # a no-op once finished; frees the slots of an abandoned request
-    choices = [api.choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))]
-    return {**head, "choices": choices, "usage": usage(ev.prompt_tokens, ev.completion_tokens)}
+        sub.cancel()
+    return {**head, "choices": [o.choice() for o in outs],
+            "usage": usage(sub.prompt_tokens, sub.completion_tokens)}
 
 
-async def stream_events(request: Request, api: Api, req, queue, head: dict, job: Job):
-    """The SSE body of a streamed (chat) completion."""
-    n = job.params.n
+async def stream_events(request: Request, api: Api, sub: Submission, outs: list, head: dict,
+                        job: Job):
+    """The SSE body of a streamed (chat) completion; the last choice to finish carries the
+    usage (or, with include_usage, a last chunk with no choices does, as OpenAI's)."""
+    n, finished, last = job.params.n, 0, None
     try:
-        opening = api.opening(n)
+        opening = api.opening(len(outs))
         if opening:
             yield sse({**head, "choices": opening})
-        finished = 0
-        while True:
-            ev = await next_event(request, queue)
-            if ev is None:
-                return
-            if ev.kind == "text":
-                if ev.text:
-                    yield sse({**head, "choices": [api.delta(ev.index, ev.text)]})
-            elif ev.kind == "finish":
-                finished += 1
-                pending_finish = (ev.index, ev.finish_reason)
-                if finished < n:
-                    yield sse({**head, "choices": [api.delta(ev.index, finish=ev.finish_reason)]})
-            elif ev.kind == "done":
-                for chunk in _final_chunks(api, head, pending_finish, ev, job.include_usage):
-                    yield sse(chunk)
+        while (item := await sub.next(request)) is not None:
+            i, ev = item
+            if ev.kind == "error":
+                yield sse(_event_error(ev).body())
                 break
-            elif ev.kind == "error":
-                yield sse(ApiError(500, ev.text, "server_error").body())
+            if ev.kind == "done":
+                u = usage(sub.prompt_tokens, sub.completion_tokens)
+                if job.include_usage:
+                    yield sse({**head, "choices": [last.delta(finish=True)], "usage": None})
+                    yield sse({**head, "choices": [], "usage": u})
+                else:
+                    yield sse({**head, "choices": [last.delta(finish=True)], "usage": u})
                 break
+            out = _apply(outs, n, i, ev)
+            for o in ([out] if out is not None else outs[i * n:(i + 1) * n]):
+                if ev.kind == "finish":
+                    finished += 1
+                    if finished == len(outs):
+                        last = o  # held for the final chunk
+                        continue
+                chunk = o.delta(finish=ev.kind == "finish")
+                if chunk is not None:
+                    yield sse({**head, "choices": [chunk]})
+        else:
+            return  # the client went away
         yield SSE_DONE
     finally:
-        req.cancel()  # client gone (generator closed or cancelled) or finished: free slots
+        sub.cancel()  # client gone (generator closed or cancelled) or finished: free slots
 
 
-def _final_chunks(api: Api, head: dict, pending_finish, done: Event, include_usage: bool):
-    u = usage(done.prompt_tokens, done.completion_tokens)
-    i, reason = pending_finish
-    last = {**head, "choices": [api.delta(i, finish=reason)]}
-    if include_usage:  # OpenAI's form: a last chunk with no choices
-        return [{**last, "usage": None}, {**head, "choices": [], "usage": u}]
-    return [{**last, "usage": u}]  # usage rides on the final chunk
+# -- tokenizer routes (vLLM's request and response shapes) -------------------------------------
+@router.post("/tokenize")
+async def tokenize(request: Request):
+    authorize(request)
+    st = _state(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    if "messages" in body:
+        ids = st.chat.prompts(body, st.tokenizer)[0]
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise ApiError(400, "'prompt' must be a string (or send 'messages')", param="prompt")
+        ids = st.tokenizer.encode(prompt)
+    return {"count": len(ids), "max_model_len": st.engine.block_size, "tokens": ids}
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request):
+    authorize(request)
+    st = _state(request)
+    body = await read_json(request)
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    vocab = st.tokenizer.vocab_size
+    if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                             and 0 <= t < vocab for t in tokens)):
+        raise ApiError(400, f"'tokens' must be a list of token ids in [0, {vocab})", param="tokens")
+    return {"prompt": st.tokenizer.decode(tokens)}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request):
+    authorize(request)
+    st = _state(request)
+    return tokenizer_description(st.tokenizer, st.engine.block_size, st.chat_template)
+
+
+def tokenizer_description(tok, block_size: int, chat_template: Optional[str]) -> dict:
+    """vLLM's /tokenizer_info fields for our tokenizer or a Hugging Face one."""
+    if hasattr(tok, "special_tokens"):  # ours: <|endoftext|> ends and separates documents
+        eot = next(s for s, i in tok.special_tokens.items() if i == tok.eot_id)
+        specials = dict(tok.special_tokens)
+        eos, bos, pad, name = eot, None, None, f"gptmod_ext.{tok.kind}"
+    else:
+        hf = getattr(tok, "hf", tok)
+        eos, bos, pad = hf.eos_token, hf.bos_token, hf.pad_token
+        specials = {t: hf.convert_tokens_to_ids(t) for t in hf.all_special_tokens}
+        name = type(hf).__name__
+    return {"tokenizer_class": name, "vocab_size": tok.vocab_size, "model_max_length": block_size,
+            "eos_token": eos, "bos_token": bos, "pad_token": pad, "special_tokens": specials,
+            "chat_template": chat_template}
 
 
 # -- the other routes --------------------------------------------------------------------------
@@ -246,8 +424,16 @@ async def models(request: Request):
 @router.get("/health")
 async def health(request: Request):
     st = _state(request)
-    return {"status": "ok", "model": st.model_name, "backend": st.engine.model.backend,
-            "context_length": st.engine.block_size, **st.engine.stats()}
+    body = {"status": "draining" if st.draining else "ok", "model": st.model_name,
+            "backend": st.engine.model.backend, "context_length": st.engine.block_size,
+            **st.engine.stats()}
+    return JSONResponse(body, status_code=503 if st.draining else 200)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    from prometheus_client import CONTENT_TYPE_LATEST
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/", response_class=HTMLResponse)
@@ -255,13 +441,27 @@ async def playground():
     return HTMLResponse((STATIC_DIR / "playground.html").read_text(encoding="utf-8"))
 
 
+_ROUTES = {r.path for r in router.routes}
+
+
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: Optional[str] = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, request_timeout: Optional[float] = None,
+               cors_origins: Optional[list] = None, chat_template: Optional[str] = None,
+               render_template=None) -> FastAPI:
+    """The FastAPI app around a started or not yet started engine. render_template: messages ->
+    prompt text (a Hugging Face chat template), used instead of render_chat."""
     app = FastAPI(title="gptmod_ext", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = ServerState(engine, tokenizer, model_name, api_key, max_body_bytes)
+    chat = ChatApi(render_template) if render_template else CHAT
+    app.state.server = ServerState(engine, tokenizer, model_name, api_key, max_body_bytes,
+                                   request_timeout, chat, chat_template, metrics=Metrics(engine))
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.middleware("http")(_lifecycle)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
     app.include_router(router)
     return app
 
@@ -305,7 +505,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "ext", "torch"])
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with the model's fastest step (GPT.compile_decode(); the first "
+                        "steps of each new batch shape pay the compilation)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="URL",
+                   help="allow browser pages from this origin (repeatable; '*' for any; off by default)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="S",
+                   help="end a request still running after S seconds (finish_reason 'length', "
+                        "or HTTP 504 if nothing was generated yet)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, refuse new requests (503) and let running ones finish for "
+                        "up to S seconds, then exit")
     return p
+
+
+class _DrainingServer:
+    """uvicorn.Server whose SIGTERM drains first: new requests get 503 while the engine
+    finishes what it holds (up to shutdown_timeout), then the server exits with status 0."""
+
+    @staticmethod
+    def make(config, state: ServerState, shutdown_timeout: float):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                if sig != signal.SIGTERM:
+                    return super().handle_exit(sig, frame)
+                if not state.draining:  # not re-raised after shutdown: the exit status stays 0
+                    state.draining = True
+                    threading.Thread(target=self._drain, daemon=True).start()
+
+            def _drain(self):
+                deadline = time.monotonic() + shutdown_timeout
+                while time.monotonic() < deadline and not state.engine.scheduler.idle():
+                    time.sleep(0.05)
+                self.should_exit = True
+        return Server(config)
 
 
 def main(argv=None) -> int:
@@ -327,13 +562,16 @@ def main(argv=None) -> int:
         return 1
     try:
         backend = pick_backend(model, args.backend)
+        if args.compile:
+            model.compile_decode()
         engine = Engine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue,
                         prefill_budget=args.prefill_budget)
     except (ValueError, ImportError) as e:
         print(f"serve: {e}", file=sys.stderr)
         return 1
     name = args.model_name or Path(args.ckpt).resolve().name
-    app = create_app(engine, tok, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    app = create_app(engine, tok, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                     request_timeout=args.request_timeout, cors_origins=args.cors_origin)
     engine.start()
     print(f"serve: model '{name}' ({backend} backend, {model.device}, {model.dtype}), "
           f"{args.max_batch} slots x {engine.block_size} tokens; "
@@ -341,7 +579,7 @@ def main(argv=None) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=2)
     try:
-        uvicorn.Server(config).run()
+        _DrainingServer.make(config, app.state.server, args.shutdown_timeout).run()
     finally:
         engine.stop()
     return 0
