@@ -113,7 +113,7 @@ print(json.dumps(result))
 
 @pytest.fixture(scope="module")
 def ours(runs):
-    loaded = {k: checkpoint.load_run(d, device="cpu") for k, d in runs.items()}
+    loaded = {k: checkpoint.load_model(d, device="cpu", backend="torch") for k, d in runs.items()}
     res = {}
     for name, (model, tok, _) in loaded.items():
         model.backend = "torch"
@@ -187,6 +187,17 @@ def test_transformers_bf16_export(theirs, ours):
         assert (steps.max(1).values - chosen).max() < 0.03 * scale, p
 
 
+@pytest.mark.parametrize("name", ["bpe", "bytes"])
+def test_load_model_reads_the_exported_folder(exported, ours, name):
+    # The loader behind sample and serve: a Hugging Face folder, transformers' tokenizer.
+    model, tok, info = checkpoint.load_model(exported[name], device="cpu", backend="torch")
+    assert info.kind == "hf" and tok.eot_id == ours[name]["tok"].eot_id
+    assert [tok.encode(s) for s in TEXTS] == [ours[name]["tok"].encode(s) for s in TEXTS]
+    greedy = [model.generate([tok.encode(p)], N_NEW, temperature=0, eos_id=tok.eot_id)[0]
+              [len(tok.encode(p)):] for p in PROMPTS]
+    assert greedy == ours[name]["greedy"]
+
+
 def sample_text(capsys, ckpt, prompt):
     code = sample.main(["--ckpt", str(ckpt), "--prompt", prompt, "--temperature", "0",
                         "--max-new-tokens", str(N_NEW), "--backend", "torch", "-q"])
@@ -209,7 +220,7 @@ def test_sample_reads_the_exported_folder(runs, exported, ours, capsys, name):
 
 
 def test_save_hf_python_api(runs, tmp_path):
-    model, tok, _ = checkpoint.load_run(runs["bytes"], device="cpu")
+    model, tok, _ = checkpoint.load_model(runs["bytes"], device="cpu")
     path = hf.save_hf(model, tok, tmp_path / "a" / "b")
     assert sorted(p.name for p in path.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -308,7 +319,7 @@ def test_failure_while_writing_leaves_nothing(runs, tmp_path, capsys, monkeypatc
 
 def test_model_transformers_cannot_express(runs, tmp_path, capsys):
     run = tmp_path / "run"
-    model, tok, _ = checkpoint.load_run(runs["bpe"], device="cpu")
+    model, tok, _ = checkpoint.load_model(runs["bpe"], device="cpu")
     model.config = dataclasses.replace(model.config, logit_softcap=30.0)
     checkpoint.save_model(run, model, tok)
     r = subprocess.run([sys.executable, "-m", "gptmod_ext.export", "--ckpt", str(run), "--out",
@@ -332,3 +343,10 @@ def test_out_must_not_replace_the_run(runs, tmp_path, capsys):
     assert listing(tmp_path) == before
     code, _, err = run_export(capsys, "--ckpt", str(run), "--out", str(run / "hf"))
     assert code == 0, err  # a folder inside the run is fine
+
+
+def test_hf_folder_is_not_exported_again(exported, tmp_path, capsys):
+    code, _, err = run_export(capsys, "--ckpt", str(exported["bytes"]), "--out", str(tmp_path / "o"))
+    assert code == 1
+    assert_one_line_error(err, "already a Hugging Face folder")
+    assert not (tmp_path / "o").exists()

@@ -54,7 +54,9 @@ def export(ckpt, out, dtype: str = "fp32", force: bool = False) -> str:
     if out_dir == ckpt_dir or out_dir in ckpt_dir.parents:
         # --force would replace the run (its training state too) with the exported folder.
         raise ValueError(f"--out {out} would replace the run directory {ckpt}; choose another")
-    model, tok, _ = checkpoint.load_run(ckpt, device="cpu")
+    if checkpoint.is_hf_dir(ckpt):
+        raise ValueError(f"{ckpt} is already a Hugging Face folder (export reads run directories)")
+    model, tok, _ = checkpoint.load_model(ckpt, device="cpu", dtype="float32", backend="torch")
     path = hf.save_hf(model, tok, out, dtype=dtype, overwrite=force)
     arch = json.loads((path / "config.json").read_text())["architectures"][0]
     params = sum(p.numel() for p in model.parameters()) / 1e6
