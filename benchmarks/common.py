@@ -36,7 +36,8 @@ def _summary(samples: list[float]) -> dict:
 
 
 def time_round_robin(fns: dict, device="cpu", warmup: int = 3, budget_s: float = 1.0,
-                     min_repeats: int = 10, max_repeats: int = 400, clock=time.perf_counter) -> dict:
+                     min_repeats: int = 10, max_repeats: int = 400,
+                     clock=time.perf_counter) -> dict:
     """{name: {median_s, min_s, n}}: one call of each fn per round, rounds until the budget is spent.
 
     The one timing loop of the suites. A neighbour that slows the machine for a moment slows
@@ -197,20 +198,17 @@ def jsonable(x):
 
 
 def write_json(path: Path, obj) -> None:
-    """Writes to a temporary name and renames, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(jsonable(obj), indent=1) + "\n")
-    os.replace(tmp, path)
+    """Written atomically (gptmod_ext.checkpoint.atomic_write): a crash never leaves half a file."""
+    write_text(path, json.dumps(jsonable(obj), indent=1) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
+    from gptmod_ext.checkpoint import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def fmt(v, kind: str = "auto") -> str:

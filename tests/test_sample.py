@@ -214,6 +214,18 @@ def test_ext_backend_same_greedy_text(run_dir, loaded, capsys):
     assert out == "the c" + reference(loaded, "the c", 60, temperature=0)[0] + "\n"
 
 
+def test_compile_uses_the_models_fast_decode_path(run_dir, loaded, capsys, monkeypatch):
+    # --compile is GPT.compile_decode (docs/design.md §6), nothing private; compiling for real
+    # takes minutes on a small CPU, so the call is recorded and the plain path generates.
+    calls = []
+    monkeypatch.setattr(GPT, "compile_decode", lambda self: calls.append(self) or self)
+    code, out, err = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "the", "--compile",
+                              "--temperature", "0", "--max-new-tokens", "20", "--backend", "torch")
+    assert code == 0, err
+    assert len(calls) == 1 and ", compiled" in err
+    assert out == "the" + reference(loaded, "the", 20, temperature=0)[0] + "\n"
+
+
 def test_max_new_tokens_reduced_to_the_context(run_dir, loaded, capsys):
     prompt = "the cat sat on the mat. " * 10  # 240 of 256 tokens
     code, out, err = run_main(capsys, "--ckpt", str(run_dir), "--prompt", prompt,

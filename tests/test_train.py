@@ -1,6 +1,7 @@
 """The trainer and the run directory: loss goes down, --stop-at/--resume is exact, Ctrl-C and
 NaN stop cleanly, bad inputs are one-line errors, checkpoints load back (tied weights, compiled
 models), and two DDP processes equal one process with twice the accumulation."""
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptmod_ext import checkpoint as C
+from gptmod_ext import data as D
 from gptmod_ext import prepare as P
 from gptmod_ext import train as TR
 from gptmod_ext.model import GPT, GPTConfig
@@ -88,6 +90,12 @@ def test_loss_decreases_and_run_dir(tmp_path, capsys, data_dir):
     bpt = json.loads((data_dir / "meta.json").read_text())["val"]
     assert evals[-1]["val_bpb"] == pytest.approx(
         evals[-1]["val_loss"] * bpt["tokens"] / bpt["bytes"] / math.log(2))
+    (final,) = [r for r in rows if "final_val_loss" in r]  # the whole val split, once
+    n_val = len(np.fromfile(data_dir / "val.bin", dtype=np.uint16))
+    assert final["step"] == 60 and final["final_val_tokens"] == n_val - 1
+    assert math.isfinite(final["final_val_loss"]) and final["final_val_loss"] < unigram
+    assert f"over {n_val - 1:,} tokens: the whole val split" in err
+    assert f"val loss {final['final_val_loss']:.4f} on the whole val split" in err
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for f in ("model.safetensors", "config.json", "tokenizer.json", "train_state.pt"):
         assert (out / f).is_file()
@@ -165,6 +173,72 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, data_di
     saved = json.loads((out / "config.json").read_text())["step"]
     assert saved == bad_step - 1
     assert torch.load(out / "train_state.pt", weights_only=True)["step"] == saved
+
+
+def test_whole_split_evaluation_scores_every_token_once(data_dir):
+    # With every residual branch's output projection zeroed, the logits at a position depend
+    # on its token only, so the loss over the split does not depend on how it is cut into
+    # windows: the reference scores each (token, next token) pair on its own, in float64.
+    import numpy as np
+    tokens = np.fromfile(data_dir / "val.bin", dtype=np.uint16)[:1000]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("tiny", vocab_size=512, n_layer=2, n_embd=32, n_head=2,
+                                      n_kv_head=1, block_size=1024))
+    with torch.no_grad():
+        for block in model.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+    prev = torch.from_numpy(tokens[:-1].astype(np.int64)).view(-1, 1)
+    nxt = torch.from_numpy(tokens[1:].astype(np.int64))
+    logits = model(prev)[0][:, 0, :512].double()
+    want = torch.nn.functional.cross_entropy(logits, nxt).item()
+    for block_size, batch in ((16, 4), (7, 3), (999, 1)):
+        loss, n = TR.evaluate_split(model, tokens, block_size, batch, "cpu",
+                                    contextlib.nullcontext())
+        assert n == len(tokens) - 1
+        assert loss == pytest.approx(want, rel=1e-6)
+    # A cap: evenly spaced windows, about max_targets targets, the count reported.
+    loss, n = TR.evaluate_split(model, tokens, 16, 4, "cpu", contextlib.nullcontext(), 320)
+    assert 320 - 16 < n <= 320 and loss == pytest.approx(want, rel=0.1)
+    offsets, skip = D.covering_windows(len(tokens), 16, 320)
+    assert offsets[0] == 0 and offsets[-1] == len(tokens) - 1 - 16 and len(set(offsets.tolist())) == 20
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path, capsys, data_dir):
+    # What a SIGKILL mid-write leaves behind: `.NAME.tmpPID` of a process that is gone. The
+    # next write of NAME removes it; a temporary of a live process (a writer at work) stays.
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [out / f".{name}.tmp{dead.pid}" for name in
+             ("loss.png", "metrics.jsonl", "model.safetensors", "config.json", "train_state.pt")]
+    live = out / f".loss.png.tmp{os.getppid()}"
+    for p in stale + [live]:
+        p.write_bytes(b"half a file")
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", out, "--max-iters", 2,
+                    "--eval-interval", 2, "--sample-tokens", 0)
+    assert rc == 0, err
+    assert [p for p in stale if p.exists()] == []
+    assert live.exists()
+    live.unlink()
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_torchrun_needs_no_flags(tmp_path):
+    # The documented command, as torchrun's own launcher runs it, with no --grad-accum: one
+    # micro-batch per process, said in the banner.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "gptmod_ext.train"]
+    data = P.prepare([str(f) for f in P.stdlib_files(max_bytes=60_000)], tmp_path / "d",
+                     tokenizer="bytes", progress=False)
+    assert data["val"]["tokens"] > 32
+    proc = run_subprocess(["--data", tmp_path / "d", "--out-dir", tmp_path / "o",
+                           "--max-iters", 2, "--eval-interval", 2, "--sample-tokens", 0],
+                          timeout=300, launcher=launcher)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2 x 1 x 4 x 32); --grad-accum not given: one micro-batch per process" in proc.stderr
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["train"]["grad_accum"] == 2
 
 
 def test_missing_data_is_one_line(tmp_path):

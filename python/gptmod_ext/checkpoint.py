@@ -5,11 +5,12 @@ A run directory (out/ by default) holds
     config.json        {"model": GPTConfig fields, "tokenizer": description, "train": the
                         training arguments, "step": ..., "val_loss": ...}
     tokenizer.json     the tokenizer the model was trained with (see tokenizer.py)
-    train_state.pt     optimizer, step, RNG states, data sampler state, best val loss (for
-                        exact --resume), loaded with torch.load(weights_only=True)
+    train_state.pt     TrainState: optimizer, step, RNG states, data sampler state, best val
+                        loss (for exact --resume), loaded with torch.load(weights_only=True)
     metrics.jsonl, loss.png   written by the trainer
-Every file is written to a temporary name and os.replace()d into place, so a crash mid-save
-leaves the previous file whole.
+Every file is written through atomic_write (a temporary name, then os.replace), so a crash
+mid-save leaves the previous file whole (docs/design.md §4). The trainer writes a checkpoint
+with save_run and continues one with load_for_resume.
 
 For the sampler and server, one loader for run directories and Hugging Face folders:
     model, tok, info = checkpoint.load_model("out/", device="auto", dtype="auto", backend="auto")
@@ -18,11 +19,13 @@ model, corrupt or truncated weights, and a config that does not match the weight
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -39,15 +42,51 @@ class CheckpointError(Exception):
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """Calls write(tmp_path), then renames tmp_path over path."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """`with atomic_write(path) as tmp:` write tmp; it is renamed over path when the block ends
+    without an error, removed otherwise (path keeps its old content). The one atomic write of
+    the package: checkpoints, metrics, plots, tokenizers and prepared data all go through it.
+
+    tmp is `.NAME.tmpPID` next to path. A process killed mid-write (SIGKILL, a lost machine)
+    leaves its tmp behind; the next write of the same path removes those whose process is gone.
+    """
+    path = Path(path)
+    _remove_stale_temporaries(path)
+    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}")
     try:
-        write(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    prefix = _tmp_prefix(path)
+    for old in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = old.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            old.unlink(missing_ok=True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -95,24 +134,62 @@ def save_model(run_dir: str | os.PathLike, model: torch.nn.Module,
             tied[k] = group[0]
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items() if k not in tied}
     meta = {"format": FORMAT, "tied": json.dumps(tied)}
-    def write_weights(p):
-        save_file(tensors, str(p), metadata=meta)
-        os.chmod(p, 0o644)  # safetensors creates the file private; the run directory is not
-
-    _atomic_write(run_dir / MODEL_FILE, write_weights)
+    with atomic_write(run_dir / MODEL_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o644)  # safetensors creates the file private; the run directory is not
     config = {"format": FORMAT, "model": model_config_dict(module),
               "tokenizer": tokenizer.describe(), "train": train_args or {}}
     config.update(extra or {})
-    _atomic_write(run_dir / CONFIG_FILE,
-                  lambda p: p.write_text(json.dumps(config, indent=2, default=str)))
+    with atomic_write(run_dir / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(config, indent=2, default=str))
     tokenizer.save(run_dir)
 
 
-def save_train_state(run_dir: str | os.PathLike, state: dict) -> None:
-    """Writes train_state.pt (tensors and plain Python values only, for weights_only loads)."""
+@dataclasses.dataclass
+class TrainState:
+    """What train_state.pt holds besides the weights: everything an exact --resume needs.
+    The file's keys are defined here and nowhere else (to_dict / from_dict)."""
+    step: int                    # optimizer updates done
+    optimizer: dict              # optimizer.state_dict()
+    rng: dict                    # rng_state(): Python, numpy, torch, CUDA
+    sampler: torch.Tensor        # the data sampler's generator state (data.random_offsets)
+    grad_accum: int              # micro-batches per step, in total over all processes
+    batch_size: int
+    best_val_loss: float = float("inf")
+    world_size: int = 1
+
+    def to_dict(self) -> dict:
+        """Tensors and plain Python values only, for torch.load(weights_only=True)."""
+        return {"step": self.step, "optimizer": self.optimizer, "rng": self.rng,
+                "data": {"sampler": self.sampler, "grad_accum": self.grad_accum,
+                         "batch_size": self.batch_size},
+                "best_val_loss": self.best_val_loss, "world_size": self.world_size}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = STATE_FILE) -> "TrainState":
+        try:
+            data = d["data"]
+            return cls(step=int(d["step"]), optimizer=d["optimizer"], rng=d["rng"],
+                       sampler=data["sampler"], grad_accum=int(data["grad_accum"]),
+                       batch_size=int(data["batch_size"]),
+                       best_val_loss=float(d.get("best_val_loss", float("inf"))),
+                       world_size=int(d.get("world_size", 1)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where} does not fit this run ({type(e).__name__}: "
+                                  f"{_first_line(e)})") from None
+
+
+def save_run(run_dir: str | os.PathLike, model: torch.nn.Module,
+             tokenizer: tokenizer_mod.Tokenizer, state: TrainState,
+             train_args: dict | None = None, extra: dict | None = None) -> None:
+    """A training checkpoint: train_state.pt, then the weights, config.json (whose "step" is
+    state.step) and the tokenizer. Each file is atomic; load_for_resume refuses a directory
+    whose weights and state disagree (a crash between the two files)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / STATE_FILE, lambda p: torch.save(state, str(p)))
+    with atomic_write(run_dir / STATE_FILE) as tmp:
+        torch.save(state.to_dict(), str(tmp))
+    save_model(run_dir, model, tokenizer, train_args, {**(extra or {}), "step": state.step})
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -229,10 +306,6 @@ class LoadedModel(NamedTuple):
     info: ModelInfo
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 def _load_hf(path: Path):
     from . import hf
 
@@ -301,9 +374,8 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = Non
     return model, tok, info.config
 
 
-def load_train_state(run_dir: str | os.PathLike) -> dict:
-    """train_state.pt, loaded with weights_only=True; CheckpointError if missing or corrupt."""
-    path = Path(run_dir) / STATE_FILE
+def _read_train_state(run_dir: Path) -> TrainState:
+    path = run_dir / STATE_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: nothing to resume")
     try:
@@ -311,9 +383,29 @@ def load_train_state(run_dir: str | os.PathLike) -> dict:
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError("not a training state")
     except Exception as e:  # unpickling errors come in many types
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is corrupt ({msg})") from None
-    return state
+        raise CheckpointError(f"{path} is corrupt ({_first_line(e)})") from None
+    return TrainState.from_dict(state, str(path))
+
+
+class Resumed(NamedTuple):
+    model: Any          # GPT on the CPU with the saved weights (fp32, backend 'torch')
+    config: dict        # config.json: "model", "tokenizer", "train", "step", "data", ...
+    state: TrainState
+
+
+def load_for_resume(run_dir: str | os.PathLike) -> Resumed:
+    """What --resume continues from; CheckpointError (one line) when any part is missing,
+    corrupt, or from another step than the rest."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    state = _read_train_state(run_dir)
+    tensors, tied = read_weights(run_dir)
+    if config.get("step") != state.step:
+        raise CheckpointError(f"{run_dir} holds weights of step {config.get('step')} but a "
+                              f"training state of step {state.step}")
+    model = model_from_config(config["model"])
+    load_weights(model, tensors, tied, f" in {run_dir}")
+    return Resumed(model, config, state)
 
 
 def rng_state() -> dict[str, Any]:

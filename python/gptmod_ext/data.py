@@ -125,6 +125,27 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int,
     return windows(tokens, offsets, block_size, device)
 
 
+def covering_windows(n_tokens: int, block_size: int,
+                     max_targets: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window starts that predict every token of a split once, for evaluating on all of it:
+    (offsets, already_scored), where window i scores its targets from already_scored[i] on.
+
+    Windows are consecutive (start 0, T, 2T, ...); the last one is moved back to end at the
+    split's end, and its first targets (scored by the window before) are skipped. With more
+    than max_targets targets, evenly spaced windows of the split are kept instead, about
+    max_targets targets in all (a sample whose size the caller reports).
+    """
+    T, n_targets = block_size, n_tokens - 1
+    if n_targets < T:
+        raise DataError(f"the split has {n_tokens} tokens, too few for windows of {T} + 1")
+    starts = torch.arange(0, n_targets, T)
+    if max_targets is not None and n_targets > max_targets:
+        keep = max(1, max_targets // T)
+        starts = starts[torch.linspace(0, len(starts) - 1, keep).round().long().unique()]
+    offsets = starts.clamp(max=n_targets - T)
+    return offsets, starts - offsets
+
+
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     """Entropy in nats of the token frequency distribution: the loss of the best model that
     ignores context, the baseline a trained model must beat."""

@@ -18,6 +18,7 @@ Output (see data.py): train.bin, val.bin, meta.json, tokenizer.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -31,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import data as data_mod
+from .checkpoint import atomic_write
 from . import tokenizer as tokenizer_mod
 
 DEFAULT_MAX_BYTES = 6_000_000   # default corpus: ~6 MB of stdlib source, ~2M BPE tokens
@@ -193,27 +195,20 @@ def split_by_position(doc: str, val_fraction: float) -> tuple[str, str]:
 
 
 # -- the whole pipeline -----------------------------------------------------------------------
-def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str = "bpe",
-            vocab_size: int = 4096, tokenizer_path: str | None = None,
-            jsonl_field: str = "text", val_fraction: float = 0.05, seed: int = 1337,
-            errors: str = "strict", max_bytes: int | None = None,
-            progress: bool = True) -> dict:
-    """Prepares `inputs` (None: the default stdlib corpus) into `out_dir`; returns meta."""
-    if not 0 < val_fraction < 1:
-        raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+def _input_files(inputs: list[str] | None, max_bytes: int | None) -> tuple[list, list[str]]:
+    """(files, their description for meta.json's "sources")."""
     if inputs:
         files = expand_inputs(inputs)
         if max_bytes:
             raise PrepareError("--max-bytes applies to the default corpus only")
-        sources = [str(f) for f in files]
-    else:
-        files = stdlib_files(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
-        sources = [f"stdlib:{sysconfig.get_paths()['stdlib']} ({len(files)} files)"]
+        return files, [str(f) for f in files]
+    files = stdlib_files(DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+    return files, [f"stdlib:{sysconfig.get_paths()['stdlib']} ({len(files)} files)"]
 
-    def docs(desc):
-        return iter_documents(files, jsonl_field, errors, progress, desc)
 
-    # Pass 1: count the documents (the split needs n) and train the BPE on the text.
+def _first_pass(docs, tokenizer: str, vocab_size: int, tokenizer_path: str | None):
+    """(tokenizer, number of documents): counts the documents (the split needs n) and trains
+    the BPE on the text."""
     n_docs, n_bytes = 0, 0
 
     def counted(limit_bytes):
@@ -233,32 +228,31 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str
             tok = tokenizer_mod.build(tokenizer, vocab_size=vocab_size, path=tokenizer_path)
     except tokenizer_mod.TokenizerError as e:
         raise PrepareError(str(e)) from None
-    if n_docs == 0:
-        raise PrepareError("the corpus is empty (no non-empty document in "
-                           f"{len(files)} file{'s' if len(files) != 1 else ''})")
+    return tok, n_docs
 
-    # Pass 2: encode and write. Batches of documents go through tiktoken's threaded encoder.
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / data_mod.META).unlink(missing_ok=True)  # incomplete until meta.json is back
+
+def _write_splits(docs, tok, out: Path, n_docs: int, val_fraction: float, seed: int) -> dict:
+    """Pass 2: encodes the documents into train.bin / val.bin; their stats by split. Batches
+    of documents go through tiktoken's threaded encoder."""
     dtype = data_mod.token_dtype(tok.vocab_size)
     by_doc = n_docs >= MIN_DOCS_FOR_DOC_SPLIT
     val_docs = choose_val_docs(n_docs, val_fraction, seed) if by_doc else set()
     stats = {s: {"file": f"{s}.bin", "tokens": 0, "bytes": 0, "docs": 0} for s in data_mod.SPLITS}
-    handles = {s: open(out / f"{s}.bin.tmp", "wb") for s in data_mod.SPLITS}
+    with contextlib.ExitStack() as stack:  # both files appear, or neither does
+        tmps = {s: stack.enter_context(atomic_write(out / f"{s}.bin")) for s in data_mod.SPLITS}
+        handles = {s: stack.enter_context(open(tmps[s], "wb")) for s in data_mod.SPLITS}
 
-    def flush(batch):
-        ids = tok.encode_batch([text for _, text in batch])
-        for (split, text), toks in zip(batch, ids):
-            arr = np.asarray(toks + [tok.eot_id], dtype=dtype)
-            handles[split].write(arr.tobytes())
-            st = stats[split]
-            st["tokens"] += len(arr)
-            st["bytes"] += len(text.encode("utf-8"))
-            st["docs"] += 1
-        batch.clear()
+        def flush(batch):
+            ids = tok.encode_batch([text for _, text in batch])
+            for (split, text), toks in zip(batch, ids):
+                arr = np.asarray(toks + [tok.eot_id], dtype=dtype)
+                handles[split].write(arr.tobytes())
+                st = stats[split]
+                st["tokens"] += len(arr)
+                st["bytes"] += len(text.encode("utf-8"))
+                st["docs"] += 1
+            batch.clear()
 
-    try:
         batch: list[tuple[str, str]] = []
         for i, doc in enumerate(docs("tokenizing")):
             if by_doc:
@@ -269,30 +263,48 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str
             if len(batch) >= 256:
                 flush(batch)
         flush(batch)
-    finally:
-        for h in handles.values():
-            h.close()
-    for s in data_mod.SPLITS:
-        if stats[s]["tokens"] == 0:
-            raise PrepareError(f"the {s} split is empty; add more text")
-        os.replace(out / f"{s}.bin.tmp", out / f"{s}.bin")
+        for s in data_mod.SPLITS:
+            if stats[s]["tokens"] == 0:
+                raise PrepareError(f"the {s} split is empty; add more text")
+    return {"dtype": dtype.name, "by": "document" if by_doc else "position", **stats}
+
+
+def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str = "bpe",
+            vocab_size: int = 4096, tokenizer_path: str | None = None,
+            jsonl_field: str = "text", val_fraction: float = 0.05, seed: int = 1337,
+            errors: str = "strict", max_bytes: int | None = None,
+            progress: bool = True) -> dict:
+    """Prepares `inputs` (None: the default stdlib corpus) into `out_dir`; returns meta."""
+    if not 0 < val_fraction < 1:
+        raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    files, sources = _input_files(inputs, max_bytes)
+
+    def docs(desc):
+        return iter_documents(files, jsonl_field, errors, progress, desc)
+
+    tok, n_docs = _first_pass(docs, tokenizer, vocab_size, tokenizer_path)
+    if n_docs == 0:
+        raise PrepareError("the corpus is empty (no non-empty document in "
+                           f"{len(files)} file{'s' if len(files) != 1 else ''})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / data_mod.META).unlink(missing_ok=True)  # incomplete until meta.json is back
+    written = _write_splits(docs, tok, out, n_docs, val_fraction, seed)
     tok.save(out)
     meta = {
         "format": data_mod.FORMAT,
-        "dtype": dtype.name,
-        "train": stats["train"],
-        "val": stats["val"],
+        "dtype": written["dtype"],
+        "train": written["train"],
+        "val": written["val"],
         "tokenizer": tok.describe(),
         "sources": sources,
-        "split": {"by": "document" if by_doc else "position",
-                  "val_fraction": val_fraction, "seed": seed},
+        "split": {"by": written["by"], "val_fraction": val_fraction, "seed": seed},
         "args": {"tokenizer": tokenizer, "vocab_size": vocab_size,
                  "tokenizer_path": tokenizer_path, "jsonl_field": jsonl_field,
                  "errors": errors, "max_bytes": max_bytes},
     }
-    tmp = out / (data_mod.META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / data_mod.META)
+    with atomic_write(out / data_mod.META) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
     return meta
 
 

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="auto: bfloat16 on GPUs that support it, else float32")
     a("--backend", default="auto", choices=["auto", "ext", "torch"],
       help="ext: our compiled ops; torch: pure PyTorch; auto: ext when built (default)")
-    a("--compile", action="store_true", help="torch.compile the cached forward step")
+    a("--compile", action="store_true",
+      help="the model's fastest decode path (GPT.compile_decode: a compiled cached step)")
     a("-q", "--quiet", action="store_true", help="no load/speed report on stderr")
     a("--interactive", action="store_true",
       help="read prompts line by line until EOF (Ctrl-D) or Ctrl-C")
@@ -163,11 +164,7 @@ def load(args) -> Loaded:
     model, tok, info = checkpoint.load_model(args.ckpt, device=args.device, dtype=args.dtype,
                                              backend=args.backend)
     if args.compile:
-        import torch
-
-        # Generation runs every step through _forward_cached (prefill and decode), not through
-        # forward(), so that is the function to compile.
-        model._forward_cached = torch.compile(model._forward_cached)
+        model.compile_decode()  # the model's own fast decode path (docs/design.md §6)
     kind = "Hugging Face model" if info.kind == "hf" else "run"
     params = sum(p.numel() for p in model.parameters()) / 1e6
     note = f" (ext unavailable: {info.backend_note})" if info.backend_note else ""

@@ -122,11 +122,12 @@ class Tokenizer:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Writes `directory/tokenizer.json` (through a temporary file and a rename)."""
+        from .checkpoint import atomic_write  # (checkpoint imports this module)
+
         path = Path(directory) / FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            tmp.write_text(self.to_json())
         return path
 
 

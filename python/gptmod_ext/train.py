@@ -5,28 +5,38 @@ data/stdlib/ under the current directory, once) and trains the `tiny` preset on 
 about ten minutes, writing the run directory out/ (see checkpoint.py).
 
 The loop follows nanoGPT's train.py in shape (random windows from a memmap, AdamW, warmup +
-cosine decay, gradient accumulation and clipping, periodic evaluation, DDP through torchrun);
-the code is our own. Choices worth knowing:
+cosine decay, gradient accumulation and clipping, periodic evaluation, DDP through torchrun)
+and litgpt's pretrain.py in layout: `setup` resolves the options once into a frozen Config and
+builds everything a run needs (a Run), `fit` is the loop, `train_step` one optimizer step,
+`validate` one evaluation, `get_lr` the schedule, and a RunLogger everything the run reports
+(metrics.jsonl, loss.png, MLflow, the console). The code is our own. Choices worth knowing:
 - Weight decay applies to the 2-D parameters (every matmul weight and the embedding tables),
   never to norm gains or biases, as in nanoGPT.
 - The learning rate warms up linearly for --warmup-iters steps, then follows a cosine from
   --lr down to --min-lr at --max-iters.
 - Data-parallel: the effective batch of N processes equals one process with N times the
-  gradient accumulation: --grad-accum is the total over all processes and must be divisible
-  by N; each process does grad_accum / N micro-steps and gradients are averaged once per step
-  (no_sync on the others). Every step draws the window starts of the whole global batch
+  gradient accumulation. --grad-accum, when given, is the total over all processes and must be
+  divisible by N; without it every process does one micro-batch per step (N in total, said in
+  the banner), so `torchrun --nproc_per_node=N -m gptmod_ext.train` runs with no other flag
+  (docs/design.md §6). Gradients are averaged once per step (no_sync on the other
+  micro-steps). Every step draws the window starts of the whole global batch
   (grad_accum x batch_size) from one seeded sampler, identical on every rank, and rank r takes
   its own slice: the ranks see different windows, and the data stream (hence the run, up to
   float rounding) does not depend on the number of processes.
+- Evaluations during training use --eval-iters fixed random batches (a cheap, steady curve).
+  A finished run is evaluated once more on the whole val split (at most --final-eval-tokens
+  targets, a sample of evenly spaced windows beyond that; the count is printed): that number,
+  stored in metrics.jsonl as final_val_loss, is the one to quote.
 - A checkpoint is written at every evaluation, at --stop-at, on Ctrl-C and at the end. A loss
   that is NaN or inf stops the run before its update is saved, so the last checkpoint stays
   the last good state.
-- Exact resume: train_state.pt holds the optimizer, every RNG and each rank's data sampler
-  state; evaluation and samples draw from their own generators, so stopping at step k and
-  resuming gives the same weights as never stopping (bitwise on the CPU in fp32).
+- Exact resume: train_state.pt (checkpoint.TrainState) holds the optimizer, every RNG and the
+  data sampler state; evaluation and samples draw from their own generators, so stopping at
+  step k and resuming gives the same weights as never stopping (bitwise on the CPU in fp32).
 
 Launching data-parallel runs (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; only rank 0 prints
 and writes files):
+    torchrun --standalone --nproc_per_node=4 -m gptmod_ext.train
     torchrun --standalone --nproc_per_node=4 -m gptmod_ext.train --grad-accum 8 ...
     # two machines, 8 GPUs each: run on both, with --node_rank=0 on host0 and 1 on the other
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
@@ -36,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -44,6 +55,7 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,9 +65,11 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import prepare as prepare_mod
 from . import tokenizer as tokenizer_mod
-from .devices import DTYPE_CHOICES, pick_device, pick_dtype
+from .devices import DTYPE_CHOICES, dtype_name, pick_device, pick_dtype
 
 DEFAULT_DATA = "data/stdlib"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
 # Peak dense bf16 tensor FLOP/s by GPU name, for MFU (datasheet numbers, no sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
               "4090": 165e12, "3090": 71e12}
@@ -81,9 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--batch-size", type=int, default=8, help="windows per micro-step per process")
     a("--block-size", type=int, default=None,
       help="window length (default and maximum: the model's block_size)")
-    a("--grad-accum", type=int, default=1,
+    a("--grad-accum", type=int, default=None,
       help="micro-steps per optimizer step, in total over all DDP processes (must be "
-           "divisible by their number)")
+           "divisible by their number); default: one per process")
     a("--lr", type=float, default=2e-3, help="peak learning rate")
     a("--min-lr", type=float, default=None, help="final learning rate (default lr / 10)")
     a("--warmup-iters", type=int, default=None, help="default: max_iters / 20")
@@ -103,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="stop at this step with a checkpoint, as an interruption would")
     a("--eval-interval", type=int, default=50, help="steps between evaluations/checkpoints")
     a("--eval-iters", type=int, default=10, help="batches per evaluation")
+    a("--final-eval-tokens", type=int, default=1_000_000,
+      help="the final evaluation scores the whole val split, or an evenly spaced sample of "
+           "this many tokens of a larger one (0 = no final evaluation)")
     a("--log-interval", type=int, default=1, help="steps between metrics.jsonl lines")
     a("--sample-tokens", type=int, default=64, help="tokens sampled at each eval (0 = off)")
     a("--seed", type=int, default=1337)
@@ -127,21 +144,97 @@ def parse_model_args(text: str) -> dict:
     return out
 
 
-# -- environment ------------------------------------------------------------------------------
-def setup_distributed(device_arg: str):
-    """(ddp, rank, local_rank, world_size, device) from torchrun's environment variables."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or "RANK" not in os.environ:
-        return False, 0, 0, 1, resolve_device(device_arg)
-    import torch.distributed as dist
+@dataclass(frozen=True)
+class Config:
+    """The options of a run after resolution (defaults filled in, device, dtype and backend
+    decided), made once by setup() and never changed. One field per command-line option, plus
+    world_size; config.json's "train" is dataclasses.asdict(Config)."""
+    out_dir: str
+    data: str                 # the prepared data directory
+    preset: str
+    model_args: str
+    max_iters: int
+    batch_size: int
+    block_size: int
+    grad_accum: int           # micro-batches per step, in total over all processes
+    lr: float
+    min_lr: float
+    warmup_iters: int
+    weight_decay: float
+    beta1: float
+    beta2: float
+    grad_clip: float
+    device: str
+    dtype: str                # the autocast dtype
+    backend: str              # 'ext' or 'torch'
+    compile: bool
+    resume: bool
+    stop_at: int | None
+    eval_interval: int
+    eval_iters: int
+    final_eval_tokens: int
+    log_interval: int
+    sample_tokens: int
+    seed: int
+    threads: int | None
+    mlflow: str | None
+    no_progress: bool
+    tokenizer: str            # the tokenizer options, for preparing raw text
+    vocab_size: int
+    tokenizer_path: str | None
+    jsonl_field: str
+    errors: str
+    world_size: int = 1
 
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_arg)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return True, rank, local_rank, world, device
+    @property
+    def micro_steps(self) -> int:
+        """Micro-batches per step on each process."""
+        return self.grad_accum // self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.block_size * self.grad_accum
+
+
+def tokenizer_args(opts) -> dict:
+    """The options prepare.prepare takes, from the arguments or a Config."""
+    return dict(tokenizer=opts.tokenizer, vocab_size=opts.vocab_size,
+                tokenizer_path=opts.tokenizer_path, jsonl_field=opts.jsonl_field,
+                errors=opts.errors)
+
+
+def resolve_config(args, env: "Env", data_dir: Path, block_size: int, backend: str) -> Config:
+    """Config from the arguments, with every default decided (see the module doc)."""
+    checks = [(args.stop_at is None or args.stop_at >= 1, "--stop-at must be a positive step"),
+              ((args.block_size or block_size) <= block_size,
+               f"--block-size {args.block_size} is larger than the model's block_size "
+               f"{block_size}")]
+    for ok, msg in checks:
+        if not ok:
+            raise TrainError(msg)
+    resolved = dict(
+        data=str(data_dir), block_size=args.block_size or block_size,
+        grad_accum=args.grad_accum if args.grad_accum is not None else env.world,
+        min_lr=args.min_lr if args.min_lr is not None else args.lr / 10,
+        warmup_iters=(args.warmup_iters if args.warmup_iters is not None
+                      else max(args.max_iters // 20, 1)),
+        device=str(env.device), dtype=dtype_name(pick_dtype(args.dtype, env.device)),
+        backend=backend, world_size=env.world)
+    return Config(**{**vars(args), **resolved})
+
+
+# -- environment ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Env:
+    """The process's place in a torchrun job (a single process: rank 0 of 1)."""
+    ddp: bool
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def resolve_device(arg: str) -> torch.device:
@@ -151,77 +244,86 @@ def resolve_device(arg: str) -> torch.device:
         raise TrainError(f"--device: {e}") from None
 
 
-def resolve_data(args, is_main: bool, ddp: bool) -> Path:
+def setup_distributed(device_arg: str) -> Env:
+    """The environment from torchrun's variables; joins the process group under DDP."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_arg)
+    if world <= 1 or "RANK" not in os.environ:
+        return Env(False, 0, 1, device)
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Env(True, rank, world, device)
+
+
+def resolve_data(data: str | None, tok_args: dict, env: Env, progress: bool) -> Path:
     """A prepared data directory for --data, preparing raw text (rank 0 only) when needed."""
-    tok_args = dict(tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                    tokenizer_path=args.tokenizer_path, jsonl_field=args.jsonl_field,
-                    errors=args.errors)
-    if args.data is not None and data_mod.is_data_dir(args.data):
-        return Path(args.data)
-    if args.data is None:
+    if data is not None and data_mod.is_data_dir(data):
+        return Path(data)
+    if data is None:
         out, inputs = Path(DEFAULT_DATA), None
     else:
-        p = Path(args.data)
-        if not p.exists() and not any(ch in args.data for ch in "*?["):
-            raise TrainError(f"--data {args.data} does not exist")
+        p = Path(data)
+        if not p.exists() and not any(ch in data for ch in "*?["):
+            raise TrainError(f"--data {data} does not exist")
         # Raw text is prepared once into data/<name>-<hash of the inputs and tokenizer>.
         key = hashlib.sha1(json.dumps([str(p.resolve()), tok_args]).encode()).hexdigest()[:8]
-        out, inputs = Path("data") / f"{p.stem.strip('*') or 'corpus'}-{key}", [args.data]
+        out, inputs = Path("data") / f"{p.stem.strip('*') or 'corpus'}-{key}", [data]
     if data_mod.is_data_dir(out):
         meta = json.loads((out / data_mod.META).read_text())
-        wanted = {k: v for k, v in tok_args.items()}
-        have = {k: meta.get("args", {}).get(k) for k in wanted}
-        if have == wanted:
+        if {k: meta.get("args", {}).get(k) for k in tok_args} == tok_args:
             return out
-    if is_main:
-        print(f"preparing {'the default corpus (Python stdlib source)' if inputs is None else args.data}"
+    if env.is_main:
+        print(f"preparing {'the default corpus (Python stdlib source)' if inputs is None else data}"
               f" into {out}", file=sys.stderr)
         try:
-            meta = prepare_mod.prepare(inputs, out, **tok_args, progress=not args.no_progress)
+            meta = prepare_mod.prepare(inputs, out, **tok_args, progress=progress)
         except prepare_mod.PrepareError as e:
             raise TrainError(str(e)) from None
         print(prepare_mod.summary(meta, out), file=sys.stderr)
-    if ddp:
+    if env.ddp:
         torch.distributed.barrier()
     return out
 
 
 # -- model and optimizer ----------------------------------------------------------------------
-def build_model(args, vocab_size: int, resume_config: dict | None, device: torch.device):
+def new_model(args, vocab_size: int):
+    """A freshly initialised GPT of --preset with --model-args (seeded by the caller)."""
     from .model import GPT, GPTConfig
 
     try:
-        if resume_config is not None:
-            config = GPTConfig.from_dict(resume_config)
-        else:
-            config = GPTConfig.from_preset(args.preset, vocab_size=vocab_size,
-                                           **parse_model_args(args.model_args))
+        config = GPTConfig.from_preset(args.preset, vocab_size=vocab_size,
+                                       **parse_model_args(args.model_args))
     except (ValueError, TypeError) as e:
         raise TrainError(str(e).splitlines()[0]) from None
-    if config.vocab_size < vocab_size:
-        raise TrainError(f"the model's vocab_size {config.vocab_size} is smaller than the "
-                         f"tokenizer's {vocab_size}")
-    model = GPT(config)
+    return GPT(config)
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """_ext.resolve_backend, with 'auto' falling back to torch as a warning that says why."""
     try:
-        backend, reason = _ext.resolve_backend(args.backend, device)
+        backend, reason = _ext.resolve_backend(requested, device)
     except _ext.ExtensionNotAvailable as e:
         raise TrainError(f"--backend ext: {e}") from None
     if reason is not None:
         warnings.warn(f"--backend auto: {reason} Using the torch backend.", RuntimeWarning,
                       stacklevel=2)
-    model.backend = backend
-    return model
+    return backend
 
 
-def configure_optimizer(model, args, device: torch.device) -> torch.optim.AdamW:
+def configure_optimizer(model, cfg: Config) -> torch.optim.AdamW:
     """AdamW with weight decay on 2-D parameters only; fused where this torch supports it."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay},
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    kw = dict(lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8)
-    if device.type in ("cuda", "cpu"):
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    if torch.device(cfg.device).type in ("cuda", "cpu"):
         try:
             return torch.optim.AdamW(groups, fused=True, **kw)
         except (RuntimeError, TypeError):
@@ -229,29 +331,29 @@ def configure_optimizer(model, args, device: torch.device) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, **kw)
 
 
-def lr_at(step: int, args) -> float:
+def get_lr(step: int, cfg: Config) -> float:
     """Linear warmup to --lr, then cosine decay to --min-lr at --max-iters."""
-    if step < args.warmup_iters:
-        return args.lr * (step + 1) / args.warmup_iters
-    if step >= args.max_iters:
-        return args.min_lr
-    span = max(args.max_iters - args.warmup_iters, 1)
-    progress = (step - args.warmup_iters) / span
-    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    if step >= cfg.max_iters:
+        return cfg.min_lr
+    span = max(cfg.max_iters - cfg.warmup_iters, 1)
+    progress = (step - cfg.warmup_iters) / span
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
 # -- evaluation -------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, dataset, args, device, autocast) -> dict:
+def evaluate(model, dataset, cfg: Config, device, autocast) -> dict:
     """Mean loss on --eval-iters batches of each split, drawn from a generator seeded the same
     way at every evaluation (the same windows each time, so the curve is not noise)."""
     model.eval()
     out = {}
     for split in ("train", "val"):
-        g = torch.Generator().manual_seed(args.seed + 10_000 + (split == "val"))
+        g = torch.Generator().manual_seed(cfg.seed + 10_000 + (split == "val"))
         losses = []
-        for _ in range(args.eval_iters):
-            x, y = data_mod.get_batch(dataset.split(split), args.batch_size, args.block_size,
+        for _ in range(cfg.eval_iters):
+            x, y = data_mod.get_batch(dataset.split(split), cfg.batch_size, cfg.block_size,
                                       g, device)
             with autocast:
                 _, loss = model(x, y)
@@ -259,6 +361,28 @@ def evaluate(model, dataset, args, device, autocast) -> dict:
         out[split] = sum(losses) / len(losses)
     model.train()
     return out
+
+
+@torch.no_grad()
+def evaluate_split(model, tokens, block_size: int, batch_size: int, device, autocast,
+                   max_targets: int | None = None) -> tuple[float, int]:
+    """(mean loss in nats/token, targets scored) over a whole split: every token predicted
+    once, by consecutive windows (data.covering_windows), a sample beyond max_targets."""
+    offsets, skip = data_mod.covering_windows(len(tokens), block_size, max_targets)
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(offsets), batch_size):
+        x, y = data_mod.windows(tokens, offsets[i:i + batch_size], block_size, device)
+        # Targets the window before scored: -1, the loss's ignore_index. Out of place: x and y
+        # may be views of one buffer.
+        done = torch.arange(block_size) < skip[i:i + batch_size, None]
+        y = y.masked_fill(done.to(y.device), -1)
+        n = int((~done).sum())
+        with autocast:
+            _, loss = model(x, y)
+        total, count = total + loss.item() * n, count + n
+    model.train()
+    return total / count, count
 
 
 @torch.no_grad()
@@ -270,7 +394,109 @@ def sample_text(model, tok, device, n_tokens: int, seed: int) -> str:
     return tok.decode(ids)
 
 
-# -- metrics and plot -------------------------------------------------------------------------
+# -- what a run reports -----------------------------------------------------------------------
+class RunLogger:
+    """Everything a run reports, from rank 0 only (on the other ranks every method does
+    nothing): metrics.jsonl, loss.png, MLflow (--mlflow) and the console (a tqdm bar, or log
+    lines with --no-progress)."""
+
+    def __init__(self, cfg: Config, enabled: bool, start_step: int, unigram: float,
+                 flops_per_step: float, peak: float | None):
+        self.enabled, self.cfg, self.unigram = enabled, cfg, unigram
+        self.flops_per_step, self.peak = flops_per_step, peak
+        self.out_dir = Path(cfg.out_dir)
+        self.rows = (read_metrics(self.out_dir / METRICS_FILE, start_step)
+                     if enabled and cfg.resume else [])
+        self.mlflow, self.bar = None, None
+        if not enabled:
+            return
+        if cfg.mlflow:
+            self.mlflow = _start_mlflow(cfg)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not cfg.no_progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.max_iters, initial=start_step, unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+        self.t_last = time.perf_counter()
+
+    def print(self, msg: str) -> None:
+        if self.enabled:
+            self.bar.write(msg) if self.bar is not None else print(msg, file=sys.stderr)
+
+    def add(self, row: dict) -> None:
+        """A metrics row: kept for metrics.jsonl and the plot, and sent to MLflow."""
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({k: float(v) for k, v in row.items()
+                                     if isinstance(v, (int, float)) and k != "step"},
+                                    step=row["step"])
+
+    def train_step(self, step: int, loss: float, lr: float, grad_norm) -> None:
+        """Called after every optimizer step; a row every --log-interval steps."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        dt, self.t_last = now - self.t_last, now
+        tok_s = self.cfg.tokens_per_step / dt
+        if step % self.cfg.log_interval == 0:
+            row = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_s,
+                   "time": time.time()}
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+            if self.peak:
+                row["mfu"] = self.flops_per_step / dt / self.peak / self.cfg.world_size
+            self.add(row)
+            if self.bar is None:
+                print(f"step {step}: loss {loss:.4f}, {tok_s:,.0f} tok/s", file=sys.stderr)
+            else:
+                post = {"loss": f"{loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
+                if self.peak:
+                    post["mfu"] = f"{100 * row['mfu']:.1f}%"
+                self.bar.set_postfix(post, refresh=False)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def evaluation(self, step: int, losses: dict, bytes_per_token: float, text: str) -> None:
+        bpb = data_mod.bits_per_byte(losses["val"], bytes_per_token)
+        self.add({"step": step, "val_loss": losses["val"], "train_loss_eval": losses["train"],
+                  "val_bpb": bpb, "unigram_entropy": self.unigram})
+        self.print(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
+                   f"({bpb:.3f} bits/byte; unigram entropy {self.unigram:.3f})")
+        if text:
+            self.print("  | " + text.replace("\n", "\n  | "))
+        if self.enabled:
+            plot_losses(self.out_dir / PLOT_FILE, self.rows, self.unigram)
+
+    def write_metrics(self) -> None:
+        if self.enabled:
+            with ckpt.atomic_write(self.out_dir / METRICS_FILE) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+            self.mlflow = None
+
+
+def _start_mlflow(cfg: Config):
+    """The mlflow module with a run started and the options logged as its params."""
+    try:
+        import mlflow
+    except ImportError:
+        raise TrainError("--mlflow needs the mlflow package: pip install 'gptmod_ext[mlflow]'"
+                         ) from None
+    mlflow.set_tracking_uri(cfg.mlflow)
+    mlflow.set_experiment("gptmod_ext")
+    mlflow.start_run(run_name=Path(cfg.out_dir).name)
+    mlflow.log_params({k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
+    return mlflow
+
+
 def read_metrics(path: Path, upto_step: int) -> list[dict]:
     """The metrics lines of a resumed run up to its checkpoint step (later ones were lost)."""
     if not path.is_file():
@@ -284,10 +510,6 @@ def read_metrics(path: Path, upto_step: int) -> list[dict]:
         if row.get("step", 0) <= upto_step:
             rows.append(row)
     return rows
-
-
-def write_metrics(path: Path, rows: list[dict]) -> None:
-    ckpt._atomic_write(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
 def plot_losses(path: Path, rows: list[dict], baseline: float | None) -> None:
@@ -310,338 +532,349 @@ def plot_losses(path: Path, rows: list[dict], baseline: float | None) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    ckpt._atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    with ckpt.atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
 
-class MLflowLogger:
-    """Params and metrics to MLflow when --mlflow is given (mlflow is an optional extra)."""
-
-    def __init__(self, uri: str | None, args, out_dir: Path):
-        self.run = None
-        if not uri:
-            return
-        try:
-            import mlflow
-        except ImportError:
-            raise TrainError("--mlflow needs the mlflow package: pip install 'gptmod_ext[mlflow]'"
-                             ) from None
-        self.mlflow = mlflow
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment("gptmod_ext")
-        self.run = mlflow.start_run(run_name=out_dir.name)
-        mlflow.log_params({k: v for k, v in vars(args).items() if v is not None})
-
-    def log(self, metrics: dict, step: int) -> None:
-        if self.run is not None:
-            self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()
-                                     if isinstance(v, (int, float)) and k != "step"}, step=step)
-
-    def close(self) -> None:
-        if self.run is not None:
-            self.mlflow.end_run()
+# -- setup: everything a run needs, built once ------------------------------------------------
+@dataclass
+class Run:
+    """The objects fit() works on. `step` and `best_val` are the only fields that change."""
+    cfg: Config
+    env: Env
+    dataset: data_mod.Dataset
+    tok: tokenizer_mod.Tokenizer
+    raw_model: torch.nn.Module     # the GPT itself: saved, evaluated, sampled from
+    model: torch.nn.Module         # what the loop calls: raw_model, compiled and/or in DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: contextlib.AbstractContextManager
+    sampler: torch.Generator       # the training windows (see the module doc)
+    log: RunLogger
+    unigram: float                 # the loss of the best context-free model: the one to beat
+    step: int = 0
+    best_val: float = float("inf")
 
 
-# -- the run ----------------------------------------------------------------------------------
-def train(args) -> int:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.grad_accum % world:  # checked before the process group, so every rank exits fast
-        raise TrainError(f"--grad-accum {args.grad_accum} is not divisible by the "
-                         f"{world} processes (it is the total over all of them)")
-    ddp, rank, local_rank, world, device = setup_distributed(args.device)
-    is_main = rank == 0
+def _read_resume(args) -> ckpt.Resumed | None:
+    if not args.resume:
+        return None
     try:
-        rc = _train(args, ddp, rank, world, device, is_main)
-        if ddp:
-            # Leave together: a gloo rank whose peer tears its connections down first can abort
-            # in teardown ("terminate called without an active exception").
-            torch.distributed.barrier()
-        return rc
-    finally:
-        if ddp:
-            torch.distributed.destroy_process_group()
+        return ckpt.load_for_resume(args.out_dir)
+    except ckpt.CheckpointError as e:
+        raise TrainError(f"--resume: {e}") from None
 
 
-def _train(args, ddp, rank, world, device, is_main) -> int:
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out_dir = Path(args.out_dir)
-    accum = args.grad_accum // world
-    if args.min_lr is None:
-        args.min_lr = args.lr / 10
-    if args.warmup_iters is None:
-        args.warmup_iters = max(args.max_iters // 20, 1)
-    if args.stop_at is not None and args.stop_at < 1:
-        raise TrainError("--stop-at must be a positive step")
-
-    # Resume: the model config, the step and the training state come from the run directory.
-    state, resume_config = None, None
-    if args.resume:
-        try:
-            config = ckpt.read_config(out_dir)
-            state = ckpt.load_train_state(out_dir)
-            tensors, tied = ckpt.read_weights(out_dir)
-        except ckpt.CheckpointError as e:
-            raise TrainError(f"--resume: {e}") from None
-        if config.get("step") != state["step"]:
-            raise TrainError(f"--resume: {out_dir} holds weights of step {config.get('step')} "
-                             f"but a training state of step {state['step']}")
-        resume_config = config["model"]
-        if args.data is None and config.get("data"):
-            args.data = config["data"]
-
-    data_dir = resolve_data(args, is_main, ddp)
+def _load_data(args, env: Env, resumed) -> tuple[Path, data_mod.Dataset, tokenizer_mod.Tokenizer]:
+    data = args.data if args.data is not None or resumed is None else resumed.config.get("data")
+    data_dir = resolve_data(data, tokenizer_args(args), env, progress=not args.no_progress)
     try:
         dataset = data_mod.load(data_dir)
         tok = dataset.tokenizer()
     except (data_mod.DataError, tokenizer_mod.TokenizerError) as e:
         raise TrainError(str(e)) from None
-
-    if state is not None and config["tokenizer"].get("sha1") != tok.describe()["sha1"]:
+    if resumed is not None and resumed.config["tokenizer"].get("sha1") != tok.describe()["sha1"]:
         raise TrainError(f"--resume: the tokenizer of {data_dir} is not the one the run in "
-                         f"{out_dir} was trained with; pass its --data")
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = build_model(args, tok.vocab_size, resume_config, device)
-    if args.block_size is None:
-        args.block_size = model.config.block_size
-    if args.block_size > model.config.block_size:
-        raise TrainError(f"--block-size {args.block_size} is larger than the model's "
-                         f"block_size {model.config.block_size}")
+                         f"{args.out_dir} was trained with; pass its --data")
+    return data_dir, dataset, tok
+
+
+def _check_sizes(cfg: Config, model, dataset, vocab_size: int) -> None:
+    if model.config.vocab_size < vocab_size:
+        raise TrainError(f"the model's vocab_size {model.config.vocab_size} is smaller than the "
+                         f"tokenizer's {vocab_size}")
     for split in ("train", "val"):
-        if len(dataset.split(split)) <= args.block_size:
-            raise TrainError(f"the {split} split of {data_dir} has {len(dataset.split(split))} "
-                             f"tokens, too few for --block-size {args.block_size}")
-    if state is not None:
-        try:
-            ckpt.load_weights(model, tensors, tied, f" in {out_dir}")
-        except ckpt.CheckpointError as e:
-            raise TrainError(f"--resume: {e}") from None
-    model.to(device)
+        if len(dataset.split(split)) <= cfg.block_size:
+            raise TrainError(f"the {split} split of {cfg.data} has {len(dataset.split(split))} "
+                             f"tokens, too few for --block-size {cfg.block_size}")
 
-    optimizer = configure_optimizer(model, args, device)
-    start_step, best_val = 0, float("inf")
-    # One sampler for the global batch, seeded alike on every rank (see the module doc).
-    sampler = torch.Generator().manual_seed(args.seed)
-    if state is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            start_step, best_val = int(state["step"]), float(state.get("best_val_loss", best_val))
-            sampler.set_state(state["data"]["sampler"])
-            ckpt.set_rng_state(state["rng"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise TrainError(f"--resume: {out_dir / ckpt.STATE_FILE} does not fit this run "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                             ) from None
-    if start_step >= args.max_iters:
-        raise TrainError(f"the run in {out_dir} is already at step {start_step} "
-                         f"(--max-iters {args.max_iters}); raise --max-iters to continue")
 
-    dtype = pick_dtype(args.dtype, device)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
-                else contextlib.nullcontext())
-    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # The unigram entropy of the train tokens: the loss of the best context-free model.
-    unigram = data_mod.unigram_entropy(dataset.train, tok.vocab_size)
-    bytes_per_token = dataset.bytes_per_token("val")
-    tokens_per_step = args.batch_size * args.block_size * accum * world
-    flops_per_step = raw_model.flops_per_token(args.block_size) * tokens_per_step
-    peak = None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-    metrics_path = out_dir / "metrics.jsonl"
-    rows = read_metrics(metrics_path, start_step) if state is not None else []
-    train_args = {**vars(args), "backend": raw_model.backend}
-    tracker = MLflowLogger(args.mlflow, args, out_dir) if is_main else MLflowLogger(None, args, out_dir)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"model: {args.preset} {raw_model.num_params() / 1e6:.2f}M params, backend "
-              f"{raw_model.backend}, {device} {str(dtype).replace('torch.', '')}"
-              f"{', compiled' if args.compile else ''}; data {data_dir}: "
-              f"{len(dataset.train):,} train tokens, tokenizer {tok.name}", file=sys.stderr)
-        print(f"unigram entropy of the train tokens: {unigram:.3f} nats/token (the loss to beat); "
-              f"{tokens_per_step:,} tokens/step ({world} x {accum} x {args.batch_size} x "
-              f"{args.block_size})", file=sys.stderr)
-        if not rows:
-            rows.append({"step": 0, "unigram_entropy": unigram, "bytes_per_token": bytes_per_token,
-                         "params": raw_model.num_params()})
-
-    def save(step: int, val_loss: float | None) -> None:
-        """A checkpoint of the state after `step` updates (collective under DDP)."""
-        if not is_main:
-            return
-        ckpt.save_train_state(out_dir, {
-            "step": step, "optimizer": optimizer.state_dict(), "rng": ckpt.rng_state(),
-            "data": {"sampler": sampler.get_state(), "grad_accum": args.grad_accum,
-                     "batch_size": args.batch_size}, "best_val_loss": best_val, "world_size": world,
-        })
-        ckpt.save_model(out_dir, raw_model, tok, train_args,
-                        {"step": step, "val_loss": val_loss, "data": str(data_dir.resolve()),
-                         "unigram_entropy": unigram})
-        write_metrics(metrics_path, rows)
-
-    def run_eval(step: int) -> float:
-        nonlocal best_val
-        cuda_ids = ([device.index if device.index is not None else torch.cuda.current_device()]
-                    if device.type == "cuda" else [])
-        # Evaluation and the sample must not move the training RNG (exact resume).
-        with torch.random.fork_rng(devices=cuda_ids):
-            losses = evaluate(raw_model, dataset, args, device, autocast)
-            text = ""
-            if is_main and args.sample_tokens:
-                text = sample_text(raw_model, tok, device, args.sample_tokens, args.seed)
-        if ddp:  # the average over ranks would equal rank 0's (same windows), so no reduce
-            pass
-        best_val = min(best_val, losses["val"])
-        if is_main:
-            bpb = data_mod.bits_per_byte(losses["val"], bytes_per_token)
-            row = {"step": step, "val_loss": losses["val"], "train_loss_eval": losses["train"],
-                   "val_bpb": bpb, "unigram_entropy": unigram}
-            rows.append(row)
-            tracker.log(row, step)
-            msg = (f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
-                   f"({bpb:.3f} bits/byte; unigram entropy {unigram:.3f})")
-            bar.write(msg) if bar is not None else print(msg, file=sys.stderr)
-            if text:
-                sample = text.replace("\n", "\n  | ")
-                (bar.write if bar is not None else print)(f"  | {sample}")
-            plot_losses(out_dir / "loss.png", rows, unigram)
-        return losses["val"]
-
-    # Ctrl-C: the first one ends the run at the next step boundary with a checkpoint; a second
-    # one interrupts at once (KeyboardInterrupt, no save).
-    stop_requested = False
-
-    def on_sigint(signum, frame):
-        nonlocal stop_requested
-        if stop_requested:
-            raise KeyboardInterrupt
-        stop_requested = True
-
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
-    bar = None
-    if is_main and not args.no_progress:
-        from tqdm import tqdm
-        bar = tqdm(total=args.max_iters, initial=start_step, unit="step", dynamic_ncols=True,
-                   file=sys.stderr)
-
-    end = args.max_iters if args.stop_at is None else min(args.stop_at, args.max_iters)
-    step, status, val_loss = start_step, 0, None
-    saved_step, evaluated_step = start_step, start_step
-    model.train()
-    t_last = time.perf_counter()
+def _restore(run: Run, state: ckpt.TrainState) -> None:
     try:
-        while True:
-            if step % args.eval_interval == 0 and (step > start_step or step == 0):
-                val_loss = run_eval(step)
-                evaluated_step = step
-                if step > start_step:
-                    save(step, val_loss)
-                    saved_step = step
-            stop = stop_requested
-            if ddp:  # every rank must stop at the same step (the save is collective)
-                flag = torch.tensor([float(stop)], device=device)
-                torch.distributed.all_reduce(flag)
-                stop = bool(flag.item())
-            if step >= end or stop:
-                break
+        run.optimizer.load_state_dict(state.optimizer)
+        run.sampler.set_state(state.sampler)
+        ckpt.set_rng_state(state.rng)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise TrainError(f"--resume: {Path(run.cfg.out_dir) / ckpt.STATE_FILE} does not fit "
+                         f"this run ({type(e).__name__}: {ckpt._first_line(e)})") from None
+    run.step, run.best_val = state.step, state.best_val_loss
 
-            lr = lr_at(step, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            offsets = data_mod.random_offsets(len(dataset.train), args.block_size,
-                                              args.grad_accum * args.batch_size, sampler)
-            for micro in range(accum):
-                first = (rank * accum + micro) * args.batch_size
-                x, y = data_mod.windows(dataset.train, offsets[first:first + args.batch_size],
-                                        args.block_size, device)
-                # Gradients are averaged across ranks on the last micro-step only.
-                sync = contextlib.nullcontext() if (not ddp or micro == accum - 1) else model.no_sync()
-                with sync:
-                    with autocast:
-                        _, loss = model(x, y)
-                    loss = loss / accum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            if ddp:
-                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-            loss_value = loss_sum.item()
-            if not math.isfinite(loss_value):
-                msg = (f"error: the loss is {loss_value} at step {step + 1}; stopping without "
-                       f"saving this state (the last checkpoint in {out_dir} is the last good "
-                       "one). Try a lower --lr or --grad-clip.")
-                if is_main:
-                    print(msg, file=sys.stderr)
-                status = 1
-                break
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            else:
-                norm = None
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
 
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            tok_s = tokens_per_step / dt
-            if is_main and step % args.log_interval == 0:
-                row = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tok_s,
-                       "time": time.time()}
-                if norm is not None:
-                    row["grad_norm"] = float(norm)
-                if peak:
-                    row["mfu"] = flops_per_step / dt / peak / world
-                rows.append(row)
-                tracker.log(row, step)
-                if bar is not None:
-                    post = {"loss": f"{loss_value:.3f}", "tok/s": f"{tok_s:,.0f}"}
-                    if peak:
-                        post["mfu"] = f"{100 * row['mfu']:.1f}%"
-                    bar.set_postfix(post, refresh=False)
-                else:
-                    print(f"step {step}: loss {loss_value:.4f}, {tok_s:,.0f} tok/s", file=sys.stderr)
-            if bar is not None:
-                bar.update(1)
+def _wrap(model, cfg: Config, env: Env):
+    """The module the loop calls: compiled (--compile), then in DDP under torchrun."""
+    if cfg.compile:
+        model = torch.compile(model)
+    if env.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return model
+
+
+def setup(args, env: Env) -> Run:
+    """Resolves the options into a Config and builds the run: data, model, optimizer, AMP,
+    wrappers, the logger, and on --resume the saved state."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    resumed = _read_resume(args)
+    data_dir, dataset, tok = _load_data(args, env, resumed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = resumed.model if resumed is not None else new_model(args, tok.vocab_size)
+    cfg = resolve_config(args, env, data_dir, model.config.block_size,
+                         resolve_backend(args.backend, env.device))
+    _check_sizes(cfg, model, dataset, tok.vocab_size)
+    model.backend = cfg.backend
+    model.to(env.device)
+    dtype = pick_dtype(cfg.dtype)
+    autocast = (torch.autocast(env.device.type, dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    peak = None
+    if env.device.type == "cuda":
+        name = torch.cuda.get_device_name(env.device)
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    run = Run(cfg, env, dataset, tok, model, model, configure_optimizer(model, cfg),
+              torch.amp.GradScaler(env.device.type, enabled=(dtype == torch.float16)),
+              autocast, torch.Generator().manual_seed(cfg.seed), None,
+              data_mod.unigram_entropy(dataset.train, tok.vocab_size))
+    if resumed is not None:
+        _restore(run, resumed.state)
+    if run.step >= cfg.max_iters:
+        raise TrainError(f"the run in {cfg.out_dir} is already at step {run.step} "
+                         f"(--max-iters {cfg.max_iters}); raise --max-iters to continue")
+    run.model = _wrap(model, cfg, env)
+    run.log = RunLogger(cfg, env.is_main, run.step, run.unigram,
+                        model.flops_per_token(cfg.block_size) * cfg.tokens_per_step, peak)
+    return run
+
+
+def print_banner(run: Run, defaulted_accum: bool) -> None:
+    """What is trained on what, and the tokens of one step (rank 0)."""
+    cfg, m = run.cfg, run.raw_model
+    if not run.env.is_main:
+        return
+    run.log.print(f"model: {cfg.preset} {m.num_params() / 1e6:.2f}M params, backend "
+                  f"{m.backend}, {cfg.device} {cfg.dtype}{', compiled' if cfg.compile else ''}; "
+                  f"data {cfg.data}: {len(run.dataset.train):,} train tokens, tokenizer "
+                  f"{run.tok.name}")
+    accum = ("; --grad-accum not given: one micro-batch per process"
+             f" ({cfg.grad_accum} in total)" if defaulted_accum and cfg.world_size > 1 else "")
+    run.log.print(f"unigram entropy of the train tokens: {run.unigram:.3f} nats/token (the loss "
+                  f"to beat); {cfg.tokens_per_step:,} tokens/step ({cfg.world_size} x "
+                  f"{cfg.micro_steps} x {cfg.batch_size} x {cfg.block_size}){accum}")
+    if not run.log.rows:
+        run.log.add({"step": 0, "unigram_entropy": run.unigram,
+                     "bytes_per_token": run.dataset.bytes_per_token("val"),
+                     "params": m.num_params()})
+
+
+# -- the loop ---------------------------------------------------------------------------------
+def train_step(run: Run) -> tuple[float, float, torch.Tensor | None]:
+    """One optimizer step: grad_accum micro-batches over all processes, gradients averaged
+    once, clipped, applied. (loss, lr, grad norm); a loss that is not finite is returned
+    without applying the update (run.step stays)."""
+    cfg, env = run.cfg, run.env
+    lr = get_lr(run.step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    accum = cfg.micro_steps
+    loss_sum = torch.zeros((), device=env.device)
+    offsets = data_mod.random_offsets(len(run.dataset.train), cfg.block_size,
+                                      cfg.grad_accum * cfg.batch_size, run.sampler)
+    for micro in range(accum):
+        first = (env.rank * accum + micro) * cfg.batch_size
+        x, y = data_mod.windows(run.dataset.train, offsets[first:first + cfg.batch_size],
+                                cfg.block_size, env.device)
+        # Gradients are averaged across ranks on the last micro-step only.
+        last = not env.ddp or micro == accum - 1
+        with contextlib.nullcontext() if last else run.model.no_sync():
+            with run.autocast:
+                _, loss = run.model(x, y)
+            loss = loss / accum
+            run.scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    if env.ddp:
+        torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+    loss_value = loss_sum.item()
+    if not math.isfinite(loss_value):
+        return loss_value, lr, None
+    norm = None
+    if cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return loss_value, lr, norm
+
+
+def validate(run: Run) -> float:
+    """One evaluation (and a short sample on rank 0), reported; returns the val loss."""
+    env = run.env
+    cuda_ids = ([env.device.index if env.device.index is not None else torch.cuda.current_device()]
+                if env.device.type == "cuda" else [])
+    # Evaluation and the sample must not move the training RNG (exact resume). Every rank
+    # evaluates the same windows, so rank 0's numbers are the average: nothing to reduce.
+    with torch.random.fork_rng(devices=cuda_ids):
+        losses = evaluate(run.raw_model, run.dataset, run.cfg, env.device, run.autocast)
+        text = ""
+        if env.is_main and run.cfg.sample_tokens:
+            text = sample_text(run.raw_model, run.tok, env.device, run.cfg.sample_tokens,
+                               run.cfg.seed)
+    run.best_val = min(run.best_val, losses["val"])
+    run.log.evaluation(run.step, losses, run.dataset.bytes_per_token("val"), text)
+    return losses["val"]
+
+
+def final_evaluation(run: Run) -> float | None:
+    """The finished model on the whole val split (rank 0): reported and added to the metrics."""
+    if not run.env.is_main or run.cfg.final_eval_tokens <= 0:
+        return None
+    val = run.dataset.val
+    loss, n = evaluate_split(run.raw_model, val, run.cfg.block_size, run.cfg.batch_size,
+                             run.env.device, run.autocast, run.cfg.final_eval_tokens)
+    bpb = data_mod.bits_per_byte(loss, run.dataset.bytes_per_token("val"))
+    scope = ("the whole val split" if n >= len(val) - 1 else
+             f"an evenly spaced sample of the val split's {len(val) - 1:,} (--final-eval-tokens)")
+    run.log.add({"step": run.step, "final_val_loss": loss, "final_val_bpb": bpb,
+                 "final_val_tokens": n, "val_split_tokens": len(val)})
+    run.log.print(f"final evaluation: val loss {loss:.4f} ({bpb:.3f} bits/byte) over {n:,} "
+                  f"tokens: {scope}")
+    return loss
+
+
+def save(run: Run, val_loss: float | None) -> None:
+    """A checkpoint of the state after run.step updates (rank 0 writes it)."""
+    if not run.env.is_main:
+        return
+    cfg = run.cfg
+    state = ckpt.TrainState(step=run.step, optimizer=run.optimizer.state_dict(),
+                            rng=ckpt.rng_state(), sampler=run.sampler.get_state(),
+                            grad_accum=cfg.grad_accum, batch_size=cfg.batch_size,
+                            best_val_loss=run.best_val, world_size=cfg.world_size)
+    ckpt.save_run(cfg.out_dir, run.raw_model, run.tok, state, dataclasses.asdict(cfg),
+                  {"val_loss": val_loss, "data": str(Path(cfg.data).resolve()),
+                   "unigram_entropy": run.unigram})
+    run.log.write_metrics()
+
+
+class StopOnSigint:
+    """Ctrl-C: the first one asks the run to end at the next step boundary (with a checkpoint);
+    a second one interrupts at once (KeyboardInterrupt, no save)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
+
+
+def _agreed(flag: bool, env: Env) -> bool:
+    """flag on any rank, on every rank: they must stop at the same step (saving is collective)."""
+    if not env.ddp:
+        return flag
+    t = torch.tensor([float(flag)], device=env.device)
+    torch.distributed.all_reduce(t)
+    return bool(t.item())
+
+
+def fit(run: Run) -> int:
+    """The training loop, from run.step to --max-iters (or --stop-at); the exit status."""
+    cfg, start = run.cfg, run.step
+    end = cfg.max_iters if cfg.stop_at is None else min(cfg.stop_at, cfg.max_iters)
+    status, val_loss, whole, saved, evaluated = 0, None, False, start, start
+    run.model.train()
+    stop = StopOnSigint()
+    try:
+        with stop:
+            while True:
+                if run.step % cfg.eval_interval == 0 and (run.step > start or run.step == 0):
+                    val_loss, evaluated = validate(run), run.step
+                    if run.step > start:
+                        save(run, val_loss)
+                        saved = run.step
+                if run.step >= end or _agreed(stop.requested, run.env):
+                    break
+                loss, lr, norm = train_step(run)
+                if not math.isfinite(loss):
+                    status = _report_bad_loss(run, loss)
+                    break
+                run.log.train_step(run.step, loss, lr, norm)
         if status == 0:
-            if step >= args.max_iters and evaluated_step != step:
-                val_loss = run_eval(step)  # the final evaluation
-            if saved_step != step:
-                save(step, val_loss)
+            if run.step >= cfg.max_iters and evaluated != run.step:
+                val_loss = validate(run)
+            if saved != run.step:
+                save(run, val_loss)
+            if run.step >= cfg.max_iters:
+                final = final_evaluation(run)
+                if final is not None:
+                    run.log.write_metrics()
+                    val_loss, whole = final, True
     except KeyboardInterrupt:
-        if is_main:
-            print(f"\ninterrupted at step {step}; the last checkpoint in {out_dir} is kept",
-                  file=sys.stderr)
+        run.log.print(f"\ninterrupted at step {run.step}; the last checkpoint in {cfg.out_dir} "
+                      "is kept")
         status = 130
     finally:
-        signal.signal(signal.SIGINT, old_handler)
-        if bar is not None:
-            bar.close()
-        tracker.close()
-    if is_main and status == 0:
-        if stop_requested:
-            print(f"stopped at step {step} by Ctrl-C; checkpoint saved in {out_dir} "
-                  "(continue with --resume)", file=sys.stderr)
-        elif step < args.max_iters:
-            print(f"stopped at step {step} (--stop-at); checkpoint saved in {out_dir} "
-                  "(continue with --resume)", file=sys.stderr)
-        else:
-            final = f"val loss {val_loss:.4f}" if val_loss is not None else ""
-            print(f"done: {step} steps, {final} (unigram entropy {unigram:.3f}); "
-                  f"run saved in {out_dir}", file=sys.stderr)
+        run.log.close()
+    _report_end(run, status, stop.requested, val_loss, whole)
     return status
+
+
+def _report_bad_loss(run: Run, loss: float) -> int:
+    run.log.print(f"error: the loss is {loss} at step {run.step + 1}; stopping without saving "
+                  f"this state (the last checkpoint in {run.cfg.out_dir} is the last good one). "
+                  "Try a lower --lr or --grad-clip.")
+    return 1
+
+
+def _report_end(run: Run, status: int, stopped: bool, val_loss: float | None,
+                whole: bool) -> None:
+    if not run.env.is_main or status != 0:
+        return
+    out = run.cfg.out_dir
+    if stopped:
+        msg = (f"stopped at step {run.step} by Ctrl-C; checkpoint saved in {out} "
+               "(continue with --resume)")
+    elif run.step < run.cfg.max_iters:
+        msg = (f"stopped at step {run.step} (--stop-at); checkpoint saved in {out} "
+               "(continue with --resume)")
+    else:
+        final = "" if val_loss is None else (
+            f"val loss {val_loss:.4f}{' on the whole val split' if whole else ''}")
+        msg = (f"done: {run.step} steps, {final} (unigram entropy {run.unigram:.3f}); "
+               f"run saved in {out}")
+    print(msg, file=sys.stderr)
+
+
+# -- entry points -----------------------------------------------------------------------------
+def train(args) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.grad_accum is not None and args.grad_accum % world:
+        # Checked before the process group, so every rank exits fast.
+        raise TrainError(f"--grad-accum {args.grad_accum} is not divisible by the "
+                         f"{world} processes (it is the total over all of them)")
+    env = setup_distributed(args.device)
+    try:
+        run = setup(args, env)
+        print_banner(run, defaulted_accum=args.grad_accum is None)
+        rc = fit(run)
+        if env.ddp:
+            # Leave together: a gloo rank whose peer tears its connections down first can abort
+            # in teardown ("terminate called without an active exception").
+            torch.distributed.barrier()
+        return rc
+    finally:
+        if env.ddp:
+            torch.distributed.destroy_process_group()
 
 
 def main(argv=None) -> int:
