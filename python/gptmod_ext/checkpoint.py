@@ -368,9 +368,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None):
-    """Deprecated: load_model(run_dir, device, dtype or 'float32', backend='torch'), kept until
-    serve.py has moved to load_model. (model, tokenizer, config dict)."""
-    model, tok, info = load_model(run_dir, device, dtype or "float32", backend="torch")
+    """Deprecated: load_model(run_dir, device, dtype, backend='torch'), kept until serve.py and
+    export.py have moved to load_model. (model, tokenizer, config dict). dtype None is 'auto'
+    as everywhere (bfloat16 on GPUs that support it), so the server and the sampler agree."""
+    model, tok, info = load_model(run_dir, device, dtype, backend="torch")
     return model, tok, info.config
 
 
