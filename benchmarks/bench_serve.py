@@ -16,6 +16,12 @@ Python standard library (throughput does not depend on the weights): 'small' (6 
 512) by default, 'tiny' (4 x 256) with --quick. --ckpt serves an existing run directory.
 
     PYTHONPATH=python python benchmarks/bench_serve.py [--quick] [--preset small] [--ckpt out/]
+
+--baseline DIR serves the same run directory with another copy of the package (DIR holds its
+gptmod_ext/, e.g. `git archive <commit> python | tar -x -C /tmp/base` then /tmp/base/python),
+alternating before / after runs, and reports the after/before ratios of TTFT p50/p99, ITL and
+throughput per concurrency (ratios from one session hold on a noisy machine; absolute times
+do not). --out writes <out>.json and <out>.md.
 """
 from __future__ import annotations
 
@@ -59,13 +65,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run_dir: Path, max_batch: int, extra=()):
+def start_server(run_dir: Path, max_batch: int, extra=(), src: str | None = None):
+    """The server on a free port; src: the directory holding the gptmod_ext to serve with
+    (default: the package this process imports)."""
     import httpx
 
     port = _free_port()
-    import gptmod_ext  # the server process imports the same package as this one
+    import gptmod_ext
 
-    pkg_parent = str(Path(gptmod_ext.__file__).resolve().parent.parent)
+    pkg_parent = src or str(Path(gptmod_ext.__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, "-m", "gptmod_ext.serve", "--ckpt", str(run_dir),
@@ -151,7 +159,7 @@ def _pct(xs, q):
 
 
 def run(quick: bool = False, preset: str | None = None, ckpt: str | None = None,
-        concurrency=None, threads: int | None = None) -> list[dict]:
+        concurrency=None, threads: int | None = None, src: str | None = None) -> list[dict]:
     """Rows of {clients, requests, failed, tokens, seconds, tok_per_s, speedup, ttft_p50_ms,
     ttft_p99_ms, itl_p50_ms, itl_p99_ms}."""
     from gptmod_ext.checkpoint import read_config
@@ -163,7 +171,7 @@ def run(quick: bool = False, preset: str | None = None, ckpt: str | None = None,
         cfg = read_config(run_dir)["model"]
         jobs = workload(cfg["vocab_size"], cfg["block_size"], quick)
         extra = ("--threads", str(threads)) if threads else ()
-        proc, url = start_server(run_dir, max_batch=max(concurrency), extra=extra)
+        proc, url = start_server(run_dir, max_batch=max(concurrency), extra=extra, src=src)
         rows = []
         try:
             asyncio.run(run_clients(url, jobs[:4], 4))  # warm-up
@@ -207,6 +215,53 @@ def print_table(rows: list[dict]) -> None:
             print(f"clients={r['clients']}: errors {r['errors']}")
 
 
+RATIO_COLS = ["ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tok_per_s"]
+
+
+def compare(baseline: str, quick: bool, preset: str | None, threads: int | None,
+            rounds: int = 2, concurrency=None) -> dict:
+    """Before (baseline's package) and after (this one) on the same run directory and
+    workload, alternating; per concurrency the median over rounds and after/before ratios."""
+    import statistics
+
+    preset = preset or ("tiny" if quick else "small")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = make_run(Path(tmp) / f"bench-{preset}", preset)
+        runs = {"before": [], "after": []}
+        for _ in range(rounds):
+            for side, src in (("before", baseline), ("after", None)):
+                runs[side].append(run(quick, preset, str(run_dir), concurrency, threads, src))
+    med = {side: [{**rs[0], **{c: statistics.median(r[i][c] for r in rs) for c in RATIO_COLS}}
+                  for i in range(len(rs[0]))] for side, rs in runs.items()}
+    ratios = [{"clients": b["clients"], **{c: round(a[c] / b[c], 3) if b[c] else None
+                                           for c in RATIO_COLS}}
+              for b, a in zip(med["before"], med["after"])]
+    return {"preset": preset, "quick": quick, "rounds": rounds, "runs": runs, "median": med,
+            "after_over_before": ratios}
+
+
+def compare_markdown(res: dict, machine: dict) -> str:
+    from common import md_table
+
+    lines = [f"# Serving: before / after, {res['preset']} preset, {res['rounds']} alternating rounds",
+             "", f"Machine: {machine['cpu_model']}, {machine['usable_cpus']} usable CPUs "
+             f"(shared with other work while measuring: absolute times are noisy, the ratios "
+             f"from one session are the result), torch {machine['torch']}, float32, CPU.",
+             f"Workload: {N_REQUESTS} streaming greedy completions (prompts 8-96 tokens), "
+             f"--max-batch 32; TTFT from sending to the first text chunk.", ""]
+    for side in ("before", "after"):
+        lines += [f"## {side} (median of rounds)", "",
+                  md_table(["clients", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"],
+                           [[str(r["clients"]), f"{r['tok_per_s']:.1f}", f"{r['ttft_p50_ms']:.1f}",
+                             f"{r['ttft_p99_ms']:.1f}", f"{r['itl_p50_ms']:.2f}", f"{r['itl_p99_ms']:.2f}"]
+                            for r in res["median"][side]]), ""]
+    lines += ["## after / before (< 1 is faster for latencies, > 1 is faster for tok/s)", "",
+              md_table(["clients"] + RATIO_COLS,
+                       [[str(r["clients"])] + [f"{r[c]:.2f}" if r[c] else "-" for c in RATIO_COLS]
+                        for r in res["after_over_before"]]), ""]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the tiny preset, shorter outputs")
@@ -215,7 +270,22 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="the server's torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="compare with the gptmod_ext found in DIR (before / after ratios)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds with --baseline")
+    p.add_argument("--out", default=None, help="with --baseline: write OUT.json and OUT.md")
     args = p.parse_args(argv)
+    if args.baseline:
+        import common
+
+        res = compare(args.baseline, args.quick, args.preset, args.threads, args.rounds)
+        machine = common.machine_info()
+        text = compare_markdown(res, machine)
+        print(text)
+        if args.out:
+            common.write_json(Path(args.out + ".json"), {"machine": machine, **res})
+            common.write_text(Path(args.out + ".md"), text)
+        return 0
     rows = run(quick=args.quick, preset=args.preset, ckpt=args.ckpt, threads=args.threads)
     print_table(rows)
     if args.json:

@@ -125,6 +125,6 @@ def served_model(run_dir: Path, url: str):
     """(model, tokenizer): the served weights loaded here, on the backend the server uses."""
     import httpx
 
-    model, tok, _ = checkpoint.load_run(run_dir, device="cpu")
-    model.backend = httpx.get(url + "/health").json()["backend"]
+    backend = httpx.get(url + "/health").json()["backend"]
+    model, tok, _ = checkpoint.load_model(run_dir, "cpu", "float32", backend)
     return model, tok

@@ -2,6 +2,7 @@
 echo + logprobs, streamed logprobs, penalties, logit_bias, chat logprobs), the tokenizer routes,
 /metrics parsed with prometheus_client, CORS headers, --request-timeout and the SIGTERM drain.
 Logprobs are checked against the model's own float64 log-softmax."""
+import json
 import signal
 import time
 
@@ -198,18 +199,23 @@ def test_request_timeout(slow_run):
 
 
 def test_sigterm_drains_then_exits_0(slow_run):
-    with live_server(slow_run, "--max-batch", "2", "--shutdown-timeout", "60") as url:
-        body = {"prompt": "q", "max_tokens": 300, "temperature": 0, "ignore_eos": True,
-                "stream": True}
-        with httpx.Client(timeout=60) as c, c.stream("POST", url + "/v1/completions", json=body) as s:
-            lines = s.iter_lines()
-            assert next(lines).startswith("data: ")  # running
+    # One slot, two long streams: one running, one queued, so the drain has seconds of work.
+    with live_server(slow_run, "--max-batch", "1", "--shutdown-timeout", "120") as url:
+        body = {"prompt": "q", "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.Client(timeout=120) as c, \
+                c.stream("POST", url + "/v1/completions", json=body) as a, \
+                c.stream("POST", url + "/v1/completions", json=body) as b:
+            lines_a = a.iter_lines()
+            assert next(lines_a).startswith("data: ")  # running
             url.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
+            time.sleep(0.3)
             refused = httpx.post(url + "/v1/completions", json={"prompt": "x"}, timeout=10)
             assert refused.status_code == 503
-            rest = list(lines)
-        assert rest[-2] == "data: [DONE]" or rest[-1] == "data: [DONE]"
-        final = [ln for ln in rest if '"usage"' in ln][-1]
-        assert '"completion_tokens": 300' in final.replace('":', '": ').replace('":  ', '": ')
+            assert httpx.get(url + "/health").status_code == 503
+            streams = [list(lines_a), list(b.iter_lines())]
+        for lines in streams:
+            data = [ln for ln in lines if ln.startswith("data: ")]
+            assert data[-1] == "data: [DONE]"
+            assert json.loads(data[-2][6:])["usage"]["completion_tokens"] == 1000
         assert url.proc.wait(timeout=30) == 0

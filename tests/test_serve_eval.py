@@ -80,8 +80,7 @@ def evaluated(tmp_path_factory):
                        f"max_retries=1,max_length=128,batch_size=4,tokenized_requests=True",
             tasks=["tiny_mc", "tiny_gen"], task_manager=TaskManager(include_path=str(root)),
             log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
-    model, tok, _ = checkpoint.load_run(run_dir, device="cpu")
-    model.backend = "torch"
+    model, tok, _ = checkpoint.load_model(run_dir, "cpu", "float32", "torch")
     return out, model, tok
 
 

@@ -582,8 +582,10 @@ class Engine:
     def _new_seq(self, req: Request, index: int, slot: int) -> _Seq:
         p = req.params
         seed = None if p.seed is None else p.seed + index
+        # context: a decode-only (Hugging Face) tokenizer needs the prompt's last tokens to
+        # get a word-initial space right (see streaming._RedecodeDecoder).
         return _Seq(req, index, sampling.make_generator(seed, self.device),
-                    TextStreamer(self.tokenizer, p.stop), slot=slot,
+                    TextStreamer(self.tokenizer, p.stop, context=req.prompt_ids[-4:]), slot=slot,
                     counts=self.runner.new_counts() if p.penalized else None)
 
     def _plan_prefill(self, decoding: bool) -> list[_Chunk]:
@@ -655,7 +657,8 @@ class Engine:
     def _is_text(self, tok: int) -> bool:
         # Special tokens (<|endoftext|> with ignore_eos) have no text, and an id the tokenizer
         # lacks (a model vocabulary larger than its tokenizer's) must not fail the whole batch.
-        return 0 <= tok < self.tokenizer.vocab_size and not self.tokenizer.is_special(tok)
+        is_special = getattr(self.tokenizer, "is_special", None)  # HF tokenizers skip their own
+        return 0 <= tok < self.tokenizer.vocab_size and not (is_special and is_special(tok))
 
     def _advance(self, seq: _Seq, tok: int, lp: Optional[TokenLogprob]) -> None:
         req, p = seq.request, seq.request.params

@@ -259,12 +259,17 @@ class ChatApi(Api):
     extra_stop = (CHAT_STOP,)
 
     def __init__(self, template=None):
-        self.template = template  # messages -> prompt text; None: render_chat
+        # messages -> prompt token ids (a Hugging Face chat template, which marks the end of a
+        # turn itself, so no extra stop string); None: render_chat
+        self.template = template
+        if template is not None:
+            self.extra_stop = ()
 
     def prompts(self, body, tokenizer) -> list[list[int]]:
         messages = parse_messages(body)
-        text = self.template(messages) if self.template else render_chat(messages)
-        return [tokenizer.encode(text)]
+        if self.template is not None:
+            return [list(self.template(messages))]
+        return [tokenizer.encode(render_chat(messages))]
 
     def default_max_tokens(self, room: int) -> int:
         return room

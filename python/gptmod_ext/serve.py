@@ -46,9 +46,10 @@ except ImportError as e:  # the one optional dependency group this module needs
     raise ImportError(f"gptmod_ext.serve needs fastapi and uvicorn: "
                       f"pip install 'gptmod_ext[serve]' ({e})") from None
 
+from .devices import DTYPE_CHOICES
 from .engine import Engine, Event, QueueFull
 from .protocol import (CHAT, CHAT_STOP, COMPLETIONS, SSE_DONE, Api, ApiError, ChatApi,  # noqa: F401
-                       ChoiceOutput, Job, parse_request, render_chat,
+                       ChoiceOutput, Job, boolean, parse_request, render_chat,
                        response_head, sse, usage)
 
 MAX_BODY_BYTES = 1 << 20
@@ -371,7 +372,9 @@ async def tokenize(request: Request):
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise ApiError(400, "'prompt' must be a string (or send 'messages')", param="prompt")
-        ids = st.tokenizer.encode(prompt)
+        hf = getattr(st.tokenizer, "hf", None)  # ours adds no BOS: nothing to switch off
+        ids = (hf.encode(prompt, add_special_tokens=boolean(body, "add_special_tokens", True))
+               if hf is not None else st.tokenizer.encode(prompt))
     return {"count": len(ids), "max_model_len": st.engine.block_size, "tokens": ids}
 
 
@@ -467,28 +470,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: Optional[str
 
 
 # -- the command line --------------------------------------------------------------------------
-def pick_backend(model, requested: str) -> str:
-    """'auto': the ext ops when they load and run a cached step; otherwise the torch backend."""
-    if requested != "auto":
-        model.backend = requested
-        return requested
-    try:
-        model.backend = "ext"
-        cache = model.new_kv_cache(1, 2)
-        import torch
-        model.forward_cached(torch.zeros(1, 1, dtype=torch.long, device=model.device), cache)
-        return "ext"
-    except Exception as e:  # missing or stale build: say so once and serve with torch
-        print(f"serve: ext backend unavailable ({str(e).splitlines()[0][:120]}); "
-              f"using the torch backend", file=sys.stderr)
-        model.backend = "torch"
-        return "torch"
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gptmod_ext.serve",
                                 description="OpenAI-compatible server with continuous batching")
-    p.add_argument("--ckpt", default="out", help="run directory (model.safetensors, config.json)")
+    p.add_argument("--ckpt", default="out",
+                   help="a run directory (model.safetensors, config.json) or a Hugging Face folder")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="concurrent sequences (KV cache slots)")
@@ -500,9 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model-name", default=None, help="the model id (default: the run dir name)")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as saved)")
-    p.add_argument("--backend", default="auto", choices=["auto", "ext", "torch"])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto: bfloat16 on GPUs that support it, else float32 (as the sampler)")
+    p.add_argument("--backend", default="auto", choices=["auto", "ext", "torch"],
+                   help="ext: our compiled ops; torch: pure PyTorch; auto: ext where it can run")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)")
     p.add_argument("--compile", action="store_true",
@@ -543,6 +531,45 @@ class _DrainingServer:
         return Server(config)
 
 
+def chat_template(tok):
+    """(template string, messages -> prompt ids) of a Hugging Face tokenizer that has a chat
+    template; (None, None) otherwise (render_chat's plain text is used)."""
+    hf_tok = getattr(tok, "hf", None)
+    template = getattr(hf_tok, "chat_template", None)
+    if not template:
+        return None, None
+
+    def render(messages):
+        return hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                          return_dict=False)
+    return template, render
+
+
+def build_app(args) -> tuple:
+    """(app, engine, banner) from the command line; CheckpointError or ValueError on a bad one."""
+    from .checkpoint import load_model
+
+    model, tok, info = load_model(args.ckpt, args.device, args.dtype, args.backend)
+    if info.backend_note:
+        print(f"serve: ext backend unavailable ({info.backend_note}); using the torch backend",
+              file=sys.stderr)
+    if args.compile:
+        model.compile_decode()
+    engine = Engine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue,
+                    prefill_budget=args.prefill_budget)
+    name = args.model_name or Path(args.ckpt).resolve().name
+    template, render = chat_template(tok)
+    app = create_app(engine, tok, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                     request_timeout=args.request_timeout, cors_origins=args.cors_origin,
+                     chat_template=template, render_template=render)
+    banner = (f"serve: model '{name}' ({info.kind}, {model.backend} backend, {model.device}, "
+              f"{model.dtype}{', compiled decode' if args.compile else ''}"
+              f"{', its chat template' if template else ''}), {args.max_batch} slots x "
+              f"{engine.block_size} tokens; http://{args.host}:{args.port}/ (playground), "
+              f"/v1 (OpenAI API)")
+    return app, engine, banner
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -550,32 +577,18 @@ def main(argv=None) -> int:
     except ImportError:
         print("serve: needs fastapi and uvicorn: pip install 'gptmod_ext[serve]'", file=sys.stderr)
         return 1
-    from .checkpoint import CheckpointError, load_run
+    from .checkpoint import CheckpointError
 
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
     try:
-        model, tok, _ = load_run(args.ckpt, device=args.device, dtype=args.dtype)
-    except CheckpointError as e:
+        app, engine, banner = build_app(args)
+    except (CheckpointError, ValueError, ImportError) as e:
         print(f"serve: {e}", file=sys.stderr)
         return 1
-    try:
-        backend = pick_backend(model, args.backend)
-        if args.compile:
-            model.compile_decode()
-        engine = Engine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue,
-                        prefill_budget=args.prefill_budget)
-    except (ValueError, ImportError) as e:
-        print(f"serve: {e}", file=sys.stderr)
-        return 1
-    name = args.model_name or Path(args.ckpt).resolve().name
-    app = create_app(engine, tok, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                     request_timeout=args.request_timeout, cors_origins=args.cors_origin)
     engine.start()
-    print(f"serve: model '{name}' ({backend} backend, {model.device}, {model.dtype}), "
-          f"{args.max_batch} slots x {engine.block_size} tokens; "
-          f"http://{args.host}:{args.port}/ (playground), /v1 (OpenAI API)", flush=True)
+    print(banner, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=2)
     try:
