@@ -350,3 +350,20 @@ def test_hf_folder_is_not_exported_again(exported, tmp_path, capsys):
     assert code == 1
     assert_one_line_error(err, "already a Hugging Face folder")
     assert not (tmp_path / "o").exists()
+
+
+def test_server_serves_the_exported_folder(exported, ours):
+    openai = pytest.importorskip("openai")
+    from serve_util import API_KEY, live_server
+
+    tok = ours["bpe"]["tok"]
+    with live_server(exported["bpe"], "--api-key", API_KEY, "--backend", "torch",
+                     "--device", "cpu") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
+        for prompt, greedy in zip(PROMPTS, ours["bpe"]["greedy"]):
+            r = client.completions.create(model=client.models.list().data[0].id, prompt=prompt,
+                                          max_tokens=N_NEW, temperature=0)
+            raw = tok.decode_bytes([i for i in greedy if i != tok.eot_id])
+            assert r.choices[0].text == codecs.getincrementaldecoder("utf-8")("replace").decode(
+                raw, final=tok.eot_id in greedy)
+            assert r.usage.completion_tokens == len(greedy)
