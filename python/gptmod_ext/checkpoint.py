@@ -42,8 +42,10 @@ class CheckpointError(Exception):
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (its type when it has none), for one-line reports."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 @contextlib.contextmanager
@@ -176,7 +178,7 @@ class TrainState:
                        world_size=int(d.get("world_size", 1)))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{where} does not fit this run ({type(e).__name__}: "
-                                  f"{_first_line(e)})") from None
+                                  f"{first_line(e)})") from None
 
 
 def save_run(run_dir: str | os.PathLike, model: torch.nn.Module,
@@ -319,7 +321,7 @@ def _load_hf(path: Path):
         raise
     except Exception as e:  # unsupported architecture, corrupt or missing weights
         raise CheckpointError(f"cannot load the Hugging Face model in {path}: "
-                              f"{_first_line(e)}") from None
+                              f"{first_line(e)}") from None
     return model, tok, json.loads((path / CONFIG_FILE).read_text())
 
 
@@ -360,7 +362,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     try:
         model.to(device=device, dtype=dtype)
     except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device on a CPU-only torch
-        raise CheckpointError(f"cannot put the model on {device}: {_first_line(e)}") from None
+        raise CheckpointError(f"cannot put the model on {device}: {first_line(e)}") from None
     model.backend = backend
     model.eval()
     return LoadedModel(model, tok, ModelInfo(kind, path, config, note))
@@ -384,7 +386,7 @@ def _read_train_state(run_dir: Path) -> TrainState:
         if not isinstance(state, dict) or "step" not in state:
             raise ValueError("not a training state")
     except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"{path} is corrupt ({_first_line(e)})") from None
+        raise CheckpointError(f"{path} is corrupt ({first_line(e)})") from None
     return TrainState.from_dict(state, str(path))
 
 

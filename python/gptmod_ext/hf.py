@@ -220,8 +220,8 @@ class HFTokenizer:
         try:
             self.hf = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # transformers raises many types for unusable files
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"cannot load the tokenizer in {path}: {msg}") from None
+            from .checkpoint import first_line
+            raise ValueError(f"cannot load the tokenizer in {path}: {first_line(e)}") from None
         self.eot_id = self.hf.eos_token_id
         self.bos_id = self.hf.bos_token_id
         self.vocab_size = len(self.hf)

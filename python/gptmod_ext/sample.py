@@ -41,6 +41,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import first_line as _first_line
 from .devices import DTYPE_CHOICES, dtype_name
 
 PROG = "python -m gptmod_ext.sample"
@@ -366,11 +367,6 @@ def run(args) -> int:
 
 # -----------------------------------------------------------------------------------------------
 # Entry point: every failure becomes one line on stderr
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def main(argv=None) -> int:

@@ -597,7 +597,7 @@ def _restore(run: Run, state: ckpt.TrainState) -> None:
         ckpt.set_rng_state(state.rng)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise TrainError(f"--resume: {Path(run.cfg.out_dir) / ckpt.STATE_FILE} does not fit "
-                         f"this run ({type(e).__name__}: {ckpt._first_line(e)})") from None
+                         f"this run ({type(e).__name__}: {ckpt.first_line(e)})") from None
     run.step, run.best_val = state.step, state.best_val_loss
 
 
