@@ -368,15 +368,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     return LoadedModel(model, tok, ModelInfo(kind, path, config, note))
 
 
-def load_run(run_dir: str | os.PathLike, device: str | torch.device | None = None,
-             dtype: str | torch.dtype | None = None):
-    """Deprecated: load_model(run_dir, device, dtype, backend='torch'), kept until serve.py and
-    export.py have moved to load_model. (model, tokenizer, config dict). dtype None is 'auto'
-    as everywhere (bfloat16 on GPUs that support it), so the server and the sampler agree."""
-    model, tok, info = load_model(run_dir, device, dtype, backend="torch")
-    return model, tok, info.config
-
-
 def _read_train_state(run_dir: Path) -> TrainState:
     path = run_dir / STATE_FILE
     if not path.is_file():
