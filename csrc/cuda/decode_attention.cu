@@ -14,11 +14,15 @@
 // paged_attention (one block per (head, sequence, partition), a separate reduce kernel). No code
 // is taken from them.
 //
-// Lengths live on the device, so nothing here reads them on the host: the split chunk is derived
-// from S_max, and the kernels clamp cache_seqlens[b] to [0, S_max] (the CPU entry point checks
-// the values instead) so every access stays inside the cache whatever the values.
+// Lengths live on the device, so nothing here reads them on the host: the number of splits is
+// chosen from S_max, while each block cuts its own sequence's length into that many chunks (so a
+// ragged batch has no splits left idle by a short sequence), and the kernels clamp
+// cache_seqlens[b] to [0, S_max] (the CPU entry point checks the values instead) so every access
+// stays inside the cache whatever the values.
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -27,6 +31,7 @@
 #include <cuda_pipeline_primitives.h>
 #include <torch/library.h>
 
+#include "gptmod/cuda_utils.cuh"
 #include "gptmod/decode_attention_checks.h"
 #include "gptmod/decode_attention_common.h"
 
@@ -34,7 +39,6 @@ namespace gptmod {
 namespace {
 
 constexpr int kThreads = 256;       // per block of the split kernel
-constexpr int kMaxHeadDim = 256;    // bound of the generic (non-templated) head dim path
 constexpr int kTileBytes = 8192;    // K (or V) tile bytes per stage: 2 stages x (K + V) = 32 KB
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -44,17 +48,17 @@ constexpr int next_pow2(int x) {
   return p;
 }
 
-// Thread layout for one head dim (kHeadDim = 0: generic, sized for kMaxHeadDim).
+// Thread layout for a head-dim bound kDim: the exact D of the 64 / 128 instances, else the
+// smallest of 32, 64, 128, 256 that holds D (so D = 96 uses 12 of 16 lanes, not 12 of 32).
 //   kVec   elements per 16-byte chunk (8 for fp16/bf16, 4 for fp32)
 //   kTx    lanes per "row group": the lanes that share one dot product, each owning kNv chunks
 //          (chunk c * kTx + lane) of the row; a power of two <= 32 so the reduction is a few
 //          __shfl_xor_sync within the warp
 //   kRows  row groups per block; each takes one query row and a slice of the tile's rows
 //   kTile  K/V rows per tile
-template <typename scalar_t, int kHeadDim>
+template <typename scalar_t, int kDim>
 struct Layout {
   static constexpr int kVec = 16 / int(sizeof(scalar_t));
-  static constexpr int kDim = kHeadDim > 0 ? kHeadDim : kMaxHeadDim;
   static constexpr int kChunks = (kDim + kVec - 1) / kVec;
   static constexpr int kTx = kChunks >= 32 ? 32 : next_pow2(kChunks);
   static constexpr int kNv = (kChunks + kTx - 1) / kTx;
@@ -74,24 +78,18 @@ struct SplitParams {
   void* out;               // [B, Tq, Hq, D] contiguous (written when num_splits == 1)
   float* ws_out;           // [B, Hkv, num_splits, NQ, D] normalised partial outputs
   float* ws_lse;           // [B, Hkv, num_splits, NQ] log2-domain lse (-inf: no rows)
-  int64_t S_max, chunk;
+  int64_t S_max;
   int Tq, Hq, Hkv, D, G, num_splits;
   float qmul;     // scale * log2e without softcap, scale with it
   float softcap;  // 0 = off
   bool aligned;   // every K/V row starts on a 16-byte boundary: cp.async 16-byte chunks
 };
 
-// 16 bytes of scalar_t -> kVec floats.
-template <typename scalar_t, int kVec>
-__device__ __forceinline__ void chunk_to_float(const uint4& u, float (&f)[kVec]) {
-  const scalar_t* h = reinterpret_cast<const scalar_t*>(&u);
-#pragma unroll
-  for (int e = 0; e < kVec; ++e) f[e] = static_cast<float>(h[e]);
-}
-
 /*
- * decode_attention_split_kernel<scalar_t, kHeadDim, kGroup>
+ * decode_attention_split_kernel<scalar_t, kDim, kExactDim, kGroup>
  *   grid  (num_splits, Hkv, B); block kThreads = 256 threads = kRows row groups x kTx lanes.
+ *   Head dim D = kDim when kExactDim, else runtime D <= kDim. Group size G = kGroup, or runtime
+ *   when kGroup = 0.
  *   Query rows of the block: i = t * G + g (head kvh * G + g, query t), NQ = G * Tq of them,
  *   handled NQC = min(NQ, kRows) at a time. Row group r takes query y = r % NQC and row slice
  *   z = r / NQC (rows z, z + NZ, ... of each tile, NZ = kRows / NQC); groups with z >= NZ idle.
@@ -99,15 +97,18 @@ __device__ __forceinline__ void chunk_to_float(const uint4& u, float (&f)[kVec])
  *   16-byte chunk, zero-padded), then the combine area: m, l [kRows] and acc [kRows][DP] fp32.
  *   Each row group keeps an online softmax (m, l in log2 units, acc over its lanes' elements);
  *   at the end of a query chunk the NZ slices of each query are merged through shared memory.
- *   Split s covers rows [s * chunk, min((s + 1) * chunk, len)); query t sees rows < len - Tq + t + 1
- *   (attention_visible_rows), so rows >= len are never loaded.
+ *   Split s covers rows [s * chunk, min((s + 1) * chunk, len)) with chunk = ceil(len /
+ *   num_splits) of this sequence's own length; query t sees rows < len - Tq + t + 1
+ *   (attention_visible_rows), and a query chunk streams tiles only up to the last row its
+ *   latest query sees, so rows >= len are never loaded and a chunk early in the prompt reads
+ *   only the prefix it can see.
  *   Output: out[b, t, h, :] (num_splits == 1) or ws_out / ws_lse (merged later).
  */
-template <typename scalar_t, int kHeadDim, int kGroup>
+template <typename scalar_t, int kDim, bool kExactDim, int kGroup>
 __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(const SplitParams p) {
-  using L = Layout<scalar_t, kHeadDim>;
+  using L = Layout<scalar_t, kDim>;
   constexpr int VEC = L::kVec, TX = L::kTx, NV = L::kNv, R = L::kRows, TILE = L::kTile;
-  const int D = kHeadDim > 0 ? kHeadDim : p.D;
+  const int D = kExactDim ? kDim : p.D;
   const int G = kGroup > 0 ? kGroup : p.G;
   const int CH = (D + VEC - 1) / VEC;  // 16-byte chunks per row
   const int DP = CH * VEC;             // row length in shared memory
@@ -123,18 +124,19 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(const 
   int64_t len = p.seqlens[b];
   len = len < 0 ? 0 : (len > p.S_max ? p.S_max : len);
   int64_t first = 0, last = len;
-  if (p.num_splits > 1) attention_split_range(len, p.chunk, split, &first, &last);
+  if (p.num_splits > 1)
+    attention_split_range(len, attention_split_chunk(len, p.num_splits), split, &first, &last);
 
   const int64_t ws_base = ((b * p.Hkv + kvh) * p.num_splits + split) * NQ;  // row of ws_lse
   if (first >= last) {
-    // Empty split (short sequence in a ragged batch): no rows, lse = -inf. With a single split
-    // this means len == 0 (only for lengths the CPU would refuse): the output is zero.
-    for (int e = tid; e < NQ * D; e += kThreads) {
-      const int i = e / D, d = e % D;
-      if (p.num_splits > 1) {
-        p.ws_out[(ws_base + i) * D + d] = 0.f;
-        if (d == 0) p.ws_lse[ws_base + i] = -INFINITY;
-      } else {
+    // Empty split (a sequence shorter than num_splits rows): lse = -inf tells the merge to skip
+    // it, so its ws_out rows are left unwritten. With a single split this means len == 0 (only
+    // for lengths the CPU would refuse): the output is zero.
+    if (p.num_splits > 1) {
+      for (int i = tid; i < NQ; i += kThreads) p.ws_lse[ws_base + i] = -INFINITY;
+    } else {
+      for (int64_t e = tid; e < int64_t(NQ) * D; e += kThreads) {
+        const int i = int(e / D), d = int(e % D);
         const int t = i / G, h = kvh * G + i % G;
         static_cast<scalar_t*>(p.out)[((b * p.Tq + t) * p.Hq + h) * D + d] = scalar_t(0.f);
       }
@@ -150,8 +152,6 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(const 
 
   const scalar_t* kbase = static_cast<const scalar_t*>(p.k) + b * p.k_sb + kvh * p.k_sh;
   const scalar_t* vbase = static_cast<const scalar_t*>(p.v) + b * p.v_sb + kvh * p.v_sh;
-  const int64_t n_rows = last - first;
-  const int64_t n_tiles = (n_rows + TILE - 1) / TILE;
 
   // Rows [j0, j0 + n) of K and V into stage `stage`, then one commit group. Whole aligned
   // chunks go through cp.async; a partial last chunk (D not a multiple of kVec) or a misaligned
@@ -203,12 +203,19 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(const 
       for (int u = 0; u < VEC; ++u) acc[c][u] = 0.f;
     float m = -INFINITY, l = 0.f;
 
-    load_tile(0, first, int(n_rows < TILE ? n_rows : TILE));
+    // The chunk's latest query (largest t) sees the most rows; tiles past its last row hold
+    // nothing for any query of the chunk. Uniform over the block, so the barriers below are too.
+    const int t_hi = ((qc + NQC < NQ ? qc + NQC : NQ) - 1) / G;
+    const int64_t chunk_end = std::min<int64_t>(last, attention_visible_rows(len, p.Tq, t_hi));
+    const int64_t n_rows = chunk_end > first ? chunk_end - first : 0;
+    const int64_t n_tiles = (n_rows + TILE - 1) / TILE;
+
+    if (n_tiles > 0) load_tile(0, first, int(n_rows < TILE ? n_rows : TILE));
     for (int64_t tt = 0; tt < n_tiles; ++tt) {
       const int64_t j0 = first + tt * TILE;
-      const int n = int(last - j0 < TILE ? last - j0 : TILE);
+      const int n = int(chunk_end - j0 < TILE ? chunk_end - j0 : TILE);
       if (tt + 1 < n_tiles) {
-        const int64_t rest = last - j0 - TILE;
+        const int64_t rest = chunk_end - j0 - TILE;
         load_tile(int((tt + 1) & 1), j0 + TILE, int(rest < TILE ? rest : TILE));
       } else {
         __pipeline_commit();  // empty group: keeps "all but the newest group" = this tile
@@ -229,7 +236,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(const 
             const int ch = c * TX + lane;
             if (ch < CH) {
               float kf[VEC];
-              chunk_to_float<scalar_t, VEC>(*reinterpret_cast<const uint4*>(ks + j * DP + ch * VEC), kf);
+              cuda::load_vec<scalar_t, VEC>(ks + j * DP + ch * VEC, kf);  // one LDS.128
 #pragma unroll
               for (int u = 0; u < VEC; ++u) s = fmaf(qr[c][u], kf[u], s);
             }
@@ -250,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(const 
             const int ch = c * TX + lane;
             if (ch < CH) {
               float vf[VEC];
-              chunk_to_float<scalar_t, VEC>(*reinterpret_cast<const uint4*>(vs + j * DP + ch * VEC), vf);
+              cuda::load_vec<scalar_t, VEC>(vs + j * DP + ch * VEC, vf);  // one LDS.128
 #pragma unroll
               for (int u = 0; u < VEC; ++u) acc[c][u] = fmaf(pr, vf[u], acc[c][u] * alpha);
             }
@@ -276,7 +283,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(const 
       }
     }
     __syncthreads();
-    for (int e = tid; e < NQC * D; e += kThreads) {
+    for (int e = tid; e < NQC * D; e += kThreads) {  // NQC <= kRows: no overflow
       const int yy = e / D, d = e % D, ii = qc + yy;
       if (ii >= NQ) continue;
       float M = -INFINITY;
@@ -305,7 +312,8 @@ __global__ void __launch_bounds__(kThreads) decode_attention_split_kernel(const 
 
 /*
  * decode_attention_merge_kernel<scalar_t>
- *   grid  B * Hkv * NQ blocks, one per query row (b, kvh, i); block 128 threads along D.
+ *   grid  B * Hkv * NQ blocks, one per query row (b, kvh, i); block merge_threads(D) threads
+ *   along D.
  *   out[b, t, h, d] = sum_s 2^(lse_s - M) ws_out[s, d] / sum_s 2^(lse_s - M), M = max_s lse_s;
  *   splits with lse = -inf (no rows) weigh nothing.
  */
@@ -338,25 +346,6 @@ __global__ void decode_attention_merge_kernel(
     dst[d] = static_cast<scalar_t>(wsum > 0.f ? o / wsum : 0.f);
   }
 }
-
-// Head dim -> compile-time constant (64, 128; 0 = generic up to kMaxHeadDim).
-#define GPTMOD_DISPATCH_HEAD_DIM(D, NAME, ...)     \
-  [&] {                                            \
-    switch (D) {                                   \
-      case 64: {                                   \
-        constexpr static int NAME = 64;            \
-        return __VA_ARGS__();                      \
-      }                                            \
-      case 128: {                                  \
-        constexpr static int NAME = 128;           \
-        return __VA_ARGS__();                      \
-      }                                            \
-      default: {                                   \
-        constexpr static int NAME = 0;             \
-        return __VA_ARGS__();                      \
-      }                                            \
-    }                                              \
-  }()
 
 // Group size -> compile-time constant (1, 2, 4, 8; 0 = runtime, e.g. 3, 6, 16).
 #define GPTMOD_DISPATCH_GROUP(G, NAME, ...)        \
@@ -396,47 +385,90 @@ int num_sms(int device) {
   return cache[device];
 }
 
+using SplitKernel = void (*)(const SplitParams);
+
+// Blocks of `kernel` with `smem` bytes of shared memory that one SM holds at once (registers,
+// shared memory and threads all counted by the occupancy API), cached: it is asked per call.
+int resident_blocks(SplitKernel kernel, size_t smem, int device) {
+  struct Entry {
+    SplitKernel kernel;
+    size_t smem;
+    int device, blocks;
+  };
+  static std::mutex mu;
+  static std::vector<Entry> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  for (const Entry& e : cache)
+    if (e.kernel == kernel && e.smem == smem && e.device == device) return e.blocks;
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem));
+  cache.push_back({kernel, smem, device, n > 0 ? n : 1});
+  return cache.back().blocks;
+}
+
+// Merge block size: D rounded up to whole warps (D = 64 -> 64 threads, none idle).
+int merge_threads(int D) { return std::min(256, (D + 31) / 32 * 32); }
+
 bool row_aligned(const at::Tensor& t) {
   const int64_t es = t.element_size();
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && (t.stride(0) * es) % 16 == 0 &&
          (t.stride(1) * es) % 16 == 0 && (t.stride(2) * es) % 16 == 0;
 }
 
+// One head-dim instance: picks the group-size instance, the split count and launches.
+template <typename scalar_t, int kDim, bool kExactDim>
+void launch_dim(SplitParams& p, int64_t B, int64_t requested_splits, const at::Tensor& q,
+                at::Tensor& out, cudaStream_t stream) {
+  using L = Layout<scalar_t, kDim>;
+  SplitKernel kernel;
+  if constexpr (kExactDim) {
+    kernel = GPTMOD_DISPATCH_GROUP(p.G, kGroup, [&] {
+      return &decode_attention_split_kernel<scalar_t, kDim, true, kGroup>;
+    });
+  } else {
+    kernel = &decode_attention_split_kernel<scalar_t, kDim, false, 0>;
+  }
+  const int DP = (p.D + L::kVec - 1) / L::kVec * L::kVec;
+  const size_t smem = size_t(4) * L::kTile * DP * sizeof(scalar_t) + size_t(L::kRows) * (DP + 2) * sizeof(float);
+  TORCH_CHECK(smem <= 48 * 1024, "decode_attention: internal error, shared memory ", smem);
+  const int device = q.get_device();
+  int64_t splits = requested_splits;
+  if (splits == 0) {
+    const int64_t slots = int64_t(num_sms(device)) * resident_blocks(kernel, smem, device);
+    splits = decode_attention_cuda_num_splits(B * p.Hkv, p.S_max, L::kTile, slots);
+  }
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, std::max<int64_t>(p.S_max, 1)));
+  TORCH_CHECK(splits <= 65535, "decode_attention: num_splits must be <= 65535 on CUDA, got ", splits);
+  p.num_splits = int(splits);
+  const int64_t NQ = int64_t(p.G) * p.Tq;
+  at::Tensor ws_out, ws_lse;
+  if (splits > 1) {
+    ws_out = at::empty({B, p.Hkv, splits, NQ, p.D}, q.options().dtype(at::kFloat));
+    ws_lse = at::empty({B, p.Hkv, splits, NQ}, q.options().dtype(at::kFloat));
+    p.ws_out = ws_out.data_ptr<float>();
+    p.ws_lse = ws_lse.data_ptr<float>();
+  }
+  const dim3 grid(unsigned(splits), unsigned(p.Hkv), unsigned(B));
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    decode_attention_merge_kernel<scalar_t><<<unsigned(B * p.Hkv * NQ), merge_threads(p.D), 0, stream>>>(
+        p.ws_out, p.ws_lse, out.data_ptr<scalar_t>(), p.Tq, p.Hq, p.Hkv, p.G, p.D, p.num_splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Head dim -> instance: exact 64 and 128 (q and acc fully unrolled), else the smallest generic
+// bound that holds D, so the lanes of a row group match the row's chunks.
 template <typename scalar_t>
 void launch(SplitParams& p, int64_t B, int64_t requested_splits, const at::Tensor& q,
             at::Tensor& out, cudaStream_t stream) {
-  GPTMOD_DISPATCH_HEAD_DIM(p.D, kHeadDim, [&] {
-    using L = Layout<scalar_t, kHeadDim>;
-    const int64_t items = B * p.Hkv;
-    int64_t splits = requested_splits > 0
-        ? requested_splits
-        : decode_attention_cuda_num_splits(items, p.S_max, L::kTile, num_sms(q.get_device()));
-    splits = std::max<int64_t>(1, std::min<int64_t>(splits, std::max<int64_t>(p.S_max, 1)));
-    TORCH_CHECK(splits <= 65535, "decode_attention: num_splits must be <= 65535 on CUDA, got ", splits);
-    p.num_splits = int(splits);
-    p.chunk = attention_split_chunk(p.S_max, splits);
-    const int NQ = p.G * p.Tq;
-    at::Tensor ws_out, ws_lse;
-    if (splits > 1) {
-      ws_out = at::empty({B, p.Hkv, splits, NQ, p.D}, q.options().dtype(at::kFloat));
-      ws_lse = at::empty({B, p.Hkv, splits, NQ}, q.options().dtype(at::kFloat));
-      p.ws_out = ws_out.data_ptr<float>();
-      p.ws_lse = ws_lse.data_ptr<float>();
-    }
-    const int DP = (p.D + L::kVec - 1) / L::kVec * L::kVec;
-    const size_t smem = size_t(4) * L::kTile * DP * sizeof(scalar_t) + size_t(L::kRows) * (DP + 2) * sizeof(float);
-    TORCH_CHECK(smem <= 48 * 1024, "decode_attention: internal error, shared memory ", smem);
-    const dim3 grid(unsigned(splits), unsigned(p.Hkv), unsigned(B));
-    GPTMOD_DISPATCH_GROUP(p.G, kGroup, [&] {
-      decode_attention_split_kernel<scalar_t, kHeadDim, kGroup><<<grid, kThreads, smem, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    if (splits > 1) {
-      decode_attention_merge_kernel<scalar_t><<<unsigned(B * p.Hkv * NQ), 128, 0, stream>>>(
-          p.ws_out, p.ws_lse, out.data_ptr<scalar_t>(), p.Tq, p.Hq, p.Hkv, p.G, p.D, p.num_splits);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  if (p.D == 64) return launch_dim<scalar_t, 64, true>(p, B, requested_splits, q, out, stream);
+  if (p.D == 128) return launch_dim<scalar_t, 128, true>(p, B, requested_splits, q, out, stream);
+  if (p.D <= 32) return launch_dim<scalar_t, 32, false>(p, B, requested_splits, q, out, stream);
+  if (p.D <= 64) return launch_dim<scalar_t, 64, false>(p, B, requested_splits, q, out, stream);
+  if (p.D <= 128) return launch_dim<scalar_t, 128, false>(p, B, requested_splits, q, out, stream);
+  return launch_dim<scalar_t, 256, false>(p, B, requested_splits, q, out, stream);
 }
 
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
@@ -451,6 +483,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
               "decode_attention: on CUDA B and Hkv must be <= 65535 and B * Tq * Hq < 2^31, got B=",
               B, ", Hkv=", Hkv, ", Tq=", Tq, ", Hq=", Hq);
   c10::cuda::CUDAGuard guard(q.device());
+  cuda::check_device_arch(q.get_device());
   auto out = at::empty({B, Tq, Hq, D}, q.options());
   if (out.numel() == 0) return out;
   const at::Tensor lens = cache_seqlens.contiguous();
@@ -531,6 +564,7 @@ void kv_cache_write_cuda(const at::Tensor& k_cache, const at::Tensor& v_cache,
   check_kv_cache_write_args(k_cache, v_cache, k_new, v_new, cache_seqlens);
   if (k_new.numel() == 0) return;
   c10::cuda::CUDAGuard guard(k_cache.device());
+  cuda::check_device_arch(k_cache.get_device());
   const at::Tensor lens = cache_seqlens.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   switch (k_cache.element_size()) {

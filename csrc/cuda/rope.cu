@@ -16,14 +16,15 @@ namespace gptmod {
 namespace {
 
 using cuda::acc_t;
-using cuda::Pack;
 
 // One work item = N consecutive pairs of one (b, t, h) head row:
 //   half-split:  x[i .. i+N) with x[D/2 + i .. D/2 + i+N)  (two N-element accesses)
 //   interleaved: x[2i .. 2i+2N)                            (two N-element accesses)
 // Items are numbered row-major over [B, T, H, D/2 / N]; a grid-stride loop of 1-D blocks walks
 // them, so consecutive threads touch consecutive memory of one row. N = 16 bytes / sizeof(T)
-// when every pointer, stride and D/2 allow aligned 16-byte accesses, else 1.
+// when every pointer, stride and D/2 allow aligned 16-byte accesses, else 1. With N > 1 each
+// access is one 128-bit load or store (cuda::load_vec / store_vec) and the item's N cos and N
+// sin values come in 16-byte loads too.
 //
 // Out-of-range positions cannot raise from inside a kernel without a host sync, so the kernel
 // never reads the tables for them and writes NaN into that token's output instead (documented in
@@ -36,7 +37,6 @@ __global__ void rope_kernel(const scalar_t* x,                   // [B, T, H, D]
                             const void* __restrict__ positions,  // nullptr, [T] or [B, T]
                             const RopeParams p) {
   using acc = acc_t<scalar_t>;
-  using P = Pack<scalar_t, N>;
   const int64_t half = p.D / 2;
   const int64_t chunks = half / N;  // items per head row
   const int64_t items = p.B * p.T * p.H * chunks;
@@ -61,38 +61,32 @@ __global__ void rope_kernel(const scalar_t* x,                   // [B, T, H, D]
     // interleaved 2N-element span.
     const int64_t o1 = kInterleaved ? 2 * i : i;
     const int64_t o2 = kInterleaved ? 2 * i + N : half + i;
-    P a = *reinterpret_cast<const P*>(xr + o1);
-    P bq = *reinterpret_cast<const P*>(xr + o2);
-    P ya, yb;
+    acc a[N], bq[N], ya[N], yb[N];
+    cuda::load_vec<scalar_t, N>(xr + o1, a);
+    cuda::load_vec<scalar_t, N>(xr + o2, bq);
     if (pos < 0 || pos >= p.max_pos) {
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        ya.v[k] = scalar_t(NAN);
-        yb.v[k] = scalar_t(NAN);
-      }
+      for (int k = 0; k < N; ++k) ya[k] = yb[k] = acc(NAN);
     } else {
-      const acc* c = cos + pos * p.cos_stride;
-      const acc* s = sin + pos * p.sin_stride;
+      acc c[N], s[N];
+      cuda::load_vec<acc, N>(cos + pos * p.cos_stride + i, c);
+      cuda::load_vec<acc, N>(sin + pos * p.sin_stride + i, s);
 #pragma unroll
       for (int q = 0; q < N; ++q) {
-        acc y1, y2;
         if constexpr (kInterleaved) {
           // Pair q sits at lanes 2q, 2q + 1 of the 2N-element span [a | bq].
           const int e = 2 * q;
-          const acc x1 = acc(e < N ? a.v[e] : bq.v[e - N]);
-          const acc x2 = acc(e + 1 < N ? a.v[e + 1] : bq.v[e + 1 - N]);
-          rope_pair<acc>(x1, x2, c[i + q], sgn * s[i + q], y1, y2);
-          (e < N ? ya.v[e] : yb.v[e - N]) = scalar_t(y1);
-          (e + 1 < N ? ya.v[e + 1] : yb.v[e + 1 - N]) = scalar_t(y2);
+          const acc x1 = e < N ? a[e] : bq[e - N];
+          const acc x2 = e + 1 < N ? a[e + 1] : bq[e + 1 - N];
+          rope_pair<acc>(x1, x2, c[q], sgn * s[q], e < N ? ya[e] : yb[e - N],
+                         e + 1 < N ? ya[e + 1] : yb[e + 1 - N]);
         } else {
-          rope_pair<acc>(acc(a.v[q]), acc(bq.v[q]), c[i + q], sgn * s[i + q], y1, y2);
-          ya.v[q] = scalar_t(y1);
-          yb.v[q] = scalar_t(y2);
+          rope_pair<acc>(a[q], bq[q], c[q], sgn * s[q], ya[q], yb[q]);
         }
       }
     }
-    *reinterpret_cast<P*>(orow + o1) = ya;
-    *reinterpret_cast<P*>(orow + o2) = yb;
+    cuda::store_vec<scalar_t, N>(orow + o1, ya);
+    cuda::store_vec<scalar_t, N>(orow + o2, yb);
   }
 }
 
@@ -116,7 +110,8 @@ void launch(const RopeParams& p, cudaStream_t stream) {
 }
 
 // 16-byte accesses need N | D/2 (each half-split half and each interleaved 2N span start on a
-// multiple of N), 16-byte aligned bases, and strides that keep every row aligned.
+// multiple of N), 16-byte aligned bases, and strides that keep every row aligned, in x, out and
+// the tables.
 template <typename scalar_t>
 bool can_pack16(const RopeParams& p) {
   constexpr int N = cuda::kPack16<scalar_t>;
@@ -126,7 +121,11 @@ bool can_pack16(const RopeParams& p) {
   for (int64_t st : {p.x_sb, p.x_st, p.x_sh, p.out_sb, p.out_st, p.out_sh}) {
     if (st % N != 0) return false;
   }
-  return true;
+  // The N cos/sin values of an item are N * sizeof(acc) bytes (a multiple of 16) at a multiple
+  // of that offset in their row: 16-byte loads when the rows start on 16 bytes.
+  constexpr int kTableVec = 16 / int(sizeof(acc_t<scalar_t>));
+  return cuda::aligned16(p.cos) && cuda::aligned16(p.sin) && p.cos_stride % kTableVec == 0 &&
+         p.sin_stride % kTableVec == 0;
 }
 
 void rope_run(const at::Tensor& x, const at::Tensor& out, const at::Tensor& cos,
@@ -134,6 +133,7 @@ void rope_run(const at::Tensor& x, const at::Tensor& out, const at::Tensor& cos,
               bool interleaved, bool inverse) {
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
+  cuda::check_device_arch(x.get_device());
   const at::ScalarType table_t = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor c = cos.to(table_t), s = sin.to(table_t);
   const RopeParams p = rope_params(x, out, c, s, positions, interleaved, inverse);

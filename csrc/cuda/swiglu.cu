@@ -15,19 +15,17 @@ namespace gptmod {
 namespace {
 
 using cuda::acc_t;
-using cuda::Pack;
 
 // Forward. One work item = N consecutive features j .. j+N of one row r: reads g = gate_up[r, j..]
 // and u = gate_up[r, F + j..], writes out[r, j..]. Items are numbered row-major over
 // [rows, F / N]; a grid-stride loop of 1-D blocks walks them (coalesced along a row).
 // N = 16 bytes / sizeof(T) when F, the row strides and the base pointers allow aligned 16-byte
-// accesses, else 1.
+// accesses (one 128-bit load or store each, cuda::load_vec / store_vec), else 1.
 template <typename scalar_t, int N>
 __global__ void swiglu_fwd_kernel(const scalar_t* __restrict__ gate_up,  // [rows, 2F] by gu_rows
                                   scalar_t* __restrict__ out,            // [rows, F] contiguous
                                   const int64_t rows, const int64_t F, const RowLayout gu_rows) {
   using acc = acc_t<scalar_t>;
-  using P = Pack<scalar_t, N>;
   const int64_t chunks = F / N;
   const int64_t items = rows * chunks;
   for (int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
@@ -35,12 +33,12 @@ __global__ void swiglu_fwd_kernel(const scalar_t* __restrict__ gate_up,  // [row
     const int64_t r = item / chunks;
     const int64_t j = (item % chunks) * N;
     const scalar_t* g = gate_up + gu_rows.offset(r);
-    const P gp = *reinterpret_cast<const P*>(g + j);
-    const P up = *reinterpret_cast<const P*>(g + F + j);
-    P o;
+    acc gv[N], uv[N], o[N];
+    cuda::load_vec<scalar_t, N>(g + j, gv);
+    cuda::load_vec<scalar_t, N>(g + F + j, uv);
 #pragma unroll
-    for (int k = 0; k < N; ++k) o.v[k] = scalar_t(swiglu_fwd<acc>(acc(gp.v[k]), acc(up.v[k])));
-    *reinterpret_cast<P*>(out + r * F + j) = o;
+    for (int k = 0; k < N; ++k) o[k] = swiglu_fwd<acc>(gv[k], uv[k]);
+    cuda::store_vec<scalar_t, N>(out + r * F + j, o);
   }
 }
 
@@ -53,7 +51,6 @@ __global__ void swiglu_bwd_kernel(const scalar_t* __restrict__ grad_out,  // [ro
                                   const int64_t rows, const int64_t F, const RowLayout go_rows,
                                   const RowLayout gu_rows) {
   using acc = acc_t<scalar_t>;
-  using P = Pack<scalar_t, N>;
   const int64_t chunks = F / N;
   const int64_t items = rows * chunks;
   for (int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
@@ -61,19 +58,14 @@ __global__ void swiglu_bwd_kernel(const scalar_t* __restrict__ grad_out,  // [ro
     const int64_t r = item / chunks;
     const int64_t j = (item % chunks) * N;
     const scalar_t* g = gate_up + gu_rows.offset(r);
-    const P gp = *reinterpret_cast<const P*>(g + j);
-    const P up = *reinterpret_cast<const P*>(g + F + j);
-    const P dy = *reinterpret_cast<const P*>(grad_out + go_rows.offset(r) + j);
-    P dg, du;
+    acc gv[N], uv[N], dy[N], dg[N], du[N];
+    cuda::load_vec<scalar_t, N>(g + j, gv);
+    cuda::load_vec<scalar_t, N>(g + F + j, uv);
+    cuda::load_vec<scalar_t, N>(grad_out + go_rows.offset(r) + j, dy);
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      acc d_gate, d_up;
-      swiglu_bwd<acc>(acc(dy.v[k]), acc(gp.v[k]), acc(up.v[k]), d_gate, d_up);
-      dg.v[k] = scalar_t(d_gate);
-      du.v[k] = scalar_t(d_up);
-    }
-    *reinterpret_cast<P*>(grad + r * 2 * F + j) = dg;
-    *reinterpret_cast<P*>(grad + r * 2 * F + F + j) = du;
+    for (int k = 0; k < N; ++k) swiglu_bwd<acc>(dy[k], gv[k], uv[k], dg[k], du[k]);
+    cuda::store_vec<scalar_t, N>(grad + r * 2 * F + j, dg);
+    cuda::store_vec<scalar_t, N>(grad + r * 2 * F + F + j, du);
   }
 }
 
@@ -89,6 +81,7 @@ at::Tensor swiglu_cuda(const at::Tensor& gate_up) {
   at::Tensor out = swiglu_empty_out(gate_up);
   if (out.numel() == 0) return out;
   const c10::cuda::CUDAGuard guard(gate_up.device());
+  cuda::check_device_arch(gate_up.get_device());
   RowLayout gu_rows;
   const at::Tensor gu = with_row_layout(gate_up, gu_rows);
   const int64_t rows = out.numel() / F;
@@ -115,6 +108,7 @@ at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& ga
   at::Tensor grad = at::empty(gate_up.sizes(), gate_up.options());
   if (grad.numel() == 0) return grad;
   const c10::cuda::CUDAGuard guard(gate_up.device());
+  cuda::check_device_arch(gate_up.get_device());
   RowLayout gu_rows, go_rows;
   const at::Tensor gu = with_row_layout(gate_up, gu_rows);
   const at::Tensor dy = with_row_layout(grad_out, go_rows);

@@ -4,8 +4,10 @@
 // the three CPU capability builds include it cheaply.
 //
 // Split-KV ("flash-decoding"): a sequence of length L is cut into num_splits chunks of
-// `chunk = ceil(max_len / num_splits)` rows, the same chunk for every batch entry so a split's
-// partial results live at a fixed index. Split s covers rows [s*chunk, min((s+1)*chunk, L)), which
+// `chunk = ceil(max_len / num_splits)` rows. The CPU kernel uses the batch's longest length for
+// every sequence; the CUDA kernel, which cannot read the lengths on the host, uses each
+// sequence's own L (so no split of a short sequence idles); either way split s's partial
+// results live at a fixed index. Split s covers rows [s*chunk, min((s+1)*chunk, L)), which
 // is empty for short sequences in a ragged batch; an empty split reports lse = -inf and is
 // ignored by the merge. Each split writes its normalised output o_s and lse_s = m_s + log(l_s);
 // the merge computes out = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M), M = max_s lse_s
@@ -65,12 +67,14 @@ inline int64_t decode_attention_cpu_num_splits(int64_t B, int64_t Hkv, int64_t m
 }
 
 // CUDA split heuristic (flash-decoding): B * Hkv blocks alone leave most SMs idle at small
-// batch, so split each sequence until the grid covers about two waves of SMs, keeping at least
-// two K/V tiles per split (the lengths are on the device, so S_max bounds the work per split).
+// batch, so split each sequence until the grid fills one wave of resident blocks (`slots` =
+// SMs x blocks of this kernel one SM holds, from the occupancy API), keeping at least two K/V
+// tiles per split of the longest possible sequence (the lengths are on the device, so S_max
+// bounds the work; each block then cuts its own sequence's length into that many splits).
 inline int64_t decode_attention_cuda_num_splits(int64_t items, int64_t S_max, int64_t tile_rows,
-                                                int64_t num_sms) {
+                                                int64_t slots) {
   if (items <= 0 || S_max <= 0) return 1;
-  int64_t splits = (2 * num_sms + items - 1) / items;
+  int64_t splits = (slots + items - 1) / items;
   const int64_t by_len = S_max / (2 * tile_rows);
   if (splits > by_len) splits = by_len;
   if (splits > 256) splits = 256;
