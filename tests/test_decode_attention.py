@@ -180,6 +180,49 @@ def test_reference_matches_float64(dtype, softcap):
     check_close(out, ref_decode_attention(q, k, v, lens, 0.125, softcap), dtype)
 
 
+def test_negative_softcap_is_off():
+    # Both kernels treat softcap <= 0 as "no cap"; the reference (the torch backend) must too.
+    q, k, v, lens = make_inputs(2, 2, 4, 2, 64, 30, [30, 7], torch.float32)
+    want = ref_decode_attention(q, k, v, lens, 0.125)
+    check_close(reference.decode_attention(q, k, v, lens, 0.125, -5.0), want, torch.float32)
+    check_close(DA(q, k, v, lens, 0.125, -5.0, 0), want, torch.float32)
+
+
+# The CUDA entry point's extra refusals (float64, D > 256, its grid limits) are repeated by the
+# fake kernel, so torch.compile does not trace a call that then fails when it runs. Fake CUDA
+# tensors need no GPU, so this runs everywhere; test_cuda_checks_match_fake compares the real
+# kernel's words on a GPU.
+CUDA_ONLY_BAD = [
+    ("float64", dict(dtype=torch.float64), "q float64 is supported on CPU only"),
+    ("head_dim", dict(D=258), "head dim D must be <= 256 on CUDA, got 258"),
+    ("batch", dict(B=65536), "on CUDA B and Hkv must be <= 65535 .* got B=65536, Hkv=1"),
+    ("kv_heads", dict(Hq=65536, Hkv=65536), "on CUDA B and Hkv .* got B=1, Hkv=65536"),
+    ("rows", dict(Tq=65536, Hq=32768), r"on CUDA .* < 2\^31, got B=1, Hkv=1, Tq=65536, Hq=32768"),
+    ("splits", dict(S=70000, num_splits=70000), "num_splits must be <= 65535 on CUDA, got 70000"),
+]
+
+
+def _cuda_call(device, B=1, Tq=1, Hq=1, Hkv=1, D=8, S=16, dtype=torch.float16, num_splits=0):
+    q = torch.empty(B, Tq, Hq, D, dtype=dtype, device=device)
+    k = torch.empty(B, S, Hkv, D, dtype=dtype, device=device)
+    lens = torch.full((B,), min(S, Tq), dtype=torch.int32, device=device)
+    return DA(q, k, k, lens, 0.3, 0.0, num_splits)
+
+
+@pytest.mark.parametrize("name,kw,msg", CUDA_ONLY_BAD, ids=[c[0] for c in CUDA_ONLY_BAD])
+def test_fake_repeats_cuda_checks(name, kw, msg):
+    with FakeTensorMode():
+        with pytest.raises(RuntimeError, match=f"decode_attention: {msg}"):
+            _cuda_call("cuda", **kw)
+        # The limits are CUDA's: the same shapes trace on CPU.
+        if name not in ("float64", "head_dim"):
+            _cuda_call("cpu", **kw)
+        # Inside the limits a CUDA call traces, and a forced split count above 65535 is capped at
+        # S_max rows as the kernel caps it.
+        assert _cuda_call("cuda", B=65535, Hkv=1).shape == (65535, 1, 1, 8)
+        assert _cuda_call("cuda", S=100, num_splits=70000).shape == (1, 1, 1, 8)
+
+
 # ---------------------------------------------------------------------------------------------
 # kv_cache_write
 
@@ -443,19 +486,57 @@ def test_opcheck_cuda():
 
 
 @pytest.mark.cuda
-def test_cuda_misaligned_views():
+@pytest.mark.parametrize("D,Tq", [(64, 1), (96, 5), (250, 5)])
+def test_cuda_misaligned_views(D, Tq):
     # Views whose rows do not start on 16 bytes (an odd element offset) take the element-copy
-    # path instead of cp.async; the result is the same.
-    B, S, Hkv, D = 2, 100, 2, 64
+    # path instead of cp.async; the result is the same. Part of the sanitizer grid.
+    B, S, Hkv = 2, 100, 2
     kbuf = torch.randn(B * S * Hkv * D + 1, device="cuda", dtype=torch.bfloat16)
     vbuf = torch.randn(B * S * Hkv * D + 1, device="cuda", dtype=torch.bfloat16)
     k = kbuf[1:].view(B, S, Hkv, D)
     v = vbuf[1:].view(B, S, Hkv, D)
-    q = torch.randn(B, 1, 8, D, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(B, Tq, 8, D, device="cuda", dtype=torch.bfloat16)
     lens = torch.tensor([100, 37], dtype=torch.int32, device="cuda")
-    for ns in (0, 1, 3):
+    for ns in (0, 1, 7, 64):
         check_close(DA(q, k, v, lens, 0.125, 0.0, ns), ref_decode_attention(q, k, v, lens, 0.125),
                     torch.bfloat16)
+
+
+# The reduced grid that benchmarks/gpu_check.sh runs under compute-sanitizer (memcheck,
+# racecheck, synccheck; -k "reduced_grid or misaligned"): every kernel path once, small enough
+# for the sanitizers' slowdown. Forced splits 1 / 7 / 64, Tq = 5, D = 96 and 250 (generic
+# layouts), D = 32 / 64 / 128, group sizes with and without a template instance, and lengths
+# shorter than the split count (whole splits empty: 9 rows over 64 splits).
+# (B, Tq, Hq, Hkv, D, S_max, lens, softcap, dtype, num_splits)
+REDUCED_GRID = [
+    (3, 5, 8, 2, 96, 300, [300, 5, 40], 0.0, torch.bfloat16, 1),
+    (3, 5, 8, 2, 96, 300, [300, 5, 40], 30.0, torch.float16, 7),
+    (3, 5, 12, 4, 96, 200, [200, 9, 64], 0.0, torch.float32, 64),
+    (2, 5, 4, 1, 250, 200, [200, 5], 0.0, torch.float32, 7),
+    (2, 5, 12, 4, 250, 129, [129, 6], 30.0, torch.bfloat16, 64),
+    (2, 5, 16, 8, 64, 700, [700, 9], 0.0, torch.bfloat16, 64),
+    (2, 5, 6, 2, 128, 300, [300, 5], 0.0, torch.float32, 1),
+    (2, 5, 4, 1, 32, 100, [100, 5], 0.0, torch.bfloat16, 7),
+    (2, 5, 18, 3, 64, 90, [90, 5], 0.0, torch.float16, 0),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", REDUCED_GRID, ids=_case_id)
+def test_cuda_reduced_grid(case):
+    run_case(case, device="cuda")
+
+
+# Those whose tensors fit a GPU.
+CUDA_ONLY_BAD_SMALL = [c for c in CUDA_ONLY_BAD if c[0] in ("float64", "head_dim", "batch", "splits")]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name,kw,msg", CUDA_ONLY_BAD_SMALL, ids=[c[0] for c in CUDA_ONLY_BAD_SMALL])
+def test_cuda_checks_match_fake(name, kw, msg):
+    # The real kernel refuses with the fake kernel's words (test_fake_repeats_cuda_checks).
+    with pytest.raises(RuntimeError, match=f"decode_attention: {msg}"):
+        _cuda_call("cuda", **kw)
 
 
 @pytest.mark.cuda

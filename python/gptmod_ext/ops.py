@@ -104,6 +104,19 @@ def check_decode_attention_args(op, q, k_cache, v_cache, cache_seqlens):
         _check(D <= 256, f"{op}: head dim D must be <= 256 on CUDA, got {D}")
 
 
+def check_decode_attention_cuda_sizes(q, k_cache, num_splits):
+    """The CUDA entry point's grid limits (csrc/cuda/decode_attention.cu), in its order and words:
+    a call that traces must not fail when it runs."""
+    B, Tq, Hq, _ = q.shape
+    S_max, Hkv = k_cache.size(1), k_cache.size(2)
+    _check(B <= 65535 and Hkv <= 65535 and B * Hq * Tq < 2 ** 31,
+           f"decode_attention: on CUDA B and Hkv must be <= 65535 and B * Tq * Hq < 2^31, got "
+           f"B={B}, Hkv={Hkv}, Tq={Tq}, Hq={Hq}")
+    # A forced count is capped at S_max rows (the heuristic stays far below the limit).
+    splits = min(num_splits, max(S_max, 1))
+    _check(splits <= 65535, f"decode_attention: num_splits must be <= 65535 on CUDA, got {splits}")
+
+
 def check_kv_cache_write_args(op, k_cache, v_cache, k_new, v_new, cache_seqlens):
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new)):
         _check(t.dim() == 4, f"{op}: {name} must be 4-D, got {t.dim()}-D")
@@ -150,6 +163,8 @@ if AVAILABLE:
     def _decode_attention_fake(q, k_cache, v_cache, cache_seqlens, scale, softcap=0.0, num_splits=0):
         check_decode_attention_args("decode_attention", q, k_cache, v_cache, cache_seqlens)
         _check(num_splits >= 0, f"decode_attention: num_splits must be >= 0, got {num_splits}")
+        if q.device.type == "cuda":
+            check_decode_attention_cuda_sizes(q, k_cache, num_splits)
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("gptmod::kv_cache_write")

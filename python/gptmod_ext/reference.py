@@ -73,7 +73,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale, softcap=0.0, num
     k = torch.where(valid, k_cache, 0).transpose(1, 2)  # [B, Hkv, S, D]
     v = torch.where(valid, v_cache, 0).transpose(1, 2)
     qt = q.transpose(1, 2)  # [B, Hq, Tq, D]
-    if not softcap:
+    if softcap <= 0:  # 0 or negative: off, as in both kernels
         out = F.scaled_dot_product_attention(qt, k, v, attn_mask=allowed[:, None], scale=scale,
                                              enable_gqa=True)
     else:
