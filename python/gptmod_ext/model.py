@@ -272,6 +272,7 @@ class Context:
     lens_before: Optional[torch.Tensor] = None  # int32 [B]: cached rows before this forward
     lens_after: Optional[torch.Tensor] = None   # lens_before + T
     weights: Optional[DecodeWeights] = None  # CPU cached forward: the faster weight layout
+    fresh: bool = False                      # every row was empty before: nothing cached to read
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s K and V caches [B, S_max, Hkv, D] for this forward's rows."""
@@ -336,24 +337,36 @@ class CausalSelfAttention(nn.Module):
             q, k = qk.split([Hq, Hkv], dim=2)
 
         if ctx.cache is None:
-            y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                dropout_p=self.dropout if self.training else 0.0, enable_gqa=Hkv != Hq)
-            y = y.transpose(1, 2)
+            y = self.causal_attention(q, k, v)
         else:
             y = self.cached_attention(q, k, v, ctx)
         y = ctx.linear(y.reshape(B * T, Hq * D), self.c_proj)
         return _dropout(y, self.dropout, self.training)
 
+    def causal_attention(self, q, k, v):
+        """q [B, T, Hq, D], k, v [B, T, Hkv, D] -> [B, T, Hq, D]: causal over these T tokens."""
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
+        return y.transpose(1, 2)
+
     def cached_attention(self, q, k, v, ctx: Context):
         """q [B, T, Hq, D], the new k, v [B, T, Hkv, D] -> y [B, T, Hq, D]: appends k, v to this
         layer's cache at rows lens_before[b] + t, then attends over rows < lens_after[b]."""
         k_cache, v_cache = ctx.kv(self.layer)
+        ext = ctx.backend == "ext"
+        (torch.ops.gptmod.kv_cache_write if ext else reference.kv_cache_write)(
+            k_cache, v_cache, k, v, ctx.lens_before)
+        if ctx.fresh:
+            # Prefill into empty rows (generate, the sampler, a new request): the cache holds
+            # nothing else, so causal attention over the new tokens, by a kernel made for many
+            # queries (flash / efficient attention on GPU). Right padding of ragged rows comes
+            # after their real tokens, so causality keeps it out. decode_attention is for few
+            # queries over a long cache: decode steps and chunks appended to a non-empty row.
+            return self.causal_attention(q, k, v)
         scale = 1.0 / math.sqrt(self.head_dim)
-        if ctx.backend == "ext":
-            torch.ops.gptmod.kv_cache_write(k_cache, v_cache, k, v, ctx.lens_before)
+        if ext:
             return torch.ops.gptmod.decode_attention(q, k_cache, v_cache, ctx.lens_after, scale, 0.0, 0)
-        reference.kv_cache_write(k_cache, v_cache, k, v, ctx.lens_before)
         return reference.decode_attention(q, k_cache, v_cache, ctx.lens_after, scale)
 
 
@@ -583,11 +596,12 @@ class GPT(nn.Module):
         """
         rows = _as_slice(rows)
         T = idx.size(1)
-        if int(cache.seqlens[rows].max()) + T > cache.max_seq_len:
+        longest = int(cache.seqlens[rows].max())  # the one host sync of the call
+        if longest + T > cache.max_seq_len:
             raise ValueError(f"forward_cached: {T} more tokens do not fit the cache "
-                             f"(max_seq_len={cache.max_seq_len}, longest row "
-                             f"{int(cache.seqlens[rows].max())})")
-        return self._step()(idx, cache, rows, lengths, DecodeWeights.of(self), all_logits)
+                             f"(max_seq_len={cache.max_seq_len}, longest row {longest})")
+        return self._step()(idx, cache, rows, lengths, DecodeWeights.of(self), all_logits,
+                            longest == 0)
 
     def compile_decode(self) -> "GPT":
         """Switches cached decoding (forward_cached, generate, the server's engine) to its
@@ -601,9 +615,11 @@ class GPT(nn.Module):
     def _step(self):
         return self._forward_cached if self._compiled_step is None else self._compiled_step
 
-    def _forward_cached(self, idx, cache: KVCache, rows: slice, lengths, weights, all_logits=False):
+    def _forward_cached(self, idx, cache: KVCache, rows: slice, lengths, weights, all_logits=False,
+                        fresh=False):
         # The unchecked body of forward_cached (generate checks the sizes once, up front).
-        # weights: DecodeWeights.of(self), or None.
+        # weights: DecodeWeights.of(self), or None. fresh: the caller knows every row is empty
+        # (Context.fresh), so no layer has to ask the device.
         b, T = idx.shape
         lens_before = cache.seqlens if rows == slice(None) else cache.seqlens[rows]
         lens_after = lens_before + T
@@ -612,7 +628,7 @@ class GPT(nn.Module):
         else:
             positions = lens_before.view(b, 1) + torch.arange(T, device=idx.device, dtype=torch.int32)
         ctx = Context(b, T, self._backend, self.rope_cos, self.rope_sin, positions, cache, rows,
-                      lens_before, lens_after, weights)
+                      lens_before, lens_after, weights, fresh)
         x = self._embed(idx, positions)
         for block in self.h:
             x = block(x, ctx)
@@ -674,7 +690,7 @@ class GPT(nn.Module):
         if use_cache:
             cache = self.new_kv_cache(B, T + max_new_tokens)
             run_step, weights = self._step(), DecodeWeights.of(self)
-            logits = run_step(tokens, cache, slice(None), lengths, weights)
+            logits = run_step(tokens, cache, slice(None), lengths, weights, False, True)  # fresh
         else:
             # Every step reruns the whole (right-padded) sequences: causal attention means the
             # padding after a row's last real token never changes that token's logits.
