@@ -12,7 +12,7 @@ for the ext backend (and cached / plain for the torch backend). `cached vs plain
 prefill's time over the plain forward's: the bar is <= 1.3 on CPU (issue 15).
 
     PYTHONPATH=python python benchmarks/bench_prefill.py [--device cpu|cuda] [--dtype float32]
-        [--quick] [--out benchmarks/results]
+        [--quick] [--threads N] [--out benchmarks/results]
 
 Writes <out>/<machine>-<date>-prefill.json and .md (…-prefill-quick.* with --quick).
 """
@@ -110,7 +110,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
     ap.add_argument("--quick", action="store_true", help="128/512 tokens, short timing budget")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's; 1 keeps a busy shared machine's ratios steady)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_prefill: --device cuda needs a CUDA GPU and a CUDA build of torch", file=sys.stderr)
         return 2
