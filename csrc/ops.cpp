@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "gptmod/cpu_dispatch.h"
+#include "gptmod/decode_step.h"
 
 namespace gptmod {
 
@@ -34,6 +35,20 @@ TORCH_LIBRARY(gptmod, m) {
   // 0 <= cache_seqlens[b] and cache_seqlens[b] + Tn <= S_max; CUDA skips rows outside the cache.
   m.def("kv_cache_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k_new, Tensor v_new, "
         "Tensor cache_seqlens) -> ()");
+  // A Linear weight [out, in] (fp32 or bf16) in the blocked layout of the decode matvec
+  // (gptmod/decode_step.h); made once at load.
+  m.def("pack_linear(Tensor weight) -> Tensor");
+  // x [N, in] @ W^T -> [N, out_features] in x's dtype, W given as pack_linear(W); fp32 accumulation.
+  m.def("linear_packed(Tensor x, Tensor packed, int out_features) -> Tensor");
+  // One cached decode step of a pre-norm RMSNorm/RoPE/GQA/SwiGLU decoder, every layer in one call:
+  // x [B, C] token embeddings; norms [2L+1] (ln_1, ln_2 per layer, ln_f); linears [4L+1]
+  // (packed c_attn, attn c_proj, c_fc, mlp c_proj per layer, lm_head); kv [L, 2, B, S, Hkv, D]
+  // gets each layer's new key/value at row seqlens[b] (int32 [B], left unchanged) -> logits [B, vocab].
+  m.def("decode_step(Tensor x, Tensor[] norms, Tensor[] linears, Tensor(a!) kv, Tensor seqlens, "
+        "Tensor cos, Tensor sin, int n_head, int n_kv_head, int ffn_hidden, int vocab, float eps, "
+        "float softcap=0.0, bool interleaved=False) -> Tensor");
+  // Whether the bf16 matvec runs on AVX512-BF16 (vdpbf16ps) here; for tests and benchmark reports.
+  m.def("cpu_bf16dp() -> bool", &bf16dp_enabled);
   m.def("cpu_capability() -> str", &cpu_capability);
 }
 

@@ -215,6 +215,11 @@ def _as_slice(rows) -> slice:
     raise TypeError(f"rows must be None, an int or a slice (views of the cache), got {type(rows)}")
 
 
+def _weights_key(params) -> tuple:
+    # Changes whenever a tensor is replaced, updated in place or cast: derived layouts are stale.
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+
+
 class DecodeWeights:
     """[in, out] copies of a model's Linear weights, the CPU cached forward's fast path.
 
@@ -232,7 +237,7 @@ class DecodeWeights:
 
     @staticmethod
     def _key(layers):
-        return tuple((lin.weight.data_ptr(), lin.weight._version, lin.weight.dtype) for lin in layers)
+        return _weights_key(lin.weight for lin in layers)
 
     @classmethod
     def of(cls, model: "GPT") -> Optional["DecodeWeights"]:
@@ -251,6 +256,68 @@ class DecodeWeights:
     def linear(self, x, layer: nn.Linear):
         wt = self.t[id(layer)]
         return torch.mm(x, wt) if layer.bias is None else torch.addmm(layer.bias, x, wt)
+
+
+class FusedDecode:
+    """The CPU decode step as one op (torch.ops.gptmod.decode_step), every layer in one call,
+    with the weights packed once into the blocked layout of its matrix-vector kernel.
+
+    Eager PyTorch spends ~570 dispatches per token on the benchmark model, more time than the
+    weight reads themselves; the op does the norms, RoPE, the KV write, attention, SwiGLU and the
+    residual adds between its matrix-vector products itself. It covers the modern architecture
+    (RMSNorm, RoPE, SwiGLU, no biases, sequential blocks, no QK-norm) in fp32 and bf16; the
+    layers' own forward stays the readable reference it is tested against. Packed weights are
+    remade when a weight changes, like DecodeWeights.
+    """
+
+    def __init__(self, model: "GPT"):
+        params = self._params(model)
+        self.key = _weights_key(params)
+        with torch.no_grad():
+            self.norms = [b_.detach().contiguous() for b_ in params[:2 * len(model.h) + 1]]
+            self.linears = [torch.ops.gptmod.pack_linear(w.detach())
+                            for w in params[2 * len(model.h) + 1:]]
+
+    @staticmethod
+    def _params(model):
+        h = model.h
+        norms = [n.weight for b in h for n in (b.ln_1, b.ln_2)] + [model.ln_f.weight]
+        linears = [lin.weight for b in h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
+                                                    b.mlp.c_proj)] + [model.lm_head.weight]
+        return norms + linears
+
+    @staticmethod
+    def unsupported(model: "GPT") -> Optional[str]:
+        """Why the fused step cannot run this model here, or None when it can."""
+        c = model.config
+        if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
+            return f"the fused decode step is for float32/bfloat16 on CPUs, not {model.dtype} on {model.device}"
+        if not (c.norm == "rmsnorm" and c.pos_emb == "rope" and c.mlp == "swiglu" and not c.bias
+                and not c.parallel_block and not c.qk_norm):
+            return "the fused decode step covers RMSNorm/RoPE/SwiGLU sequential blocks without biases or QK-norm"
+        if not (_ext.AVAILABLE and hasattr(torch.ops.gptmod, "decode_step")):
+            return "the compiled library has no decode_step op (rebuild it)"
+        return None
+
+    @classmethod
+    def of(cls, model: "GPT") -> "FusedDecode":
+        cur = model._fused
+        if not isinstance(cur, FusedDecode) or cur.key != _weights_key(cls._params(model)):
+            model._fused = cur = cls(model)
+        return cur
+
+    def step(self, model: "GPT", idx, cache: "KVCache", rows: slice):
+        """forward_cached for one token per row (idx [b, 1]) -> logits [b, vocab_size]."""
+        c = model.config
+        whole = rows == slice(None)
+        lens = cache.seqlens if whole else cache.seqlens[rows]
+        kv = cache.buffer if whole else cache.buffer[:, :, rows]
+        logits = torch.ops.gptmod.decode_step(
+            model.wte(idx.view(-1)), self.norms, self.linears, kv, lens, model.rope_cos,
+            model.rope_sin, c.n_head, c.n_kv_head, c.ffn_hidden, c.padded_vocab_size, c.norm_eps,
+            c.logit_softcap, c.rope_interleaved)
+        lens.add_(1)
+        return logits[:, :c.vocab_size]
 
 
 @dataclass
@@ -444,6 +511,8 @@ class GPT(nn.Module):
         self.cpu_decode_copies = True  # False: no [in, out] weight copies (saves their memory)
         self._decode_weights: Optional[DecodeWeights] = None  # see DecodeWeights.of
         self._compiled_step = None  # see compile_decode
+        self._use_fused = False  # compile_decode chose FusedDecode (packed weights in _fused)
+        self._fused: Optional[FusedDecode] = None
         self.reset_parameters()
 
     # -- backend ----------------------------------------------------------------------------
@@ -600,20 +669,41 @@ class GPT(nn.Module):
         if longest + T > cache.max_seq_len:
             raise ValueError(f"forward_cached: {T} more tokens do not fit the cache "
                              f"(max_seq_len={cache.max_seq_len}, longest row {longest})")
-        return self._step()(idx, cache, rows, lengths, DecodeWeights.of(self), all_logits,
-                            longest == 0)
+        return self._decoder()(idx, cache, rows, lengths, all_logits, longest == 0)
 
     def compile_decode(self) -> "GPT":
         """Switches cached decoding (forward_cached, generate, the server's engine) to its
-        fastest path on the current device: today the cached step through torch.compile (with
-        our ops through their fake kernels). Greedy tokens stay those of the plain path; calling
-        it again changes nothing. The first calls of each new shape pay the compilation."""
-        if self._compiled_step is None:
+        fastest path on the current device: on CPUs with the ext backend and a model FusedDecode
+        covers, one fused op per decode step over weights packed on first use (prefill stays
+        the plain forward); otherwise the cached step through torch.compile (our ops through
+        their fake kernels). Greedy tokens stay those of the plain path; calling it again
+        changes nothing. Switching the backend to 'torch' afterwards returns to the plain step."""
+        if self._use_fused or self._compiled_step is not None:
+            return self
+        if self._backend == "ext" and FusedDecode.unsupported(self) is None:
+            self._use_fused = True
+        else:
             self._compiled_step = torch.compile(self._forward_cached, dynamic=False)
         return self
 
-    def _step(self):
-        return self._forward_cached if self._compiled_step is None else self._compiled_step
+    def _decoder(self):
+        """The cached step as a function (idx, cache, rows, lengths, all_logits=False,
+        fresh=False) -> logits (arguments as _forward_cached's), its weight layouts resolved once
+        (generate asks once per call, forward_cached once per step)."""
+        weights = DecodeWeights.of(self)
+        plain = self._forward_cached if self._compiled_step is None else self._compiled_step
+        use_fused = (self._use_fused and self._backend == "ext" and FusedDecode.unsupported(self)
+                     is None and not (self.training and self.config.dropout > 0))
+        if not use_fused:
+            return lambda idx, cache, rows, lengths, all_logits=False, fresh=False: plain(
+                idx, cache, rows, lengths, weights, all_logits, fresh)
+        fused = FusedDecode.of(self)
+
+        def step(idx, cache, rows, lengths, all_logits=False, fresh=False):
+            if idx.size(1) == 1 and lengths is None and not all_logits:
+                return fused.step(self, idx, cache, rows)
+            return plain(idx, cache, rows, lengths, weights, all_logits, fresh)
+        return step
 
     def _forward_cached(self, idx, cache: KVCache, rows: slice, lengths, weights, all_logits=False,
                         fresh=False):
@@ -689,8 +779,8 @@ class GPT(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         if use_cache:
             cache = self.new_kv_cache(B, T + max_new_tokens)
-            run_step, weights = self._step(), DecodeWeights.of(self)
-            logits = run_step(tokens, cache, slice(None), lengths, weights, False, True)  # fresh
+            run_step = self._decoder()
+            logits = run_step(tokens, cache, slice(None), lengths, False, True)  # fresh
         else:
             # Every step reruns the whole (right-padded) sequences: causal attention means the
             # padding after a row's last real token never changes that token's logits.
@@ -709,7 +799,7 @@ class GPT(nn.Module):
             if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
                 return
             if use_cache:
-                logits = run_step(nxt.view(B, 1), cache, slice(None), None, weights)
+                logits = run_step(nxt.view(B, 1), cache, slice(None), None)
             else:
                 buf[rows, cur] = nxt
                 cur += 1

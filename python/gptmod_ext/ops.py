@@ -136,6 +136,15 @@ def check_kv_cache_write_args(op, k_cache, v_cache, k_new, v_new, cache_seqlens)
            f"{op}: cache_seqlens is on {cache_seqlens.device} but k_cache is on {k_cache.device}")
 
 
+def packed_shape(out_features: int, in_features: int, dtype: torch.dtype) -> tuple:
+    """The shape pack_linear gives a [out_features, in_features] weight (csrc/include/gptmod/
+    decode_step.h): 16-output blocks, bf16 inputs in pairs."""
+    blocks = -(-out_features // 16)
+    if dtype == torch.bfloat16:
+        return (blocks, -(-in_features // 2), 32)
+    return (blocks, in_features, 16)
+
+
 if AVAILABLE:
 
     @torch.library.register_fake("gptmod::rope")
@@ -170,6 +179,37 @@ if AVAILABLE:
     @torch.library.register_fake("gptmod::kv_cache_write")
     def _kv_cache_write_fake(k_cache, v_cache, k_new, v_new, cache_seqlens):
         check_kv_cache_write_args("kv_cache_write", k_cache, v_cache, k_new, v_new, cache_seqlens)
+
+    # A library built before the decode ops (an old GPTMOD_EXT_LIB_DIR) lacks their schemas.
+    if hasattr(torch.ops.gptmod, "decode_step"):
+
+        @torch.library.register_fake("gptmod::pack_linear")
+        def _pack_linear_fake(weight):
+            _check(weight.dim() == 2, f"pack_linear: weight must be 2-D [out, in], got {weight.dim()}-D")
+            _check(weight.dtype in (torch.float32, torch.bfloat16),
+                   f"pack_linear: weight must be float32 or bfloat16, got {weight.dtype}")
+            return weight.new_empty(packed_shape(*weight.shape, weight.dtype))
+
+        @torch.library.register_fake("gptmod::linear_packed")
+        def _linear_packed_fake(x, packed, out_features):
+            _check(x.dim() == 2, f"linear_packed: x must be 2-D [N, in], got {x.dim()}-D")
+            want = packed_shape(out_features, x.size(1), packed.dtype)
+            _check(tuple(packed.shape) == want, f"linear_packed: packed must be a contiguous "
+                   f"pack_linear() of a [{out_features}, {x.size(1)}] weight, shape {want}, "
+                   f"got {tuple(packed.shape)}")
+            return x.new_empty((x.size(0), out_features))
+
+        @torch.library.register_fake("gptmod::decode_step")
+        def _decode_step_fake(x, norms, linears, kv, seqlens, cos, sin, n_head, n_kv_head,
+                              ffn_hidden, vocab, eps, softcap=0.0, interleaved=False):
+            _check(x.dim() == 2, f"decode_step: x must be [B, C], got {tuple(x.shape)}")
+            _check(len(linears) == 4 * (len(norms) - 1) // 2 + 1 and len(norms) % 2 == 1,
+                   f"decode_step: expected 4L + 1 linears and 2L + 1 norms, got {len(linears)} "
+                   f"and {len(norms)}")
+            _check(kv.dim() == 6 and kv.size(2) == x.size(0) and kv.dtype == x.dtype,
+                   f"decode_step: kv must be [L, 2, B, S, Hkv, D] in x's dtype, got "
+                   f"{tuple(kv.shape)} {kv.dtype}")
+            return x.new_empty((x.size(0), vocab))
 
     # rope is linear in x, an orthogonal rotation: its gradient is the inverse rotation.
     def _rope_setup_context(ctx, inputs, output):
@@ -237,6 +277,22 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, scale, softcap=0.0, num
 def kv_cache_write(k_cache, v_cache, k_new, v_new, cache_seqlens):
     _require()
     torch.ops.gptmod.kv_cache_write(k_cache, v_cache, k_new, v_new, cache_seqlens)
+
+
+def pack_linear(weight):
+    _require()
+    return torch.ops.gptmod.pack_linear(weight)
+
+
+def linear_packed(x, packed, out_features):
+    _require()
+    return torch.ops.gptmod.linear_packed(x, packed, out_features)
+
+
+def cpu_bf16dp() -> bool:
+    """Whether bf16 decode matvecs run on AVX512-BF16 (vdpbf16ps) on this CPU."""
+    _require()
+    return torch.ops.gptmod.cpu_bf16dp()
 
 
 def cpu_capability() -> str:

@@ -1,0 +1,206 @@
+"""The CPU decode ops: pack_linear's layout, linear_packed against float64, decode_step against the
+model's own `torch` backend (the readable reference), opcheck, errors, the narrower CPU builds and
+the bf16 path without AVX512-BF16."""
+import pytest
+import torch
+
+from gptmod_ext import ops
+from gptmod_ext.model import GPT, GPTConfig
+from helpers import run_capability_sweep
+
+pytestmark = [pytest.mark.skipif(not ops.AVAILABLE, reason="compiled ops not built"),
+              pytest.mark.skipif(ops.AVAILABLE and not hasattr(torch.ops.gptmod, "decode_step"),
+                                 reason="the library was built before the decode ops: rebuild it"),
+              pytest.mark.usefixtures("one_thread")]
+
+DTYPES = [torch.float32, torch.bfloat16]
+# |error| relative to the largest reference value: fp32 accumulation; bf16 rounds x and y.
+TOL = {torch.float32: 2e-6, torch.bfloat16: 1.2e-2}
+# (N rows, M out, K in): decode (1, 8 rows), a partial block (M % 16), odd K, an empty batch.
+MATVEC_SHAPES = [(1, 640, 384), (8, 2048, 384), (3, 37, 19), (5, 16, 1), (2, 1, 64), (0, 32, 8)]
+
+
+def packed_reference(w):
+    """pack_linear's layout written out element by element (gptmod/decode_step.h)."""
+    M, K = w.shape
+    nb = -(-M // 16)
+    if w.dtype == torch.bfloat16:
+        P = -(-K // 2)
+        out = torch.zeros(nb, P, 32, dtype=w.dtype)
+        for n in range(nb):
+            for j in range(16):
+                if 16 * n + j < M:
+                    for k in range(K):
+                        out[n, k // 2, 2 * j + k % 2] = w[16 * n + j, k]
+        return out
+    out = torch.zeros(nb, K, 16, dtype=w.dtype)
+    for n in range(nb):
+        for j in range(min(16, M - 16 * n)):
+            out[n, :, j] = w[16 * n + j]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 19), (16, 4), (1, 3)], ids=str)
+def test_pack_linear_layout(shape, dtype):
+    w = torch.randn(shape).to(dtype)
+    packed = ops.pack_linear(w)
+    assert tuple(packed.shape) == ops.packed_shape(*shape, dtype)
+    assert torch.equal(packed, packed_reference(w))
+
+
+def check_linear_packed(N, M, K, dtype):
+    torch.manual_seed(N * 1000 + M + K)
+    w = torch.randn(M, K).to(dtype)
+    x = torch.randn(N, K).to(dtype)
+    y = ops.linear_packed(x, ops.pack_linear(w), M)
+    assert y.dtype == dtype and y.shape == (N, M)
+    ref = x.double() @ w.double().t()
+    scale = max(ref.abs().max().item(), 1.0) if N else 1.0
+    assert (y.double() - ref).abs().max().item() <= TOL[dtype] * scale if N else True
+    # fp32 activations with bf16 weights (the fused step's case) return fp32.
+    if dtype == torch.bfloat16 and N:
+        y32 = ops.linear_packed(x.float(), ops.pack_linear(w), M)
+        assert y32.dtype == torch.float32
+        assert (y32.double() - ref).abs().max().item() <= 8e-3 * scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MATVEC_SHAPES, ids=str)
+def test_linear_packed_matches_float64(shape, dtype):
+    check_linear_packed(*shape, dtype)
+
+
+# -- decode_step against the model's torch backend ----------------------------------------------
+
+ARCHS = {
+    "gqa": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2),
+    "mha_softcap_interleaved": dict(n_layer=3, n_embd=96, n_head=3, logit_softcap=5.0,
+                                    rope_interleaved=True, tie_embeddings=True),
+    "mqa_d48_odd_ffn": dict(n_layer=1, n_embd=96, n_head=2, n_kv_head=1, ffn_hidden=77),
+}
+
+
+def make_model(arch, dtype):
+    torch.manual_seed(3)
+    m = GPT(GPTConfig(vocab_size=101, block_size=48, **ARCHS[arch])).to(dtype).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(10)
+    return m
+
+
+def check_decode_step(arch, dtype, B=3, prompt=5, steps=4):
+    """Prefill with the torch backend, then decode `steps` tokens with the fused step on one
+    copy of the cache and with the torch backend's own cached forward on another."""
+    from gptmod_ext.model import FusedDecode
+    m = make_model(arch, dtype)
+    assert FusedDecode.unsupported(m) is None
+    idx = torch.randint(0, 101, (B, prompt))
+    m.backend = "torch"
+    ref_cache, cache = m.new_kv_cache(B, 16), m.new_kv_cache(B, 16)
+    m.forward_cached(idx, ref_cache)
+    m.forward_cached(idx, cache)
+    fused = FusedDecode(m)
+    tok = torch.randint(0, 101, (B, 1))
+    for _ in range(steps):
+        ref = m.forward_cached(tok, ref_cache)
+        with torch.inference_mode():
+            got = fused.step(m, tok, cache, slice(None))
+        assert got.dtype == dtype and got.shape == ref.shape
+        scale = ref.float().abs().max().item()
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        assert (got.float() - ref.float()).abs().max().item() <= tol * scale, arch
+        assert torch.equal(cache.seqlens, ref_cache.seqlens)
+        torch.testing.assert_close(cache.buffer.float(), ref_cache.buffer.float(),
+                                   rtol=tol, atol=tol)
+        tok = ref.argmax(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_decode_step_matches_torch_backend(arch, dtype):
+    check_decode_step(arch, dtype)
+
+
+def test_decode_step_on_cache_rows():
+    # A server decodes a slice of its slots: the step reads and writes only those rows.
+    from gptmod_ext.model import FusedDecode
+    m = make_model("gqa", torch.float32)
+    cache = m.new_kv_cache(4, 16)
+    m.forward_cached(torch.randint(0, 101, (4, 3)), cache)
+    before = cache.buffer.clone()
+    tok = torch.randint(0, 101, (2, 1))
+    ref_cache = m.new_kv_cache(4, 16)
+    ref_cache.buffer.copy_(cache.buffer)
+    ref_cache.seqlens.copy_(cache.seqlens)
+    ref = m.forward_cached(tok, ref_cache, rows=slice(1, 3))
+    with torch.inference_mode():
+        got = FusedDecode(m).step(m, tok, cache, slice(1, 3))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert cache.seqlens.tolist() == [3, 4, 4, 3]
+    assert torch.equal(cache.buffer[:, :, 0], before[:, :, 0])
+    assert torch.equal(cache.buffer[:, :, 3], before[:, :, 3])
+
+
+# -- opcheck, errors, narrower builds -----------------------------------------------------------
+
+def decode_step_args(dtype=torch.float32, B=2):
+    from gptmod_ext.model import FusedDecode
+    m = make_model("gqa", dtype)
+    f = FusedDecode(m)
+    c = m.config
+    kv = m.new_kv_cache(B, 8).buffer
+    kv.normal_()
+    return (m.wte.weight[:B].detach().clone(), f.norms, f.linears, kv, torch.tensor([3, 0][:B], dtype=torch.int32),
+            m.rope_cos, m.rope_sin, c.n_head, c.n_kv_head, c.ffn_hidden, c.padded_vocab_size,
+            c.norm_eps, 0.0, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_ops_opcheck(dtype):
+    w = torch.randn(40, 24).to(dtype)
+    torch.library.opcheck(torch.ops.gptmod.pack_linear.default, (w,))
+    packed = ops.pack_linear(w)
+    torch.library.opcheck(torch.ops.gptmod.linear_packed.default, (torch.randn(3, 24).to(dtype), packed, 40))
+    torch.library.opcheck(torch.ops.gptmod.decode_step.default, decode_step_args(dtype))
+
+
+def test_decode_ops_errors():
+    w = torch.randn(40, 24)
+    with pytest.raises(RuntimeError, match="pack_linear: weight must be 2-D"):
+        ops.pack_linear(w[0])
+    with pytest.raises(RuntimeError, match="pack_linear: weight must be float32 or bfloat16"):
+        ops.pack_linear(w.half())
+    with pytest.raises(RuntimeError, match=r"linear_packed: packed must be a contiguous pack_linear\(\) of a \[40, 23\]"):
+        ops.linear_packed(torch.randn(2, 23), ops.pack_linear(w), 40)
+    args = list(decode_step_args())
+    full = args[4].clone()
+    full[0] = 8  # no room in an 8-row cache
+    with pytest.raises(RuntimeError, match="decode_step: row 0 has 8 cached rows: no room"):
+        torch.ops.gptmod.decode_step(*args[:4], full, *args[5:])
+    with pytest.raises(RuntimeError, match="decode_step: expected 4L \\+ 1 linears"):
+        torch.ops.gptmod.decode_step(args[0], args[1], args[2][:-1], *args[3:])
+    with pytest.raises(RuntimeError, match="decode_step: n_head=5 must be a multiple"):
+        torch.ops.gptmod.decode_step(*args[:7], 5, *args[8:])
+
+
+def capability_sweep(expected):
+    assert torch.ops.gptmod.cpu_capability() == expected
+    for shape in MATVEC_SHAPES:
+        for dtype in DTYPES:
+            check_linear_packed(*shape, dtype)
+    for dtype in DTYPES:
+        check_decode_step("gqa", dtype, steps=2)
+
+
+@pytest.mark.parametrize("cap", ["DEFAULT", "AVX2"])
+def test_decode_ops_narrower_cpu_builds(cap):
+    run_capability_sweep("test_decode_step", cap)
+
+
+def test_bf16_without_avx512_bf16(monkeypatch):
+    # The AVX512 build's bf16 path where the CPU lacks AVX512-BF16 (forced off here).
+    if ops.cpu_capability() != "AVX512":
+        pytest.skip("needs an AVX-512 CPU")  # the sweeps above cover the narrower builds
+    monkeypatch.setenv("GPTMOD_CPU_BF16DP", "0")
+    run_capability_sweep("test_decode_step", "AVX512")
