@@ -231,7 +231,7 @@ def compare(baseline: str, quick: bool, preset: str | None, threads: int | None,
         for _ in range(rounds):
             for side, src in (("before", baseline), ("after", None)):
                 runs[side].append(run(quick, preset, str(run_dir), concurrency, threads, src))
-    med = {side: [{**rs[0], **{c: statistics.median(r[i][c] for r in rs) for c in RATIO_COLS}}
+    med = {side: [{**rs[0][i], **{c: statistics.median(r[i][c] for r in rs) for c in RATIO_COLS}}
                   for i in range(len(rs[0]))] for side, rs in runs.items()}
     ratios = [{"clients": b["clients"], **{c: round(a[c] / b[c], 3) if b[c] else None
                                            for c in RATIO_COLS}}

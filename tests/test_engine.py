@@ -287,3 +287,32 @@ def test_timeout_before_any_token_is_a_504_error(model, tok):
             assert time.time() < deadline
             time.sleep(0.01)
     assert [(ev.kind, ev.status) for ev in events] == [("error", 504)]
+
+
+def test_prompt_logprobs_across_prefill_chunks(model, tok):
+    # A prompt prefilled in 3-token chunks while another sequence decodes: its echo logprobs
+    # (from the prefill passes) must equal float64 log-softmax over the plain forward.
+    prompt = tok.encode("logprobs of a chunked prompt")
+    events, busy = [], []
+    with Engine(model, tok, max_batch=2, prefill_budget=3) as engine:
+        engine.submit(tok.encode("busy"), SamplingParams(max_tokens=80, temperature=0,
+                                                         stop_at_eos=False), busy.append)
+        deadline = time.time() + 30
+        while not busy:  # decoding: the next prompt is prefilled 3 tokens per step
+            assert time.time() < deadline
+            time.sleep(0.001)
+        engine.submit(prompt, SamplingParams(max_tokens=2, temperature=0, echo=True, logprobs=2),
+                      events.append)
+        while not events or events[-1].kind != "done":
+            assert time.time() < deadline
+            time.sleep(0.01)
+    assert not any(ev.kind == "done" for ev in busy)  # it really ran alongside
+    prompt_lp = next(ev for ev in events if ev.kind == "prompt").logprobs
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt]))[0][0].double().log_softmax(-1)
+    assert prompt_lp[0] is None and len(prompt_lp) == len(prompt)
+    for i in range(1, len(prompt)):
+        assert abs(prompt_lp[i].logprob - float(ref[i - 1, prompt[i]])) < 1e-4
+        assert [t for t, _ in prompt_lp[i].top] == ref[i - 1].topk(2).indices.tolist()
+    ids = [t for ev in events if ev.kind == "text" for t in ev.token_ids]
+    assert ids == reference(model, tok, prompt, 2, temperature=0)

@@ -302,19 +302,28 @@ class ModelRunner:
         return out
 
     def _runs(self, chunks: list[_Chunk]) -> list[list[_Chunk]]:
-        # One forward over the slot range of every chunk, when the rows in between (other
-        # sequences, riding along with length 0) can take T throw-away positions; otherwise
-        # one forward per chunk.
-        if len(chunks) < 2:
-            return [chunks] if chunks else []
-        chunks = sorted(chunks, key=lambda c: c.slot)
-        lo, hi = chunks[0].slot, chunks[-1].slot + 1
-        T = max(c.end - c.start for c in chunks)
-        ours = {c.slot for c in chunks}
-        seqlens = self.cache.seqlens[lo:hi].tolist()
-        if all(lo + i in ours or n + T <= self.cache.max_seq_len for i, n in enumerate(seqlens)):
-            return [chunks]
-        return [[c] for c in chunks]
+        """The chunks grouped into forwards over slot ranges, in slot order. A range also
+        computes the padding of short chunks and the rows in between (other sequences riding
+        along with length 0), so a chunk joins the run before it only while that waste stays
+        below the real work, and only if the rows in between can take T throw-away positions."""
+        if not chunks:
+            return []
+        seqlens = self.cache.seqlens.tolist()  # one host sync per step that prefills
+        runs: list[list[_Chunk]] = []
+        for c in sorted(chunks, key=lambda c: c.slot):
+            if runs and self._worth_batching(runs[-1] + [c], seqlens):
+                runs[-1].append(c)
+            else:
+                runs.append([c])
+        return runs
+
+    def _worth_batching(self, run: list[_Chunk], seqlens: list) -> bool:
+        lo, hi = run[0].slot, run[-1].slot + 1
+        T = max(c.end - c.start for c in run)
+        if (hi - lo) * T > 2 * sum(c.end - c.start for c in run):
+            return False
+        ours = {c.slot for c in run}
+        return all(i in ours or seqlens[i] + T <= self.cache.max_seq_len for i in range(lo, hi))
 
     def _forward_run(self, run: list[_Chunk]) -> torch.Tensor:
         all_logits = any(c.request.params.prompt_logprobs for c in run)

@@ -152,19 +152,34 @@ async def read_json(request: Request) -> Any:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
 
-async def _lifecycle(request: Request, call_next):
-    """Refuses new work while draining (503); counts requests by route and status."""
-    st = _state(request)
-    path = request.url.path
-    if st.draining and path not in ("/health", "/metrics"):
-        response = error_response(ApiError(503, "the server is shutting down", "server_error",
-                                           code="shutting_down"))
-    else:
-        response = await call_next(request)
-    if st.metrics is not None and path != "/metrics":
-        route = path if path in _ROUTES else "other"
-        st.metrics.requests.labels(route, str(response.status_code)).inc()
-    return response
+class Lifecycle:
+    """ASGI middleware: refuses new work while draining (503); counts requests by route and
+    status. Plain ASGI rather than @app.middleware("http"), which would relay every chunk of
+    a streamed response through an extra memory stream."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        st, path = self.state, scope["path"]
+        status = []
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+        try:
+            if st.draining and path not in ("/health", "/metrics"):
+                await error_response(ApiError(503, "the server is shutting down", "server_error",
+                                              code="shutting_down"))(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            if st.metrics is not None and path != "/metrics":
+                route = path if path in _ROUTES else "other"
+                st.metrics.requests.labels(route, str(status[0] if status else 500)).inc()
 
 
 # -- talking to the engine ---------------------------------------------------------------------
@@ -460,7 +475,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: Optional[str
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.middleware("http")(_lifecycle)
+    app.add_middleware(Lifecycle, state=app.state.server)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
