@@ -479,3 +479,27 @@ def test_hf_folder_without_tokenizer(hf_dirs, tmp_path, capsys):
     code, _, err = run_main(capsys, "--ckpt", str(d), "--prompt", "x", "-q", "--backend", "torch")
     assert code == 1
     assert_one_line_error(err, "no tokenizer files")
+
+
+def test_penalty_options_match_generate(run_dir, loaded, capsys):
+    # The CLI's --frequency-penalty / --logit-bias give model.generate's text with the same
+    # sampling.Penalties (whose rule test_penalties.py checks against float64).
+    from gptmod_ext.sampling import Penalties
+
+    _, tok = loaded
+    plain = reference(loaded, "the c", 60, temperature=0)[0]
+    banned = tok.encode("a")[0]
+    assert "a" in plain
+    p = Penalties(frequency=1.0, logit_bias={banned: -100.0})
+    expected = reference(loaded, "the c", 60, temperature=0, penalties=p)[0]
+    assert "a" not in expected and expected != plain
+    code, out, _ = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "the c",
+                            "--temperature", "0", "--max-new-tokens", "60",
+                            "--frequency-penalty", "1", "--logit-bias", f"{banned}=-100",
+                            "--backend", "torch", "-q")
+    assert code == 0
+    assert out == "the c" + expected + "\n"
+    code, _, err = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "x", "-q",
+                            "--backend", "torch", "--logit-bias", f"{tok.vocab_size}=1")
+    assert code == 1
+    assert_one_line_error(err, "not in the vocabulary")

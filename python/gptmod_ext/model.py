@@ -759,7 +759,8 @@ class GPT(nn.Module):
     def generate_stream(self, idx: Prompts, max_new_tokens: int, temperature: float = 1.0,
                         top_k: Optional[int] = None, top_p: Optional[float] = None,
                         min_p: Optional[float] = None, seed: Optional[int] = None,
-                        eos_id: Optional[int] = None, use_cache: bool = True
+                        eos_id: Optional[int] = None, use_cache: bool = True,
+                        penalties: Optional[sampling.Penalties] = None
                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields (tokens, finished) once per step: tokens LongTensor [B], the new token of each
         row (eos_id for rows that finished earlier); finished BoolTensor [B], the rows that have
@@ -777,6 +778,8 @@ class GPT(nn.Module):
             return
         generator = sampling.make_generator(seed, self.device)
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        tracker = (sampling.PenaltyTracker(penalties, tokens, lengths, self.config.vocab_size)
+                   if penalties is not None and penalties.active else None)
         if use_cache:
             cache = self.new_kv_cache(B, T + max_new_tokens)
             run_step = self._decoder()
@@ -791,7 +794,11 @@ class GPT(nn.Module):
         for step in range(max_new_tokens):
             if not use_cache:
                 logits = self(buf[:, :T + step])[0][rows, cur - 1]
+            if tracker is not None:
+                logits = tracker.apply(logits)
             nxt = sampling.sample(logits, temperature, top_k, top_p, min_p, generator)
+            if tracker is not None:
+                tracker.update(nxt)
             if eos_id is not None:
                 nxt.masked_fill_(finished, eos_id)
                 finished |= nxt == eos_id
@@ -807,7 +814,8 @@ class GPT(nn.Module):
     def generate(self, idx: Prompts, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  min_p: Optional[float] = None, seed: Optional[int] = None,
-                 eos_id: Optional[int] = None, use_cache: bool = True):
+                 eos_id: Optional[int] = None, use_cache: bool = True,
+                 penalties: Optional[sampling.Penalties] = None):
         """Continues each prompt by up to max_new_tokens tokens.
 
         idx: LongTensor [B, T], or a list of token lists of different lengths (ragged; they are
@@ -818,6 +826,8 @@ class GPT(nn.Module):
         eos_id: a row that produces it is finished: its later positions hold eos_id while the
         other rows go on; generation stops early once every row has finished.
         use_cache=False recomputes the whole prefix at every step (greedy results are equal).
+        penalties: sampling.Penalties (presence/frequency over the generated tokens, repetition
+        over prompt and output, logit bias), applied to the logits before temperature.
         Context rule: prompt length + max_new_tokens must be <= block_size, otherwise
         ValueError (nothing is cropped silently). Call model.eval() first if dropout > 0.
 
@@ -827,7 +837,8 @@ class GPT(nn.Module):
         and including its first eos_id.
         """
         steps = [tok for tok, _ in self.generate_stream(
-            idx, max_new_tokens, temperature, top_k, top_p, min_p, seed, eos_id, use_cache)]
+            idx, max_new_tokens, temperature, top_k, top_p, min_p, seed, eos_id, use_cache,
+            penalties)]
         new = (torch.stack(steps, dim=1) if steps
                else torch.zeros(len(idx), 0, dtype=torch.long, device=self.device))
         if isinstance(idx, torch.Tensor):

@@ -41,6 +41,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import sampling
 from .checkpoint import first_line as _first_line
 from .devices import DTYPE_CHOICES, dtype_name
 
@@ -101,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--min-p", type=float, default=None, help="keep tokens with p >= min_p * p_max, in [0, 1]")
     a("--seed", type=int, default=None, help="random seed (same seed, same text); "
       "default: a random one, reported on stderr")
+    a("--presence-penalty", type=float, default=0.0,
+      help="subtract this from the logit of every token already generated, in [-2, 2]")
+    a("--frequency-penalty", type=float, default=0.0,
+      help="subtract this times a token's count among the generated tokens, in [-2, 2]")
+    a("--repetition-penalty", type=float, default=1.0,
+      help="divide positive (multiply negative) logits of tokens in the prompt or the output "
+           "by this, > 0 (vLLM's; 1 = off)")
+    a("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+      help="add BIAS in [-100, 100] to token ID's logit (-100 bans it); repeatable")
     a("--num-samples", type=int, default=1, help="samples generated as one batch (default: 1)")
     a("--stop", nargs="+", action="extend", default=[], metavar="STR",
       help="stop once a sample produces one of these strings (not printed); backslash escapes "
@@ -137,6 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for ok, msg in checks:
         if not ok:
             parser.error(msg)
+    args.penalties = _penalties(parser, args)
     try:
         args.stop = [_unescape(s) for s in args.stop]
     except UnicodeDecodeError as e:
@@ -144,6 +155,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(s == "" for s in args.stop):
         parser.error("--stop strings must not be empty")
     return args
+
+
+def _penalties(parser, args) -> sampling.Penalties:
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(args, name) <= 2:
+            parser.error(f"--{name.replace('_', '-')} must be in [-2, 2], got {getattr(args, name)}")
+    if not args.repetition_penalty > 0:
+        parser.error(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+    bias = {}
+    for item in args.logit_bias:
+        tok, sep, value = item.partition("=")
+        try:
+            tok, value = int(tok), float(value)
+        except ValueError:
+            tok = None
+        if not sep or tok is None or tok < 0 or not -100 <= value <= 100:
+            parser.error(f"--logit-bias takes ID=BIAS with a token id >= 0 and a bias in "
+                         f"[-100, 100], got {item!r}")
+        bias[tok] = value
+    return sampling.Penalties(args.presence_penalty, args.frequency_penalty,
+                              args.repetition_penalty, bias)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -260,12 +292,16 @@ def generate(model, tok, prompt: str, args, seed, echo: bool, out, err) -> Stats
     out.write(head)
     out.flush()
 
+    bad = [t for t in args.penalties.logit_bias if t >= model.config.vocab_size]
+    if bad:
+        raise SampleError(f"--logit-bias: token id {bad[0]} is not in the vocabulary "
+                          f"(0..{model.config.vocab_size - 1})")
     idx = torch.tensor([ids] * B, dtype=torch.long, device=model.device)
     t0 = time.perf_counter()
     ttft = None
     steps = model.generate_stream(idx, max_new, temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p, min_p=args.min_p, seed=seed,
-                                  eos_id=tok.eot_id)
+                                  eos_id=tok.eot_id, penalties=args.penalties)
     try:
         for tokens, finished in steps:
             tokens, finished = tokens.tolist(), finished.tolist()  # one host sync per step

@@ -13,7 +13,8 @@ global RNG, so the same seed gives the same tokens.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -108,6 +109,50 @@ def apply_penalties(logits: torch.Tensor, counts: Optional[torch.Tensor] = None,
         if not _is_off(presence_penalty, lambda p: p == 0):
             logits = logits - _per_row(presence_penalty, logits) * (c > 0).float()
     return logits
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """One generation's logit adjustments for GPT.generate and the sampler CLI (the server keeps
+    them per request in engine.SamplingParams): 0 / 1.0 / {} are off."""
+    presence: float = 0.0
+    frequency: float = 0.0
+    repetition: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.presence or self.frequency or self.logit_bias or self.repetition != 1.0)
+
+
+class PenaltyTracker:
+    """What apply_penalties needs while a batch generates: which tokens each row's prompt holds
+    (for the repetition penalty) and how often each row generated each token."""
+
+    def __init__(self, penalties: Penalties, prompts: torch.Tensor, lengths: Optional[torch.Tensor],
+                 vocab_size: int):
+        B, T = prompts.shape
+        device = prompts.device
+        self.p = penalties
+        self.rows = torch.arange(B, device=device)
+        self.counts = torch.zeros(B, vocab_size, dtype=torch.float32, device=device)
+        self.prompt_seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
+        real = (torch.ones(B, T, dtype=torch.bool, device=device) if lengths is None
+                else torch.arange(T, device=device) < lengths.view(B, 1))  # not the right padding
+        self.prompt_seen[self.rows.view(B, 1).expand(B, T)[real], prompts[real]] = True
+        self.bias = None
+        if penalties.logit_bias:
+            self.bias = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            for tok, b in penalties.logit_bias.items():
+                self.bias[int(tok)] = float(b)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        return apply_penalties(logits, self.counts, self.prompt_seen | (self.counts > 0),
+                               self.p.presence, self.p.frequency, self.p.repetition, self.bias)
+
+    def update(self, tokens: torch.Tensor) -> None:
+        """tokens [B]: the step's new token of each row."""
+        self.counts[self.rows, tokens] += 1
 
 
 def process_logits(logits: torch.Tensor, temperature: Param = 1.0, top_k: Param = None,
