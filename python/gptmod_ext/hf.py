@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from . import devices
 from .model import GPT, GPTConfig
 
 
@@ -373,9 +374,6 @@ def to_hf_tokenizer(tok, model_max_length: Optional[int] = None):
         **extra)
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def save_hf(model: GPT, tokenizer, directory, dtype=None, overwrite: bool = False) -> Path:
     """Writes `model` and `tokenizer` (ours) as a Hugging Face folder that transformers loads
     with no gptmod_ext code: config.json, model.safetensors, generation_config.json (eos =
@@ -395,7 +393,7 @@ def save_hf(model: GPT, tokenizer, directory, dtype=None, overwrite: bool = Fals
     eot = tokenizer.eot_id
     hf_model = to_hf(model, bos_token_id=eot, eos_token_id=eot)
     if dtype is not None:
-        hf_model.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+        hf_model.to(devices.pick_dtype(dtype))
     # pad = eos only here: in the model config it would become the embedding's padding_idx,
     # whose row fine-tuning would then never update.
     hf_model.generation_config = transformers.GenerationConfig(
