@@ -94,6 +94,53 @@ def test_prefill_and_chunked_prefill_match_float64(backend, arch):
     _prefill_then_chunk(backend, arch, "cpu", torch.float32)
 
 
+class MatmulRows(TorchDispatchMode):
+    """Records how many rows each matrix product's input has."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            self.rows.append(args[0 if func is torch.ops.aten.mm.default else 1].size(0))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("history", [False, True])
+def test_ragged_prefill_runs_the_real_tokens_alone(backend, arch, history):
+    # The linear layers of a ragged prefill see the real tokens only (the server's batched
+    # prefill pads prompts of 8..96 tokens to nearly twice their count), and each row's
+    # next-token logits are right, a row of length 0 riding along (as a decoding sequence
+    # does between two prefilling ones) included. history: that row holds a sequence, so the
+    # chunk goes through the cache (decode_attention) instead of fresh causal attention.
+    m, ref = make_model(arch, backend)
+    g = torch.Generator().manual_seed(1)
+    cache = m.new_kv_cache(4, 96)
+    past = torch.randint(0, 97, (9,), generator=g).tolist()
+    if history:
+        m.forward_cached(torch.tensor([past]), cache, rows=1)
+    lens = [12, 0, 3, 7]
+    seqs = [torch.randint(0, 97, (n,), generator=g).tolist() for n in lens]
+    idx = torch.zeros(4, max(lens), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        idx[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    with MatmulRows() as mm:
+        logits = m.forward_cached(idx, cache, lengths=torch.tensor(lens))
+    assert set(mm.rows) == {sum(lens), 4}  # every block on 22 tokens, the head on 4 rows
+    for i in (0, 2, 3):
+        close(logits[i], ref_logits(ref, seqs[i])[-1], torch.float32)
+    assert cache.seqlens.tolist() == [12, 9 if history else 0, 3, 7]
+    # The next step reads what the packed prefill wrote, and the riding row's own history.
+    step = m.forward_cached(torch.tensor([[5], [6], [7], [8]]), cache)
+    for i in (0, 2, 3):
+        close(step[i], ref_logits(ref, seqs[i] + [5 + i])[-1], torch.float32)
+    if history:
+        close(step[1], ref_logits(ref, past + [6])[-1], torch.float32)
+
+
 @needs_ext
 def test_prefill_into_empty_rows_skips_decode_attention():
     m, _ = make_model("gqa", "ext")

@@ -215,6 +215,19 @@ def _as_slice(rows) -> slice:
     raise TypeError(f"rows must be None, an int or a slice (views of the cache), got {type(rows)}")
 
 
+def _packing(lengths: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
+    """Rows of ragged length (lengths [b] real tokens of T each, right padded): the indices
+    of the real tokens in the flattened b·T grid, so the linear layers, norms and MLPs of the
+    forward run on those N tokens alone (as vLLM packs varlen batches). None when nothing is
+    padded, or for one token per row (decode), where the index ops cost more than they save.
+    A batch of prompts of 8..96 tokens pads to nearly twice its tokens."""
+    if lengths is None or T == 1:
+        return None
+    real = torch.arange(T, device=lengths.device) < lengths.view(-1, 1)
+    pack = real.view(-1).nonzero().view(-1)  # a host sync; prefill syncs once anyway
+    return None if pack.numel() == real.numel() else pack
+
+
 def _weights_key(params) -> tuple:
     # Changes whenever a tensor is replaced, updated in place or cast: derived layouts are stale.
     return tuple((p.data_ptr(), p._version, p.dtype) for p in params)
@@ -322,7 +335,8 @@ class FusedDecode:
 
 @dataclass
 class Context:
-    """What the layers of one forward pass share besides the residual stream x [B·T, C].
+    """What the layers of one forward pass share besides the residual stream x [B·T, C]
+    (or [N, C], the real tokens alone, when `pack` is set).
 
     The training/evaluation forward sets only the first fields. The cached forward adds the
     cache: layer i writes its new keys/values at rows lens_before[b] + t of cache rows `rows`,
@@ -340,6 +354,9 @@ class Context:
     lens_after: Optional[torch.Tensor] = None   # lens_before + T
     weights: Optional[DecodeWeights] = None  # CPU cached forward: the faster weight layout
     fresh: bool = False                      # every row was empty before: nothing cached to read
+    # Ragged prefill: x holds only the real tokens, rows `pack` [N] of the padded B·T grid
+    # (see _packing); attention alone works on the grid.
+    pack: Optional[torch.Tensor] = None
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s K and V caches [B, S_max, Hkv, D] for this forward's rows."""
@@ -349,6 +366,11 @@ class Context:
         # a view chain of one buffer's aliases wrongly (v came out with 0 rows under compile).
         buf = self.cache.buffer
         return buf[layer, 0, self.rows], buf[layer, 1, self.rows]
+
+    def to_grid(self, x):
+        """x [N, W] of the packed real tokens -> [B·T, W], zeros at the padding."""
+        grid = x.new_zeros(self.B * self.T, x.size(-1))
+        return grid.index_copy_(0, self.pack, x)
 
     def linear(self, x, layer: nn.Linear):
         """layer(x) for x [N, in], from the decode weight layout when this forward has one."""
@@ -383,13 +405,16 @@ class CausalSelfAttention(nn.Module):
         return reference.rope(x, ctx.cos, ctx.sin, ctx.positions, self.interleaved)
 
     def forward(self, x, ctx: Context):
-        """x [B·T, C] (the 2-D residual stream of B sequences of T tokens) -> [B·T, C]: causal
-        over the T tokens of x (SDPA), or, in the cached forward, over the cache as well."""
+        """x [B·T, C] (the 2-D residual stream of B sequences of T tokens; [N, C] when packed)
+        -> the same shape: causal over the T tokens of x (SDPA), or, in the cached forward, over
+        the cache as well."""
         B, T = ctx.B, ctx.T
         Hq, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         # Functional linears on the modules' weights rather than module calls: decoding one
         # token is overhead-bound, and every avoided Python layer counts.
         qkv = ctx.linear(x, self.c_attn)
+        if ctx.pack is not None:
+            qkv = ctx.to_grid(qkv)
         v = qkv[..., (Hq + Hkv) * D:].view(B, T, Hkv, D)
         if self.q_norm is not None:
             q = self.q_norm(qkv[..., :Hq * D].view(B, T, Hq, D))
@@ -407,7 +432,10 @@ class CausalSelfAttention(nn.Module):
             y = self.causal_attention(q, k, v)
         else:
             y = self.cached_attention(q, k, v, ctx)
-        y = ctx.linear(y.reshape(B * T, Hq * D), self.c_proj)
+        y = y.reshape(B * T, Hq * D)
+        if ctx.pack is not None:
+            y = y.index_select(0, ctx.pack)
+        y = ctx.linear(y, self.c_proj)
         return _dropout(y, self.dropout, self.training)
 
     def causal_attention(self, q, k, v):
@@ -691,25 +719,31 @@ class GPT(nn.Module):
         fresh=False) -> logits (arguments as _forward_cached's), its weight layouts resolved once
         (generate asks once per call, forward_cached once per step)."""
         weights = DecodeWeights.of(self)
-        plain = self._forward_cached if self._compiled_step is None else self._compiled_step
+        compiled = self._compiled_step
+
+        def plain(idx, cache, rows, lengths, all_logits=False, fresh=False):
+            # Not under torch.compile: a pack's data-dependent size would recompile per batch.
+            if compiled is not None:
+                return compiled(idx, cache, rows, lengths, weights, all_logits, fresh)
+            return self._forward_cached(idx, cache, rows, lengths, weights, all_logits, fresh,
+                                        _packing(lengths, idx.size(1)))
         use_fused = (self._use_fused and self._backend == "ext" and FusedDecode.unsupported(self)
                      is None and not (self.training and self.config.dropout > 0))
         if not use_fused:
-            return lambda idx, cache, rows, lengths, all_logits=False, fresh=False: plain(
-                idx, cache, rows, lengths, weights, all_logits, fresh)
+            return plain
         fused = FusedDecode.of(self)
 
         def step(idx, cache, rows, lengths, all_logits=False, fresh=False):
             if idx.size(1) == 1 and lengths is None and not all_logits:
                 return fused.step(self, idx, cache, rows)
-            return plain(idx, cache, rows, lengths, weights, all_logits, fresh)
+            return plain(idx, cache, rows, lengths, all_logits, fresh)
         return step
 
     def _forward_cached(self, idx, cache: KVCache, rows: slice, lengths, weights, all_logits=False,
-                        fresh=False):
+                        fresh=False, pack=None):
         # The unchecked body of forward_cached (generate checks the sizes once, up front).
         # weights: DecodeWeights.of(self), or None. fresh: the caller knows every row is empty
-        # (Context.fresh), so no layer has to ask the device.
+        # (Context.fresh), so no layer has to ask the device. pack: _packing(lengths, T).
         b, T = idx.shape
         lens_before = cache.seqlens if rows == slice(None) else cache.seqlens[rows]
         lens_after = lens_before + T
@@ -718,8 +752,10 @@ class GPT(nn.Module):
         else:
             positions = lens_before.view(b, 1) + torch.arange(T, device=idx.device, dtype=torch.int32)
         ctx = Context(b, T, self._backend, self.rope_cos, self.rope_sin, positions, cache, rows,
-                      lens_before, lens_after, weights, fresh)
+                      lens_before, lens_after, weights, fresh, pack)
         x = self._embed(idx, positions)
+        if pack is not None:
+            x = x.index_select(0, pack)
         for block in self.h:
             x = block(x, ctx)
         if lengths is None:
@@ -728,11 +764,15 @@ class GPT(nn.Module):
             lens_before.copy_(lens_after)
         else:
             lengths = lengths.to(device=idx.device)
-            if not all_logits:
+            if not all_logits and pack is None:
                 x = x.view(b, T, -1)[torch.arange(b, device=idx.device), lengths.long() - 1]
+            elif not all_logits:  # each row's last real token in the packed stream (any for length 0)
+                x = x[(lengths.long().cumsum(0) - 1).clamp(min=0)]
             lens_before.add_(lengths.to(torch.int32))
         logits = self._logits(x, ctx)
-        return logits.view(b, T, -1) if all_logits else logits
+        if not all_logits:
+            return logits
+        return (logits if pack is None else ctx.to_grid(logits)).view(b, T, -1)
 
     # -- generation -------------------------------------------------------------------------
 
