@@ -229,6 +229,55 @@ def test_batched_prefill_equals_one_request_at_a_time(model, tok):
             assert ids == reference(model, tok, p, 12, temperature=0)
 
 
+def test_a_burst_is_prefilled_shortest_first(model, tok):
+    # Admitted together (submitted before the engine starts), with a budget that fits a few
+    # prompts a step: the shortest prompts take the lowest slots and get their first tokens
+    # first, whole prompts rather than fragments; each still gets what it gets alone.
+    lengths = [40, 6, 25, 3, 12]
+    prompts = [tok.encode("y" * k) for k in lengths]
+    engine = Engine(model, tok, max_batch=8, prefill_budget=16)
+    firsts, events = [], [[] for _ in prompts]
+
+    def record(i):
+        def on_event(ev):
+            if ev.kind == "text" and not events[i]:
+                firsts.append(i)
+            events[i].append(ev)
+        return on_event
+    reqs = [engine.submit(p, SamplingParams(max_tokens=8, temperature=0), record(i))
+            for i, p in enumerate(prompts)]
+    with engine:
+        deadline = time.time() + 60
+        while engine.stats()["requests_finished"] < len(prompts):
+            assert time.time() < deadline
+            time.sleep(0.01)
+    by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
+    assert firsts == by_length
+    assert [reqs[i].seqs[0].slot for i in by_length] == list(range(len(lengths)))
+    for p, evs in zip(prompts, events):
+        ids = [t for ev in evs if ev.kind == "text" for t in ev.token_ids]
+        assert ids == reference(model, tok, p, 8, temperature=0)
+
+
+def test_a_later_short_prompt_does_not_pass_an_earlier_long_one(model, tok):
+    # Shortest first holds among requests admitted together only: a long prompt already being
+    # prefilled in chunks keeps its place ahead of short prompts that arrive later.
+    engine = Engine(model, tok, max_batch=4, prefill_budget=16)
+    engine.runner.start()
+    params = SamplingParams(max_tokens=30, temperature=0)
+    with torch.inference_mode():
+        engine.submit(tok.encode("decoding"), params, lambda ev: None)
+        engine._step()  # prefilled alone; decodes from now on
+        long = engine.submit(tok.encode("z" * 40), params, lambda ev: None)
+        engine._step()
+        assert long.prefilled == 16
+        short = engine.submit(tok.encode("abc"), params, lambda ev: None)
+        engine._step()
+        assert (long.prefilled, short.prefilled) == (32, 0)
+        engine._step()
+        assert long.decoding and short.decoding
+
+
 def test_long_prompt_prefilled_in_chunks_while_others_decode(model, tok):
     with Engine(model, tok, max_batch=4, prefill_budget=4) as engine:
         jobs = [(tok.encode("short"), SamplingParams(max_tokens=40, temperature=0)),

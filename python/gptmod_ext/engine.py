@@ -8,14 +8,19 @@ Three parts, each readable on its own:
     allocated at start; each row is a slot that holds one sequence, and a request with n
     choices takes n slots. Requests wait first come first served; one is admitted when enough
     slots are free (lowest first, so the decode range stays dense without moving K/V around:
-    compaction would copy L x 2 x S x Hkv x D per move, a hole costs one row of a cheap step).
+    compaction would copy L x 2 x S x Hkv x D per move, a hole costs one row of a cheap step);
+    of the requests admitted together, the shortest prompts take the lowest slots.
     At most `max_queue` requests wait; submit() raises QueueFull beyond that.
   ModelRunner (prefill, decode step, sampling). Prefill: the prompts of admitted requests go
     through the model together, one forward_cached over their slots (ragged lengths, right
-    padded), each into its request's first slot; a long prompt goes in chunks, at most
-    `prefill_budget` prompt tokens per step while other sequences decode, so they keep their
-    pace. When a prompt is complete it is copied into the request's other slots (n > 1,
-    KVCache.copy_prefix) and the first token of every choice is sampled from its logits.
+    padded; the model packs the real tokens, so padding costs no matmul), each into its
+    request's first slot. At most `prefill_budget` prompt tokens go per step while other
+    sequences decode or wait, so they keep their pace, and a prompt longer than that goes in
+    chunks. Requests admitted earlier go first; of a burst admitted together, the shortest
+    prompts (shortest job first: of 32 prompts arriving at once, the first half gets its first
+    token after about a quarter of the burst's prefill, not after all of it). When a prompt
+    is complete it is copied into the request's other slots (n > 1, KVCache.copy_prefix) and
+    the first token of every choice is sampled from its logits.
     Decode: ONE forward_cached over the slot range 0..highest decoding slot with one token per
     row; every row sits at its own length (cache.seqlens), and rows that are not decoding (free,
     or mid-prefill) ride along with `lengths` = 0: they write one throw-away K/V row at their
@@ -145,6 +150,7 @@ class Request:
     cancelled: bool = False
     submitted_at: float = 0.0
     prefilled: int = 0  # prompt tokens already in the cache of seqs[0]'s slot
+    admitted_at: int = 0  # the engine step that gave it its slots
     prompt_logprobs: list = field(default_factory=list)
 
     def cancel(self) -> None:
@@ -205,19 +211,21 @@ class Scheduler:
         return [s for s in self.slots if s is not None and s.request.decoding]
 
     def admit(self, make_seq: Callable[[Request, int, int], _Seq]) -> list[Request]:
-        """Moves waiting requests into free slots, FIFO; returns the admitted ones."""
+        """Moves waiting requests into free slots, FIFO; returns the admitted ones. Of the
+        requests admitted together, the shortest prompt takes the lowest free slots: the engine
+        prefills them shortest first, and neighbouring slots go through one forward."""
         admitted = []
         with self.cond:
-            while self.waiting:
-                free = [i for i, s in enumerate(self.slots) if s is None]
-                if self.waiting[0].params.n > len(free):
-                    break
-                req = self.waiting.popleft()
-                for i, slot in enumerate(free[:req.params.n]):
+            free = [i for i, s in enumerate(self.slots) if s is None]
+            while self.waiting and self.waiting[0].params.n <= len(free) - sum(
+                    r.params.n for r in admitted):
+                admitted.append(self.waiting.popleft())
+            slots = iter(free)
+            for req in sorted(admitted, key=lambda r: len(r.prompt_ids)):
+                for i, slot in zip(range(req.params.n), slots):
                     seq = make_seq(req, i, slot)
                     req.seqs.append(seq)
                     self.slots[slot] = seq
-                admitted.append(req)
         return admitted
 
     def release(self, req: Request) -> list[int]:
@@ -302,10 +310,13 @@ class ModelRunner:
         return out
 
     def _runs(self, chunks: list[_Chunk]) -> list[list[_Chunk]]:
-        """The chunks grouped into forwards over slot ranges, in slot order. A range also
-        computes the padding of short chunks and the rows in between (other sequences riding
-        along with length 0), so a chunk joins the run before it only while that waste stays
-        below the real work, and only if the rows in between can take T throw-away positions."""
+        """The chunks grouped into forwards over slot ranges, in slot order. The matmuls of a
+        range see only its real tokens, but its attention and K/V writes cover the padding of
+        short chunks and the rows in between (other sequences riding along with length 0), so
+        a chunk joins the run before it only while that grid stays within twice the real
+        work, and only if the rows in between can take T throw-away positions. Every forward
+        reads all the weights, so few large runs beat many small ones (hence the neighbouring
+        slots of a burst)."""
         if not chunks:
             return []
         seqlens = self.cache.seqlens.tolist()  # one host sync per step that prefills
@@ -464,6 +475,7 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._running = False
         self.steps = 0            # decode steps run (for stats and tests)
+        self.admissions = 0       # engine steps run (admission rounds)
         self.max_active_seen = 0  # the largest decode batch so far
         self.finished = 0         # requests that ended normally
         self.cancelled = 0        # requests dropped after cancel() (client went away)
@@ -574,7 +586,9 @@ class Engine:
     def _step(self) -> None:
         self._drop_finished_early()
         for req in self.scheduler.admit(self._new_seq):
+            req.admitted_at = self.admissions
             self.runner.reset([s.slot for s in req.seqs])
+        self.admissions += 1
         decoding = self.scheduler.decoding()
         chunks = self._plan_prefill(bool(decoding))
         first = self.runner.prefill(chunks)
@@ -598,14 +612,21 @@ class Engine:
                     counts=self.runner.new_counts() if p.penalized else None)
 
     def _plan_prefill(self, decoding: bool) -> list[_Chunk]:
-        """The prompt pieces to prefill this step: every pending prompt in admission order,
-        within prefill_budget tokens while others decode (unbounded otherwise)."""
-        budget = self.prefill_budget if decoding else math.inf
+        """The prompt pieces to prefill this step, within prefill_budget tokens while others
+        decode or wait for their first token (a lone prompt with nothing decoding goes whole).
+        Requests admitted at an earlier step go first, so none waits behind later arrivals;
+        among those admitted together (a burst), the shortest remaining prompt goes first:
+        shortest job first minimises the mean wait, and the short prompts' first tokens no
+        longer wait for the long prompts' prefill."""
+        pending = sorted((r for r in self.scheduler.running() if not r.decoding),
+                         key=lambda r: (r.admitted_at, len(r.prompt_ids) - r.prefilled))
+        budget = math.inf if not decoding and len(pending) == 1 else self.prefill_budget
         chunks = []
-        for req in self.scheduler.running():
-            if req.decoding or budget <= 0:
-                continue
-            end = min(len(req.prompt_ids), req.prefilled + budget)
+        for req in pending:
+            left = len(req.prompt_ids) - req.prefilled
+            if chunks and left > budget:  # the rest next step, whole, rather than a fragment now
+                break
+            end = req.prefilled + min(left, budget)
             chunks.append(_Chunk(req, req.seqs[0].slot, req.prefilled, end))
             budget -= end - req.prefilled
         return chunks
