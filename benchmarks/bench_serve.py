@@ -236,7 +236,8 @@ def compare(baseline: str, quick: bool, preset: str | None, threads: int | None,
     ratios = [{"clients": b["clients"], **{c: round(a[c] / b[c], 3) if b[c] else None
                                            for c in RATIO_COLS}}
               for b, a in zip(med["before"], med["after"])]
-    return {"preset": preset, "quick": quick, "rounds": rounds, "runs": runs, "median": med,
+    return {"preset": preset, "quick": quick, "threads": threads, "rounds": rounds, "runs": runs,
+            "median": med,
             "after_over_before": ratios}
 
 
@@ -245,8 +246,9 @@ def compare_markdown(res: dict, machine: dict) -> str:
 
     lines = [f"# Serving: before / after, {res['preset']} preset, {res['rounds']} alternating rounds",
              "", f"Machine: {machine['cpu_model']}, {machine['usable_cpus']} usable CPUs "
-             f"(shared with other work while measuring: absolute times are noisy, the ratios "
-             f"from one session are the result), torch {machine['torch']}, float32, CPU.",
+             f"(absolute times vary between machines and with other load: the ratios from one "
+             f"session are the result), torch {machine['torch']}, float32, CPU; server threads: "
+             f"{res.get('threads') or 'torch default'}.",
              f"Workload: {N_REQUESTS} streaming greedy completions (prompts 8-96 tokens), "
              f"--max-batch 32; TTFT from sending to the first text chunk.", ""]
     for side in ("before", "after"):

@@ -142,6 +142,25 @@ def test_decode_step_on_cache_rows():
     assert torch.equal(cache.buffer[:, :, 3], before[:, :, 3])
 
 
+def test_decode_step_with_rows_riding_along():
+    # The server's decode step: free and prefilling slots between decoding ones come with
+    # length 0; their logits are ignored and their lengths must not move.
+    from gptmod_ext.model import FusedDecode
+    m = make_model("gqa", torch.float32)
+    cache, ref_cache = m.new_kv_cache(4, 16), m.new_kv_cache(4, 16)
+    for c in (cache, ref_cache):
+        m.forward_cached(torch.randint(0, 101, (4, 3), generator=torch.Generator().manual_seed(1)), c)
+    lengths = torch.tensor([1, 0, 1, 0])
+    tok = torch.randint(0, 101, (4, 1))
+    m.backend = "torch"
+    ref = m.forward_cached(tok, ref_cache, lengths=lengths)
+    with torch.inference_mode():
+        got = FusedDecode(m).step(m, tok, cache, slice(None), lengths)
+    torch.testing.assert_close(got[[0, 2]], ref[[0, 2]], rtol=1e-5, atol=1e-5)
+    assert cache.seqlens.tolist() == ref_cache.seqlens.tolist() == [4, 3, 4, 3]
+    torch.testing.assert_close(cache.buffer[:, :, :, :4], ref_cache.buffer[:, :, :, :4])
+
+
 # -- opcheck, errors, narrower builds -----------------------------------------------------------
 
 def decode_step_args(dtype=torch.float32, B=2):

@@ -1,4 +1,5 @@
 """The continuous-batching engine, without HTTP: results must not depend on batch company."""
+import copy
 import random
 import threading
 import time
@@ -9,6 +10,7 @@ import torch
 from gptmod_ext import GPT, GPTConfig
 from gptmod_ext import tokenizer as tokenizer_mod
 from gptmod_ext.engine import Engine, QueueFull, SamplingParams
+from helpers import needs_ext
 from serve_util import expected_text
 
 
@@ -276,6 +278,37 @@ def test_a_later_short_prompt_does_not_pass_an_earlier_long_one(model, tok):
         assert (long.prefilled, short.prefilled) == (32, 0)
         engine._step()
         assert long.decoding and short.decoding
+
+
+@needs_ext
+def test_compiled_decode_in_the_engine(tok, monkeypatch):
+    # serve --compile: the engine decodes through GPT.compile_decode()'s fused CPU step, also
+    # with holes among the slots (a short request finishes first), and greedy tokens stay
+    # those of generate on the plain model.
+    torch.manual_seed(11)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=2, n_head=4, n_kv_head=2,
+                    n_embd=64)
+    plain = GPT(cfg, backend="ext").eval()
+    fast = copy.deepcopy(plain).compile_decode()
+    calls = []
+    real = torch.ops.gptmod.decode_step
+    monkeypatch.setattr(torch.ops.gptmod, "decode_step",
+                        lambda *a: calls.append(a[4].numel()) or real(*a))
+    jobs = [(tok.encode(p), SamplingParams(max_tokens=n, temperature=0))
+            for p, n in (("first", 30), ("gone soon", 3), ("third one", 30))]
+    engine = Engine(fast, tok, max_batch=4)
+    results = [[] for _ in jobs]
+    for (prompt, params), out in zip(jobs, results):
+        engine.submit(prompt, params, out.append)
+    with engine:
+        deadline = time.time() + 60
+        while engine.stats()["requests_finished"] < len(jobs):
+            assert time.time() < deadline
+            time.sleep(0.01)
+    assert calls and max(calls) == 3
+    for (prompt, params), events in zip(jobs, results):
+        ids = [t for ev in events if ev.kind == "text" for t in ev.token_ids]
+        assert ids == reference(plain, tok, prompt, params.max_tokens, temperature=0)
 
 
 def test_long_prompt_prefilled_in_chunks_while_others_decode(model, tok):

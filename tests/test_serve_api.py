@@ -219,3 +219,25 @@ def test_sigterm_drains_then_exits_0(slow_run):
             assert data[-1] == "data: [DONE]"
             assert json.loads(data[-2][6:])["usage"]["completion_tokens"] == 1000
         assert url.proc.wait(timeout=30) == 0
+
+
+def test_compiled_decode_server(run_dir, ref):
+    # serve --compile (GPT.compile_decode: the fused CPU decode step): concurrent greedy
+    # completions through the openai client, one finishing early so the others decode around
+    # its free slot, answer what generate answers alone on the plain model.
+    import concurrent.futures
+
+    with live_server(run_dir, "--max-batch", "4", "--compile") as url:
+        assert "compiled decode" in url.proc.stdout.readline()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        jobs = [("the first", 24), ("short", 2), ("a third prompt", 24)]
+
+        def ask(job):
+            return client.completions.create(model="tiny", prompt=job[0], max_tokens=job[1],
+                                             temperature=0).choices[0]
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            choices = list(pool.map(ask, jobs))
+    tok = ref[1]
+    for (prompt, n), choice in zip(jobs, choices):
+        text, _, reason = greedy(ref, tok.encode(prompt), n)
+        assert (choice.text, choice.finish_reason) == (text, reason)

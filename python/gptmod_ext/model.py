@@ -319,8 +319,14 @@ class FusedDecode:
             model._fused = cur = cls(model)
         return cur
 
-    def step(self, model: "GPT", idx, cache: "KVCache", rows: slice):
-        """forward_cached for one token per row (idx [b, 1]) -> logits [b, vocab_size]."""
+    # Its blocked matrix-vector kernel beats the GEMMs of the plain step up to about 16 rows
+    # (small preset, 2-core Xeon: 2.0 vs 3.7 ms at 1 row, 6.0 vs 6.9 at 16, 13.2 vs 9.5 at 32).
+    MAX_ROWS = 16
+
+    def step(self, model: "GPT", idx, cache: "KVCache", rows: slice, lengths=None):
+        """forward_cached for one token per row (idx [b, 1]) -> logits [b, vocab_size].
+        lengths: None, or int [b] of 1s and 0s: rows of 0 ride along (the server's free and
+        prefilling slots): their K/V write is a throw-away row and their length stays."""
         c = model.config
         whole = rows == slice(None)
         lens = cache.seqlens if whole else cache.seqlens[rows]
@@ -329,7 +335,7 @@ class FusedDecode:
             model.wte(idx.view(-1)), self.norms, self.linears, kv, lens, model.rope_cos,
             model.rope_sin, c.n_head, c.n_kv_head, c.ffn_hidden, c.padded_vocab_size, c.norm_eps,
             c.logit_softcap, c.rope_interleaved)
-        lens.add_(1)
+        lens.add_(1 if lengths is None else lengths.to(lens))
         return logits[:, :c.vocab_size]
 
 
@@ -734,8 +740,8 @@ class GPT(nn.Module):
         fused = FusedDecode.of(self)
 
         def step(idx, cache, rows, lengths, all_logits=False, fresh=False):
-            if idx.size(1) == 1 and lengths is None and not all_logits:
-                return fused.step(self, idx, cache, rows)
+            if idx.size(1) == 1 and idx.size(0) <= FusedDecode.MAX_ROWS and not all_logits:
+                return fused.step(self, idx, cache, rows, lengths)
             return plain(idx, cache, rows, lengths, all_logits, fresh)
         return step
 
