@@ -233,10 +233,13 @@ def compare(baseline: str, quick: bool, preset: str | None, threads: int | None,
                 runs[side].append(run(quick, preset, str(run_dir), concurrency, threads, src))
     med = {side: [{**rs[0][i], **{c: statistics.median(r[i][c] for r in rs) for c in RATIO_COLS}}
                   for i in range(len(rs[0]))] for side, rs in runs.items()}
+    after = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                           capture_output=True, text=True).stdout.strip() or "unknown"
     ratios = [{"clients": b["clients"], **{c: round(a[c] / b[c], 3) if b[c] else None
                                            for c in RATIO_COLS}}
               for b, a in zip(med["before"], med["after"])]
-    return {"preset": preset, "quick": quick, "threads": threads, "rounds": rounds, "runs": runs,
+    return {"preset": preset, "quick": quick, "threads": threads, "rounds": rounds,
+            "before": str(baseline), "after": f"this checkout ({after})", "runs": runs,
             "median": med,
             "after_over_before": ratios}
 
@@ -250,7 +253,8 @@ def compare_markdown(res: dict, machine: dict) -> str:
              f"session are the result), torch {machine['torch']}, float32, CPU; server threads: "
              f"{res.get('threads') or 'torch default'}.",
              f"Workload: {N_REQUESTS} streaming greedy completions (prompts 8-96 tokens), "
-             f"--max-batch 32; TTFT from sending to the first text chunk.", ""]
+             f"--max-batch 32; TTFT from sending to the first text chunk.",
+             f"Before: the package in {res['before']}; after: {res['after']}.", ""]
     for side in ("before", "after"):
         lines += [f"## {side} (median of rounds)", "",
                   md_table(["clients", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"],
