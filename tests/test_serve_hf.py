@@ -81,3 +81,15 @@ def test_completions_match_transformers(served, reference):
     prompt = "Once upon a time"
     r = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0)
     assert r.choices[0].text == hf_greedy(reference, tok.encode(prompt), 12)
+
+
+def test_special_tokens_have_no_text(hf_dir, served, reference):
+    # The folder's special ids (transformers' own list) are the ones the engine sends no text
+    # for: forced to repeat its end-of-sequence token past the end, a completion is empty.
+    tok, _ = reference
+    ours = hf.HFTokenizer(hf_dir)
+    assert [t for t in range(ours.vocab_size) if ours.is_special(t)] == sorted(tok.all_special_ids)
+    body = {"prompt": "x", "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "logit_bias": {str(tok.eos_token_id): 100}}
+    r = httpx.post(served + "/v1/completions", json=body, timeout=60).json()
+    assert (r["choices"][0]["text"], r["usage"]["completion_tokens"]) == ("", 5)

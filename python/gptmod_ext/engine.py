@@ -687,8 +687,7 @@ class Engine:
     def _is_text(self, tok: int) -> bool:
         # Special tokens (<|endoftext|> with ignore_eos) have no text, and an id the tokenizer
         # lacks (a model vocabulary larger than its tokenizer's) must not fail the whole batch.
-        is_special = getattr(self.tokenizer, "is_special", None)  # HF tokenizers skip their own
-        return 0 <= tok < self.tokenizer.vocab_size and not (is_special and is_special(tok))
+        return 0 <= tok < self.tokenizer.vocab_size and not self.tokenizer.is_special(tok)
 
     def _advance(self, seq: _Seq, tok: int, lp: Optional[TokenLogprob]) -> None:
         req, p = seq.request, seq.request.params

@@ -226,9 +226,13 @@ class HFTokenizer:
         self.eot_id = self.hf.eos_token_id
         self.bos_id = self.hf.bos_token_id
         self.vocab_size = len(self.hf)
+        self._special_ids = frozenset(self.hf.all_special_ids)
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=True)
+
+    def is_special(self, token_id: int) -> bool:
+        return int(token_id) in self._special_ids
 
     def decode(self, ids) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
