@@ -21,7 +21,9 @@ Python standard library (throughput does not depend on the weights): 'small' (6 
 gptmod_ext/, e.g. `git archive <commit> python | tar -x -C /tmp/base` then /tmp/base/python),
 alternating before / after runs, and reports the after/before ratios of TTFT p50/p99, ITL and
 throughput per concurrency (ratios from one session hold on a noisy machine; absolute times
-do not). --out writes <out>.json and <out>.md.
+do not). --after-args '--compile' compares this package's server with and without those
+options instead (or, with --baseline, the baseline without them and this one with them).
+--out writes <out>.json and <out>.md.
 """
 from __future__ import annotations
 
@@ -159,9 +161,10 @@ def _pct(xs, q):
 
 
 def run(quick: bool = False, preset: str | None = None, ckpt: str | None = None,
-        concurrency=None, threads: int | None = None, src: str | None = None) -> list[dict]:
+        concurrency=None, threads: int | None = None, src: str | None = None,
+        server_args=()) -> list[dict]:
     """Rows of {clients, requests, failed, tokens, seconds, tok_per_s, speedup, ttft_p50_ms,
-    ttft_p99_ms, itl_p50_ms, itl_p99_ms}."""
+    ttft_p99_ms, itl_p50_ms, itl_p99_ms}. server_args: more `serve` options (e.g. --compile)."""
     from gptmod_ext.checkpoint import read_config
 
     preset = preset or ("tiny" if quick else "small")
@@ -170,7 +173,7 @@ def run(quick: bool = False, preset: str | None = None, ckpt: str | None = None,
         run_dir = Path(ckpt) if ckpt else make_run(Path(tmp) / f"bench-{preset}", preset)
         cfg = read_config(run_dir)["model"]
         jobs = workload(cfg["vocab_size"], cfg["block_size"], quick)
-        extra = ("--threads", str(threads)) if threads else ()
+        extra = (("--threads", str(threads)) if threads else ()) + tuple(server_args)
         proc, url = start_server(run_dir, max_batch=max(concurrency), extra=extra, src=src)
         rows = []
         try:
@@ -218,10 +221,11 @@ def print_table(rows: list[dict]) -> None:
 RATIO_COLS = ["ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tok_per_s"]
 
 
-def compare(baseline: str, quick: bool, preset: str | None, threads: int | None,
-            rounds: int = 2, concurrency=None) -> dict:
-    """Before (baseline's package) and after (this one) on the same run directory and
-    workload, alternating; per concurrency the median over rounds and after/before ratios."""
+def compare(baseline: str | None, quick: bool, preset: str | None, threads: int | None,
+            rounds: int = 2, concurrency=None, after_args=()) -> dict:
+    """Before (baseline's package, or this one without after_args) and after (this package,
+    its server given after_args) on the same run directory and workload, alternating; per
+    concurrency the median over rounds and after/before ratios."""
     import statistics
 
     preset = preset or ("tiny" if quick else "small")
@@ -229,8 +233,9 @@ def compare(baseline: str, quick: bool, preset: str | None, threads: int | None,
         run_dir = make_run(Path(tmp) / f"bench-{preset}", preset)
         runs = {"before": [], "after": []}
         for _ in range(rounds):
-            for side, src in (("before", baseline), ("after", None)):
-                runs[side].append(run(quick, preset, str(run_dir), concurrency, threads, src))
+            for side, src, extra in (("before", baseline, ()), ("after", None, after_args)):
+                runs[side].append(run(quick, preset, str(run_dir), concurrency, threads, src,
+                                      extra))
     med = {side: [{**rs[0][i], **{c: statistics.median(r[i][c] for r in rs) for c in RATIO_COLS}}
                   for i in range(len(rs[0]))] for side, rs in runs.items()}
     after = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
@@ -239,7 +244,8 @@ def compare(baseline: str, quick: bool, preset: str | None, threads: int | None,
                                            for c in RATIO_COLS}}
               for b, a in zip(med["before"], med["after"])]
     return {"preset": preset, "quick": quick, "threads": threads, "rounds": rounds,
-            "before": str(baseline), "after": f"this checkout ({after})", "runs": runs,
+            "before": f"the package in {baseline}" if baseline else "this checkout",
+            "after": f"this checkout ({after}){''.join(' ' + a for a in after_args)}", "runs": runs,
             "median": med,
             "after_over_before": ratios}
 
@@ -254,7 +260,7 @@ def compare_markdown(res: dict, machine: dict) -> str:
              f"{res.get('threads') or 'torch default'}.",
              f"Workload: {N_REQUESTS} streaming greedy completions (prompts 8-96 tokens), "
              f"--max-batch 32; TTFT from sending to the first text chunk.",
-             f"Before: the package in {res['before']}; after: {res['after']}.", ""]
+             f"Before: {res['before']}; after: {res['after']}.", ""]
     for side in ("before", "after"):
         lines += [f"## {side} (median of rounds)", "",
                   md_table(["clients", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"],
@@ -278,13 +284,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--baseline", default=None, metavar="DIR",
                    help="compare with the gptmod_ext found in DIR (before / after ratios)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds with --baseline")
-    p.add_argument("--out", default=None, help="with --baseline: write OUT.json and OUT.md")
+    p.add_argument("--after-args", default="", metavar="ARGS",
+                   help="compare with server options ARGS on the after side only, e.g. "
+                        "'--compile' (before: the same package without them, or --baseline's)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of a comparison")
+    p.add_argument("--out", default=None, help="with a comparison: write OUT.json and OUT.md")
     args = p.parse_args(argv)
-    if args.baseline:
+    if args.baseline or args.after_args:
         import common
 
-        res = compare(args.baseline, args.quick, args.preset, args.threads, args.rounds)
+        res = compare(args.baseline, args.quick, args.preset, args.threads, args.rounds,
+                      after_args=args.after_args.split())
         machine = common.machine_info()
         text = compare_markdown(res, machine)
         print(text)

@@ -146,3 +146,33 @@ def test_cuda_on_a_cpu_only_machine_says_why(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "--device cuda" in err and "--device cpu" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_serve_comparison_sides_and_ratios(monkeypatch, tmp_path):
+    # bench_serve's before / after comparison: which package and server options each side
+    # runs with, alternating rounds, medians and after/before ratios, the markdown. The
+    # servers themselves are replaced by rows made up here (no timing is involved).
+    import bench_serve
+
+    calls = []
+
+    def fake_run(quick, preset, ckpt, concurrency, threads, src, server_args=()):
+        calls.append((src, tuple(server_args)))
+        fast = 2.0 if server_args else 1.0
+        return [{"clients": c, "ttft_p50_ms": 100 / fast, "ttft_p99_ms": 200 / fast,
+                 "itl_p50_ms": 10.0, "itl_p99_ms": 20.0, "tok_per_s": 50 * fast}
+                for c in (1, 32)]
+    monkeypatch.setattr(bench_serve, "run", fake_run)
+    monkeypatch.setattr(bench_serve, "make_run", lambda path, preset: path)
+    res = bench_serve.compare(None, True, None, None, rounds=2, after_args=["--compile"])
+    assert calls == [(None, ()), (None, ("--compile",))] * 2
+    assert res["after_over_before"] == [
+        {"clients": c, "ttft_p50_ms": 0.5, "ttft_p99_ms": 0.5, "itl_p50_ms": 1.0,
+         "itl_p99_ms": 1.0, "tok_per_s": 2.0} for c in (1, 32)]
+    text = bench_serve.compare_markdown(res, {"cpu_model": "x", "usable_cpus": 2, "torch": "t"})
+    assert "Before: this checkout; after: this checkout (" in text and "--compile." in text
+    assert "| 32 | 0.50 | 0.50 | 1.00 | 1.00 | 2.00 |" in text
+    calls.clear()
+    res = bench_serve.compare("/elsewhere/python", True, None, None, rounds=1)
+    assert calls == [("/elsewhere/python", ()), (None, ())]
+    assert res["before"] == "the package in /elsewhere/python"
