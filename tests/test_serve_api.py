@@ -185,13 +185,15 @@ def test_cors(server):
 
 @pytest.fixture(scope="module")
 def slow_run(tmp_path_factory):
-    # Deep enough that 1000 tokens surely take longer than the timeouts below.
-    return make_tiny_run(tmp_path_factory.mktemp("slow") / "slow", block_size=1024, n_layer=4,
-                         n_embd=128)
+    # Big enough that 1000 tokens surely take longer than the timeouts below: about 3 s alone
+    # on an idle 2-core machine (4 x 128 took under 1 s there, and a request timeout of 1.5 s
+    # then let all 1000 through), while the first token takes milliseconds.
+    return make_tiny_run(tmp_path_factory.mktemp("slow") / "slow", block_size=1024, n_layer=8,
+                         n_embd=256)
 
 
 def test_request_timeout(slow_run):
-    with live_server(slow_run, "--max-batch", "1", "--request-timeout", "1.5") as url:
+    with live_server(slow_run, "--max-batch", "1", "--request-timeout", "1.0") as url:
         body = {"prompt": "q", "max_tokens": 1000, "temperature": 0, "ignore_eos": True}
         r = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
         assert r["choices"][0]["finish_reason"] == "length"
