@@ -17,10 +17,10 @@ Three parts, each readable on its own:
     request's first slot. At most `prefill_budget` prompt tokens go per step while other
     sequences decode or wait, so they keep their pace, and a prompt longer than that goes in
     chunks. Requests admitted earlier go first; of a burst admitted together, the shortest
-    prompts (shortest job first: of 32 prompts arriving at once, the first half gets its first
-    token after about a quarter of the burst's prefill, not after all of it). When a prompt
-    is complete it is copied into the request's other slots (n > 1, KVCache.copy_prefix) and
-    the first token of every choice is sampled from its logits.
+    prompts go first (shortest job first: of 32 prompts arriving at once, the first half gets
+    its first token after about a quarter of the burst's prefill, not after all of it). When
+    a prompt is complete it is copied into the request's other slots (n > 1,
+    KVCache.copy_prefix) and the first token of every choice is sampled from its logits.
     Decode: ONE forward_cached over the slot range 0..highest decoding slot with one token per
     row; every row sits at its own length (cache.seqlens), and rows that are not decoding (free,
     or mid-prefill) ride along with `lengths` = 0: they write one throw-away K/V row at their
