@@ -21,7 +21,7 @@ Python standard library (throughput does not depend on the weights): 'small' (6 
 gptmod_ext/, e.g. `git archive <commit> python | tar -x -C /tmp/base` then /tmp/base/python),
 alternating before / after runs, and reports the after/before ratios of TTFT p50/p99, ITL and
 throughput per concurrency (ratios from one session hold on a noisy machine; absolute times
-do not). --after-args '--compile' compares this package's server with and without those
+do not). --after-args=--compile compares this package's server with and without those
 options instead (or, with --baseline, the baseline without them and this one with them).
 --out writes <out>.json and <out>.md.
 """
@@ -286,7 +286,8 @@ def main(argv=None) -> int:
                    help="compare with the gptmod_ext found in DIR (before / after ratios)")
     p.add_argument("--after-args", default="", metavar="ARGS",
                    help="compare with server options ARGS on the after side only, e.g. "
-                        "'--compile' (before: the same package without them, or --baseline's)")
+                        "--after-args=--compile (before: the same package without them, or "
+                        "--baseline's)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of a comparison")
     p.add_argument("--out", default=None, help="with a comparison: write OUT.json and OUT.md")
     args = p.parse_args(argv)

@@ -141,6 +141,15 @@ def test_ragged_prefill_runs_the_real_tokens_alone(backend, arch, history):
         close(step[1], ref_logits(ref, past + [6])[-1], torch.float32)
 
 
+def test_ragged_call_with_no_real_token_changes_nothing():
+    # Every row riding along (lengths all 0): nothing to pack, no row advances.
+    m, _ = make_model("gqa", "torch")
+    cache = m.new_kv_cache(2, 32)
+    m.forward_cached(torch.randint(0, 97, (2, 4)), cache)
+    m.forward_cached(torch.zeros(2, 3, dtype=torch.long), cache, lengths=torch.zeros(2, dtype=torch.long))
+    assert cache.seqlens.tolist() == [4, 4]
+
+
 @needs_ext
 def test_prefill_into_empty_rows_skips_decode_attention():
     m, _ = make_model("gqa", "ext")

@@ -215,17 +215,17 @@ def _as_slice(rows) -> slice:
     raise TypeError(f"rows must be None, an int or a slice (views of the cache), got {type(rows)}")
 
 
-def _packing(lengths: Optional[torch.Tensor], T: int) -> Optional[torch.Tensor]:
+def _packing(lengths: Optional[torch.Tensor], T: int, device) -> Optional[torch.Tensor]:
     """Rows of ragged length (lengths [b] real tokens of T each, right padded): the indices
     of the real tokens in the flattened b·T grid, so the linear layers, norms and MLPs of the
     forward run on those N tokens alone (as vLLM packs varlen batches). None when nothing is
-    padded, or for one token per row (decode), where the index ops cost more than they save.
-    A batch of prompts of 8..96 tokens pads to nearly twice its tokens."""
+    padded or nothing is real, or for one token per row (decode), where the index ops cost
+    more than they save. A batch of prompts of 8..96 tokens pads to nearly twice its tokens."""
     if lengths is None or T == 1:
         return None
-    real = torch.arange(T, device=lengths.device) < lengths.view(-1, 1)
+    real = torch.arange(T, device=device) < lengths.to(device).view(-1, 1)
     pack = real.view(-1).nonzero().view(-1)  # a host sync; prefill syncs once anyway
-    return None if pack.numel() == real.numel() else pack
+    return None if pack.numel() in (0, real.numel()) else pack
 
 
 def _weights_key(params) -> tuple:
@@ -732,7 +732,7 @@ class GPT(nn.Module):
             if compiled is not None:
                 return compiled(idx, cache, rows, lengths, weights, all_logits, fresh)
             return self._forward_cached(idx, cache, rows, lengths, weights, all_logits, fresh,
-                                        _packing(lengths, idx.size(1)))
+                                        _packing(lengths, idx.size(1), idx.device))
         use_fused = (self._use_fused and self._backend == "ext" and FusedDecode.unsupported(self)
                      is None and not (self.training and self.config.dropout > 0))
         if not use_fused:
