@@ -217,9 +217,10 @@ class Scheduler:
         admitted = []
         with self.cond:
             free = [i for i, s in enumerate(self.slots) if s is None]
-            while self.waiting and self.waiting[0].params.n <= len(free) - sum(
-                    r.params.n for r in admitted):
+            left = len(free)
+            while self.waiting and self.waiting[0].params.n <= left:
                 admitted.append(self.waiting.popleft())
+                left -= admitted[-1].params.n
             slots = iter(free)
             for req in sorted(admitted, key=lambda r: len(r.prompt_ids)):
                 for i, slot in zip(range(req.params.n), slots):

@@ -709,9 +709,10 @@ class GPT(nn.Module):
         """Switches cached decoding (forward_cached, generate, the server's engine) to its
         fastest path on the current device: on CPUs with the ext backend and a model FusedDecode
         covers, one fused op per decode step of up to FusedDecode.MAX_ROWS rows over weights
-        packed on first use (prefill and wider steps stay the plain forward); otherwise the cached step through torch.compile (our ops through
-        their fake kernels). Greedy tokens stay those of the plain path; calling it again
-        changes nothing. Switching the backend to 'torch' afterwards returns to the plain step."""
+        packed on first use (prefill and wider steps stay the plain forward); otherwise the
+        cached step through torch.compile (our ops through their fake kernels). Greedy tokens
+        stay those of the plain path; calling it again changes nothing. Switching the backend
+        to 'torch' afterwards returns to the plain step."""
         if self._use_fused or self._compiled_step is not None:
             return self
         if self._backend == "ext" and FusedDecode.unsupported(self) is None:
