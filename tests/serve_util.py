@@ -121,6 +121,13 @@ def greedy(ref, prompt_ids, max_tokens, stop=()):
     return expected_text(tok, ids, truncated=reason == "length"), len(ids), reason
 
 
+def openai_client(url: str, api_key: str = "none", **kwargs):
+    """The official openai client for a live server, failing at once (no retries)."""
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, **kwargs)
+
+
 def served_model(run_dir: Path, url: str):
     """(model, tokenizer): the served weights loaded here, on the backend the server uses."""
     import httpx

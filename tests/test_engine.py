@@ -47,6 +47,16 @@ def run_concurrently(engine, jobs):
     return results
 
 
+def run_until_finished(engine, n, timeout=60):
+    """Starts the engine (requests submitted before are admitted together, in its first step),
+    waits until n requests have finished, and stops it."""
+    with engine:
+        deadline = time.time() + timeout
+        while engine.stats()["requests_finished"] < n:
+            assert time.time() < deadline
+            time.sleep(0.01)
+
+
 # -- batching does not change results ---------------------------------------------------------
 def _backends():
     from gptmod_ext import _ext
@@ -218,12 +228,8 @@ def test_batched_prefill_equals_one_request_at_a_time(model, tok):
     results = [[] for _ in prompts]
     for i, p in enumerate(prompts):
         engine.submit(p, SamplingParams(max_tokens=12, temperature=0), results[i].append)
-    with engine:
-        deadline = time.time() + 60
-        while engine.stats()["requests_finished"] < len(prompts):
-            assert time.time() < deadline
-            time.sleep(0.01)
-        assert engine.stats()["max_prefill_batch"] == len(prompts)
+    run_until_finished(engine, len(prompts))
+    assert engine.stats()["max_prefill_batch"] == len(prompts)
     with Engine(model, tok, max_batch=8) as alone:
         for p, events in zip(prompts, results):
             ids = [t for ev in events if ev.kind == "text" for t in ev.token_ids]
@@ -248,11 +254,7 @@ def test_a_burst_is_prefilled_shortest_first(model, tok):
         return on_event
     reqs = [engine.submit(p, SamplingParams(max_tokens=8, temperature=0), record(i))
             for i, p in enumerate(prompts)]
-    with engine:
-        deadline = time.time() + 60
-        while engine.stats()["requests_finished"] < len(prompts):
-            assert time.time() < deadline
-            time.sleep(0.01)
+    run_until_finished(engine, len(prompts))
     by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
     assert firsts == by_length
     assert [reqs[i].seqs[0].slot for i in by_length] == list(range(len(lengths)))
@@ -304,11 +306,7 @@ def test_compiled_decode_in_the_engine(tok, monkeypatch):
     results = [[] for _ in jobs]
     for (prompt, params), out in zip(jobs, results):
         engine.submit(prompt, params, out.append)
-    with engine:
-        deadline = time.time() + 60
-        while engine.stats()["requests_finished"] < len(jobs):
-            assert time.time() < deadline
-            time.sleep(0.01)
+    run_until_finished(engine, len(jobs))
     assert [1, 0, 1] in calls  # "gone soon" (slot 1) left a hole between the other two
     for (prompt, params), events in zip(jobs, results):
         ids = [t for ev in events if ev.kind == "text" for t in ev.token_ids]

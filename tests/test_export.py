@@ -353,13 +353,13 @@ def test_hf_folder_is_not_exported_again(exported, tmp_path, capsys):
 
 
 def test_server_serves_the_exported_folder(exported, ours):
-    openai = pytest.importorskip("openai")
-    from serve_util import API_KEY, live_server
+    pytest.importorskip("openai")
+    from serve_util import API_KEY, live_server, openai_client
 
     tok = ours["bpe"]["tok"]
     with live_server(exported["bpe"], "--api-key", API_KEY, "--backend", "torch",
                      "--device", "cpu") as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0)
+        client = openai_client(url, API_KEY)
         for prompt, greedy in zip(PROMPTS, ours["bpe"]["greedy"]):
             r = client.completions.create(model=client.models.list().data[0].id, prompt=prompt,
                                           max_tokens=N_NEW, temperature=0)

@@ -14,7 +14,8 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from gptmod_ext.serve import CHAT_STOP, render_chat  # noqa: E402
-from serve_util import API_KEY, expected_text, greedy, live_server, make_tiny_run, served_model  # noqa: E402
+from serve_util import (API_KEY, expected_text, greedy, live_server, make_tiny_run,  # noqa: E402
+                        openai_client, served_model)
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -37,7 +38,7 @@ def ref(run_dir, server):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    return openai_client(server, API_KEY, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +264,7 @@ def test_api_key(server):
         assert_error(httpx.get(server + "/v1/models", headers=headers), 401)
     assert httpx.get(server + "/health").status_code == 200
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=server + "/v1", api_key="nope", max_retries=0).models.list()
+        openai_client(server, "nope").models.list()
 
 
 def test_unknown_route_is_openai_error(server):

@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 torch = pytest.importorskip("torch")
 parser = pytest.importorskip("prometheus_client.parser")
 
-from serve_util import greedy, live_server, make_tiny_run, served_model  # noqa: E402
+from serve_util import greedy, live_server, make_tiny_run, openai_client, served_model  # noqa: E402
 
 ORIGIN = "http://playground.example"
 
@@ -37,7 +37,7 @@ def ref(run_dir, server):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=60)
+    return openai_client(server, timeout=60)
 
 
 def own_logprobs(ref, ids):
@@ -231,7 +231,7 @@ def test_compiled_decode_server(run_dir, ref):
 
     with live_server(run_dir, "--max-batch", "4", "--compile") as url:
         assert "compiled decode" in url.proc.stdout.readline()
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        client = openai_client(url, timeout=60)
         jobs = [("the first", 24), ("short", 2), ("a third prompt", 24)]
 
         def ask(job):

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from gptmod_ext import GPT, GPTConfig, hf  # noqa: E402
 from gptmod_ext import tokenizer as tokenizer_mod  # noqa: E402
-from serve_util import live_server  # noqa: E402
+from serve_util import live_server, openai_client  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,7 +62,7 @@ def hf_greedy(reference, ids, n):
 
 def test_chat_uses_the_folders_template(served, reference):
     tok, _ = reference
-    client = openai.OpenAI(base_url=served + "/v1", api_key="none", max_retries=0)
+    client = openai_client(served)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     r = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=10,
@@ -77,7 +77,7 @@ def test_chat_uses_the_folders_template(served, reference):
 
 def test_completions_match_transformers(served, reference):
     tok, _ = reference
-    client = openai.OpenAI(base_url=served + "/v1", api_key="none", max_retries=0)
+    client = openai_client(served)
     prompt = "Once upon a time"
     r = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=12, temperature=0)
     assert r.choices[0].text == hf_greedy(reference, tok.encode(prompt), 12)
