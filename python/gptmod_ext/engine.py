@@ -426,10 +426,7 @@ class ModelRunner:
             seen |= prompt
         bias = None
         if any(p.logit_bias for p in ps):
-            bias = torch.zeros(len(seqs), V, device=dev)
-            for i, p in enumerate(ps):
-                for tok, b in p.logit_bias.items():
-                    bias[i, int(tok)] = float(b)
+            bias = torch.stack([sampling.bias_vector(p.logit_bias, V, dev) for p in ps])
 
         def per_row(name):
             return torch.tensor([float(getattr(p, name)) for p in ps], device=dev)

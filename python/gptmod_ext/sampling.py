@@ -111,6 +111,14 @@ def apply_penalties(logits: torch.Tensor, counts: Optional[torch.Tensor] = None,
     return logits
 
 
+def bias_vector(logit_bias: Mapping[int, float], vocab_size: int, device=None) -> torch.Tensor:
+    """{token id: bias} as the dense fp32 [vocab_size] tensor apply_penalties adds."""
+    bias = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+    for tok, b in logit_bias.items():
+        bias[int(tok)] = float(b)
+    return bias
+
+
 @dataclass(frozen=True)
 class Penalties:
     """One generation's logit adjustments for GPT.generate and the sampler CLI (the server keeps
@@ -140,11 +148,8 @@ class PenaltyTracker:
         real = (torch.ones(B, T, dtype=torch.bool, device=device) if lengths is None
                 else torch.arange(T, device=device) < lengths.view(B, 1))  # not the right padding
         self.prompt_seen[self.rows.view(B, 1).expand(B, T)[real], prompts[real]] = True
-        self.bias = None
-        if penalties.logit_bias:
-            self.bias = torch.zeros(vocab_size, dtype=torch.float32, device=device)
-            for tok, b in penalties.logit_bias.items():
-                self.bias[int(tok)] = float(b)
+        self.bias = (bias_vector(penalties.logit_bias, vocab_size, device)
+                     if penalties.logit_bias else None)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         return apply_penalties(logits, self.counts, self.prompt_seen | (self.counts > 0),
