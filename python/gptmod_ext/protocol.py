@@ -15,12 +15,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from .engine import Event, SamplingParams
+from .engine import MAX_LOGPROBS, Event, SamplingParams
 
 CHAT_STOP = "\nuser:"
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 256  # lm-evaluation-harness sends a task's whole `until` list
-MAX_LOGPROBS = 20
 
 
 class ApiError(Exception):
@@ -395,8 +394,10 @@ class ChoiceOutput:
         prompt_text = tokenizer.decode(prompt_ids) if params.echo else ""
         self.head = prompt_text  # text not yet streamed
         self.text = prompt_text
-        # text_offset counts from the start of the prompt's text, as OpenAI's does.
-        self._offsets = TextOffsets(tokenizer, 0 if params.echo else len(tokenizer.decode(prompt_ids)))
+        # text_offset counts from the start of the prompt's text, as OpenAI's does (the prompt
+        # is decoded for that only when logprobs are asked for).
+        start = len(tokenizer.decode(prompt_ids)) if self.want_logprobs and not params.echo else 0
+        self._offsets = TextOffsets(tokenizer, start)
 
     def on_prompt(self, ev: Event) -> None:
         entries = [(self.prompt_ids[0], None)] + list(ev.logprobs[1:])
