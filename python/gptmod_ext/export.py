@@ -1,21 +1,28 @@
-"""Export a run directory as a Hugging Face folder (model, tokenizer, generation config).
+"""Export a run directory as a Hugging Face folder or as one GGUF file for llama.cpp.
 
     python -m gptmod_ext.export --ckpt out/ --out hf_dir/ [--dtype fp32|bf16|fp16] [--force]
+    python -m gptmod_ext.export --ckpt out/ --out model.gguf --format gguf [--dtype fp32|bf16|q8_0]
 
 The folder loads with transformers alone (AutoModelForCausalLM / AutoTokenizer /
-pipeline("text-generation")) and with our own sampler and server (`--ckpt hf_dir`). The
-Python API behind it is gptmod_ext.hf.save_hf(model, tokenizer, dir).
+pipeline("text-generation")) and with our own sampler and server (`--ckpt hf_dir`); the GGUF
+file runs in llama.cpp, ollama and LM Studio with our tokenizer. The Python API behind them is
+gptmod_ext.hf.save_hf(model, tokenizer, dir) and gptmod_ext.gguf_export.save_gguf(model,
+tokenizer, path).
 
 What it does, in the terms of the flags:
 - --ckpt: a run directory written by `python -m gptmod_ext.train` (model.safetensors,
   config.json, tokenizer.json). Its weights are read on the CPU.
-- --out: the folder to create. It is written under a temporary name next to it and renamed
-  into place at the end, so an error leaves nothing behind. An existing non-empty folder is
-  refused unless --force, which replaces it whole.
-- --dtype: the weights' dtype in model.safetensors (default fp32, as trained).
-- The architecture follows the model: RoPE models become LlamaForCausalLM, learned positions
-  GPT2LMHeadModel; a feature neither expresses (soft-cap, QK-norm, parallel blocks, ...) is
-  refused with its name.
+- --format: hf (the default) or gguf.
+- --out: the folder (hf) or file (gguf) to create. It is written under a temporary name next
+  to it and renamed into place at the end, so an error leaves nothing behind. An existing
+  non-empty folder or an existing file is refused unless --force, which replaces it whole.
+- --dtype: the weights' dtype (default fp32, as trained): fp32, bf16 or fp16 for hf; fp32,
+  bf16 or q8_0 (llama.cpp's 8-bit blocks) for gguf.
+- The architecture follows the model: RoPE models become LlamaForCausalLM (llama.cpp's llama),
+  learned positions GPT2LMHeadModel (llama.cpp's gpt2); a feature the target does not express
+  (soft-cap, QK-norm, parallel blocks, ...) is refused with its name.
+- gguf: the run's chat template, where it has one (a `chat_template` key in config.json or on
+  its tokenizer), goes into the file as tokenizer.chat_template.
 - stdout: one line saying what was written. Errors: one line on stderr,
   `python -m gptmod_ext.export: error: ...`, exit 1 (2 for usage errors); GPTMOD_DEBUG=1 shows
   tracebacks.
@@ -27,38 +34,63 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from .sample import _first_line, _Parser  # one-line usage errors and messages, as sample's
 
 PROG = "python -m gptmod_ext.export"
+# The dtypes each format writes.
+FORMATS = {"hf": ("fp32", "bf16", "fp16"), "gguf": ("fp32", "bf16", "q8_0")}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Write a gptmod_ext run directory as a Hugging Face "
                 "folder (config.json, model.safetensors, generation_config.json, tokenizer.json, "
-                "tokenizer_config.json) that transformers loads without gptmod_ext.")
+                "tokenizer_config.json) that transformers loads without gptmod_ext, or as one "
+                "GGUF file (--format gguf) that llama.cpp, ollama and LM Studio run.")
     p.add_argument("--ckpt", default="out", help="run directory (default: out)")
-    p.add_argument("--out", required=True, help="the Hugging Face folder to write")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="dtype of the exported weights (default: fp32)")
+    p.add_argument("--out", required=True,
+                   help="the Hugging Face folder (or, with --format gguf, the .gguf file) to write")
+    p.add_argument("--format", default="hf", choices=FORMATS,
+                   help="hf: a Hugging Face folder (default); gguf: one llama.cpp file")
+    p.add_argument("--dtype", default="fp32", choices=sorted({d for v in FORMATS.values() for d in v}),
+                   help="dtype of the exported weights (default: fp32); hf: fp32, bf16, fp16; "
+                        "gguf: fp32, bf16, q8_0")
     p.add_argument("--force", action="store_true",
-                   help="replace --out if it exists and is not empty")
+                   help="replace --out if it exists (and, for a folder, is not empty)")
     return p
 
 
-def export(ckpt, out, dtype: str = "fp32", force: bool = False) -> str:
-    """Exports run directory ckpt to out; returns a one-line description of what was written."""
-    from . import checkpoint, hf
+def chat_template_of(config: dict, tok) -> Optional[str]:
+    """The run's chat template (a Jinja string) where it keeps one: a `chat_template` key in its
+    config.json or a `chat_template` attribute of its tokenizer; None otherwise."""
+    return config.get("chat_template") or getattr(tok, "chat_template", None) or None
 
+
+def export(ckpt, out, dtype: str = "fp32", force: bool = False, fmt: str = "hf") -> str:
+    """Exports run directory ckpt to out; returns a one-line description of what was written."""
+    from . import checkpoint
+
+    if dtype not in FORMATS[fmt]:
+        raise ValueError(f"--dtype {dtype} is not a {fmt} dtype (choose {', '.join(FORMATS[fmt])})")
     ckpt_dir, out_dir = Path(ckpt).resolve(), Path(out).resolve()
     if out_dir == ckpt_dir or out_dir in ckpt_dir.parents:
         # --force would replace the run (its training state too) with the exported folder.
         raise ValueError(f"--out {out} would replace the run directory {ckpt}; choose another")
     if checkpoint.is_hf_dir(ckpt):
         raise ValueError(f"{ckpt} is already a Hugging Face folder (export reads run directories)")
-    model, tok, _ = checkpoint.load_model(ckpt, device="cpu", dtype="float32", backend="torch")
-    path = hf.save_hf(model, tok, out, dtype=dtype, overwrite=force)
-    arch = json.loads((path / "config.json").read_text())["architectures"][0]
+    model, tok, info = checkpoint.load_model(ckpt, device="cpu", dtype="float32", backend="torch")
+    if fmt == "gguf":
+        from . import gguf_export
+
+        path = gguf_export.save_gguf(model, tok, out, dtype=dtype, overwrite=force,
+                                     chat_template=chat_template_of(info.config, tok))
+        arch = f"llama.cpp {gguf_export.gguf_arch(model.config)}"
+    else:
+        from . import hf
+
+        path = hf.save_hf(model, tok, out, dtype=dtype, overwrite=force)
+        arch = json.loads((path / "config.json").read_text())["architectures"][0]
     params = sum(p.numel() for p in model.parameters()) / 1e6
     return (f"wrote {path}: {arch}, {params:.2f}M parameters, {dtype}, tokenizer {tok.name} "
             f"({tok.vocab_size} ids, eos {tok.eot_id})")
@@ -68,12 +100,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     debug = os.environ.get("GPTMOD_DEBUG") == "1"
     try:
-        from .hf import _transformers
+        if args.format == "hf":
+            from .hf import _transformers
 
-        _transformers().utils.logging.disable_progress_bar()  # stderr is for errors only
-        print(export(args.ckpt, args.out, args.dtype, args.force), flush=True)
+            _transformers().utils.logging.disable_progress_bar()  # stderr is for errors only
+        print(export(args.ckpt, args.out, args.dtype, args.force, args.format), flush=True)
         return 0
-    except KeyboardInterrupt:  # save_hf has removed its temporary folder on the way out
+    except KeyboardInterrupt:  # save_hf / save_gguf removed their temporaries on the way out
         if debug:
             raise
         print(f"{PROG}: error: interrupted", file=sys.stderr, flush=True)
