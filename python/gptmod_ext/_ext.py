@@ -19,7 +19,12 @@ from typing import NamedTuple
 
 import torch
 
-REBUILD_HINT = "rebuild it against the torch you have with `pip install --no-build-isolation .`"
+# Build isolation would compile against a fresh torch 2.13 and the runtime pin would then replace
+# the user's torch; --no-deps keeps their torch, and the build tools must be there first.
+REBUILD_COMMAND = ('pip install scikit-build-core ninja "cmake>=3.26" && '
+                   "pip install --no-build-isolation --no-deps .")
+REBUILD_HINT = (f"rebuild it against the torch you have, from the gptmod_ext source folder: "
+                f"`{REBUILD_COMMAND}`")
 
 
 class ExtensionNotAvailable(ImportError):

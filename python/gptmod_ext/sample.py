@@ -249,6 +249,11 @@ def separator(i: int, n: int) -> str:
     return f"---------- sample {i}/{n} ----------\n"
 
 
+def prompt_separator(i: int, prompt: str) -> str:
+    shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    return f"---------- prompt {i}: {shown} ----------\n"
+
+
 @dataclass
 class Stats:
     prompt_tokens: int
@@ -351,6 +356,7 @@ def interactive(loaded: Loaded, args, out, err) -> None:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
+    answered = 0
     while True:
         if tty:
             # The "> " goes to stderr so that stdout keeps only generated text; input() gives
@@ -370,6 +376,9 @@ def interactive(loaded: Loaded, args, out, err) -> None:
         prompt = line.rstrip("\r\n")
         if not prompt:
             continue
+        answered += 1
+        if not tty:  # a log of piped prompts: each answer under a line naming its prompt
+            out.write(prompt_separator(answered, prompt))
         seed = _pick_seed(args)
         stats = generate(loaded.model, loaded.tok, prompt, args, seed, False, out, err)
         if not args.quiet:

@@ -55,6 +55,8 @@ class TokenizerError(Exception):
 class Tokenizer:
     """A tiktoken encoding plus the metadata needed to save and describe it."""
 
+    byte_level = True  # decode_bytes gives each token's raw bytes (streaming.TextStreamer)
+
     def __init__(self, kind: str, name: str, pattern: str,
                  mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int]):
         if EOT not in special_tokens:

@@ -54,6 +54,8 @@ import os
 import signal
 import sys
 import time
+import typing
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,16 +134,50 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def parse_model_args(text: str) -> dict:
+    """--model-args "n_layer=6,tie_embeddings=False,n_kv_head=None" -> GPTConfig overrides,
+    each value parsed by its field's type: booleans take True/False/true/false/1/0, optional
+    fields None/null, ints and floats their literals, strings the text. Anything else (an
+    unknown field, a value of the wrong type) is a TrainError naming the field and the value:
+    a value stored as the string "False" would be truthy and silently tie the embeddings."""
+    from .model import GPTConfig
+
+    types = typing.get_type_hints(GPTConfig)
     out = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         if "=" not in item:
             raise TrainError(f"--model-args item {item!r} is not key=value")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v  # a bare string, e.g. norm=layernorm
+        k, v = (s.strip() for s in item.split("=", 1))
+        if k not in types:
+            raise TrainError(f"--model-args: {k!r} is not a GPTConfig field; the fields are "
+                             f"{', '.join(types)}")
+        out[k] = _parse_field(k, v, types[k])
     return out
+
+
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _parse_field(name: str, text: str, typ):
+    args = typing.get_args(typ)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else typ
+    if optional and text.lower() in ("none", "null"):
+        return None
+    try:
+        if base is bool:
+            return _BOOLS[text.lower()]
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        if base is str and text:
+            return text
+    except (KeyError, ValueError):
+        pass
+    expected = {bool: "True/False/true/false/1/0", int: "an integer", float: "a number",
+                str: "a non-empty string"}[base]
+    raise TrainError(f"--model-args {name}={text!r}: expected {expected}"
+                     f"{' or None/null' if optional else ''}")
 
 
 @dataclass(frozen=True)
@@ -465,7 +501,7 @@ class RunLogger:
         self.print(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
                    f"({bpb:.3f} bits/byte; unigram entropy {self.unigram:.3f})")
         if text:
-            self.print("  | " + text.replace("\n", "\n  | "))
+            self.print("  | " + console_text(text).replace("\n", "\n  | "))
         if self.enabled:
             plot_losses(self.out_dir / PLOT_FILE, self.rows, self.unigram)
 
@@ -481,6 +517,14 @@ class RunLogger:
         if self.mlflow is not None:
             self.mlflow.end_run()
             self.mlflow = None
+
+
+def console_text(text: str) -> str:
+    """A model's sample as safe console text: control characters other than newline and tab
+    (NUL, ^A, ^K, ESC, CR: an early model samples them) as \\xNN escapes, so a redirected log
+    stays a text file and the terminal is left alone."""
+    return "".join(ch if ch in "\n\t" or unicodedata.category(ch) != "Cc"
+                   else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def _start_mlflow(cfg: Config):
