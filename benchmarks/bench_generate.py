@@ -231,7 +231,8 @@ def llama_pairs(bench: str, rounds: int, new_tokens: int, workdir: Path) -> list
 
 def print_llama_pairs(rows: list[dict], bench: str) -> None:
     info = Path(bench).resolve().parent.parent / "build-info.txt"
-    print(f"ours vs llama.cpp ({bench}; {info.read_text().strip() if info.exists() else 'build unknown'})")
+    build = info.read_text().strip() if info.exists() else "build unknown"
+    print(f"ours vs llama.cpp ({bench}; {build})")
     print(f"B=1, {rows[0]['new_tokens']} tokens after 1, {rows[0]['threads']} threads, "
           f"{rows[0]['rounds']} alternating pairs; ratio = ours / llama.cpp tok/s, median of pairs")
     print(f"{'pair':<28}{'ours tok/s':>12}{'llama tok/s':>13}{'ratio':>8}  ratios per pair")
@@ -249,7 +250,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--llama-bench", default=None, metavar="PATH",
                     help="llama.cpp's llama-bench (benchmarks/build_llama_cpp.sh builds it): "
-                         "compare our fused decode with it, alternating, on GGUFs of the same weights")
+                         "compare our fused decode with it, alternating, on GGUFs of the same "
+                         "weights")
     ap.add_argument("--rounds", type=int, default=5, help="alternating pairs per dtype (default 5)")
     ap.add_argument("--llama-only", action="store_true", help="only the llama.cpp comparison")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
@@ -268,7 +270,8 @@ def main():
         rows += pairs
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), f, indent=1)
+            json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), rows=rows), f,
+                      indent=1)
 
 
 def print_rows(device: str, rows: list[dict]) -> None:

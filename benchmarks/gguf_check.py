@@ -144,7 +144,8 @@ def main():
 
 def report(res: dict, date: str) -> str:
     m = res["machine"]
-    q = lambda s: "`" + json.dumps(s)[1:-1].replace("|", "\\|").replace("`", "'") + "`"  # noqa: E731
+    def q(s):  # a string as one table cell: escapes visible, no column breaks
+        return "`" + json.dumps(s)[1:-1].replace("|", "\\|").replace("`", "'") + "`"
     toks = md_table(["text (first 60 chars)", "chars", "our tokens", "llama.cpp ids equal"],
                     [[q(r["text"]), str(r["chars"]), str(r["ours"]), "yes" if r["equal"] else "NO"]
                      for r in res["tokens"]])
@@ -153,10 +154,14 @@ def report(res: dict, date: str) -> str:
                       [[q(r["prompt"]), q(r["ours"]), "yes" if r["equal"] else "NO",
                         f"{r['margin']:.3f}", f"{r['q8_0_common_prefix']}/{len(r['ours'])} chars"]
                        for r in res["greedy"]])
+    q8 = md_table(["prompt", "llama.cpp q8_0"],
+                  [[q(r["prompt"]), q(r["llama_q8_0"])] for r in res["greedy"]])
     return f"""# A trained run in llama.cpp: GGUF export check ({date})
 
-Machine: {m['cpu_model']}, {m['usable_cpus']} CPUs; torch {m['torch']}. llama.cpp: {res['llama_cpp']}.
-Run: `{res['ckpt']}` at step {res['step']}. Made with `benchmarks/gguf_check.py` (see its docstring).
+Machine: {m['cpu_model']}, {m['usable_cpus']} CPUs; torch {m['torch']}.
+llama.cpp: {res['llama_cpp']}.
+Run: `{res['ckpt']}` at step {res['step']}. Made with `benchmarks/gguf_check.py` (see its
+docstring).
 
 - {res['export_fp32']}
 - {res['export_q8_0']}
@@ -175,7 +180,7 @@ The empty prompt is `<|endoftext|>` in llama.cpp (what our sampler starts an emp
 
 q8_0 continuations:
 
-{md_table(["prompt", "llama.cpp q8_0"], [[q(r["prompt"]), q(r["llama_q8_0"])] for r in res["greedy"]])}
+{q8}
 """
 
 

@@ -49,7 +49,8 @@ def train_steps(model, data, steps, batch=8, seq_len=48, lr=1e-2):
 
 # A small corpus for runs trained in the tests (test_export, test_gguf), and held-out texts that
 # are hard for a tokenizer port: none of these lines is in the corpus.
-CORPUS = ("def add(a, b):\n    return a + b  # the sum\n\nclass Point:\n\tx: int = 0\n\ty: int = 0\n"
+CORPUS = ("def add(a, b):\n    return a + b  # the sum\n\nclass Point:\n\tx: int = 0\n"
+          "\ty: int = 0\n"
           "The quick brown fox jumps over the lazy dog. It's 2024, isn't it? We'll see.\r\n"
           "naïve café, Größe, 你好世界 🙂 and the dog's bone.\n\n")
 TEXTS = [

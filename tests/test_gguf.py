@@ -84,7 +84,8 @@ def spelled_bytes(s):
 
 # -- the file: metadata and tensors -----------------------------------------------------------
 
-@pytest.mark.parametrize("name,arch,pre", [("bpe", "llama", "llama-bpe"), ("bytes", "gpt2", "gpt-2")])
+@pytest.mark.parametrize("name,arch,pre", [("bpe", "llama", "llama-bpe"),
+                                           ("bytes", "gpt2", "gpt-2")])
 def test_metadata_and_vocabulary(files, ours, name, arch, pre):
     meta, _ = read(files[name])
     model, tok = ours[name.split("_")[0]]
@@ -137,12 +138,14 @@ def expected_tensors(model):
             names = {"attn_norm": "ln_1", "ffn_norm": "ln_2", "attn_qkv": "attn.c_attn",
                      "attn_output": "attn.c_proj", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
             for g, o in names.items():
-                want[f"{b}{g}.weight"], want[f"{b}{g}.bias"] = sd[f"{h}{o}.weight"], sd[f"{h}{o}.bias"]
+                want[f"{b}{g}.weight"] = sd[f"{h}{o}.weight"]
+                want[f"{b}{g}.bias"] = sd[f"{h}{o}.bias"]
             continue
         qkv, F = sd[h + "attn.c_attn.weight"], c.ffn_hidden
-        q, k, v = qkv[:c.n_head * c.head_dim], qkv[c.n_head * c.head_dim:-c.n_kv_head * c.head_dim], \
-            qkv[-c.n_kv_head * c.head_dim:]
-        want |= {b + "attn_norm.weight": sd[h + "ln_1.weight"], b + "ffn_norm.weight": sd[h + "ln_2.weight"],
+        nq, nkv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+        q, k, v = qkv[:nq], qkv[nq:nq + nkv], qkv[nq + nkv:]
+        want |= {b + "attn_norm.weight": sd[h + "ln_1.weight"],
+                 b + "ffn_norm.weight": sd[h + "ln_2.weight"],
                  b + "attn_q.weight": llama_layout(q, c.n_head),
                  b + "attn_k.weight": llama_layout(k, c.n_kv_head), b + "attn_v.weight": v,
                  b + "attn_output.weight": sd[h + "attn.c_proj.weight"],
@@ -214,7 +217,8 @@ def test_interleaved_rope_is_written_as_it_is(runs, files, ours, tmp_path):
         torch.testing.assert_close(inter(ids)[0], model(ids)[0], rtol=1e-5, atol=1e-5)
     run = tmp_path / "run"
     checkpoint.save_model(run, inter, tok)
-    assert export.main(["--ckpt", str(run), "--out", str(tmp_path / "i.gguf"), "--format", "gguf"]) == 0
+    assert export.main(["--ckpt", str(run), "--out", str(tmp_path / "i.gguf"),
+                        "--format", "gguf"]) == 0
     _, got = read(tmp_path / "i.gguf")
     _, want = read(files["bpe"])
     for k in want:
@@ -229,7 +233,8 @@ def test_chat_template_goes_into_the_file(runs, tmp_path):
     config = json.loads((run / "config.json").read_text())
     template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
     (run / "config.json").write_text(json.dumps({**config, "chat_template": template}))
-    assert export.main(["--ckpt", str(run), "--out", str(tmp_path / "c.gguf"), "--format", "gguf"]) == 0
+    assert export.main(["--ckpt", str(run), "--out", str(tmp_path / "c.gguf"),
+                        "--format", "gguf"]) == 0
     assert read(tmp_path / "c.gguf")[0]["tokenizer.chat_template"] == template
 
 
@@ -260,14 +265,20 @@ def test_llama_cpp_tokenizer_gives_our_ids(files, ours, name, tmp_path):
             repr(text)
 
 
-def min_margin(model, ids, n_prompt):
-    """The smallest gap between the best and second-best logit (float64) over the steps that
-    chose ids[n_prompt:]."""
+# Our top two logits closer than this (float64) are a near tie that another implementation's
+# rounding may break the other way: llama.cpp's logits differ from ours by about 1e-5 (llama),
+# 1e-3 (gpt2, whose GELU llama.cpp reads from an fp16 table).
+TIE = 0.01
+
+
+def decided(model, ids, new):
+    """The tokens of `new` (our greedy continuation of ids) before the first near tie."""
     m = copy.deepcopy(model).double()
     with torch.no_grad():
-        logits = m(torch.tensor([ids]))[0][0, n_prompt - 1:-1, :model.config.vocab_size]
+        logits = m(torch.tensor([ids + new]))[0][0, len(ids) - 1:-1, :model.config.vocab_size]
     top2 = logits.topk(2, dim=-1).values
-    return (top2[:, 0] - top2[:, 1]).min().item()
+    close = ((top2[:, 0] - top2[:, 1]) < TIE).nonzero()
+    return new if len(close) == 0 else new[:close[0, 0]]
 
 
 def llama_greedy(path, prompt, n=N_NEW):
@@ -290,18 +301,25 @@ def sampler_text(capsys, run, prompt):
 @pytest.mark.parametrize("name", ["bpe", "bytes"])
 def test_llama_cpp_greedy_text_equals_our_sampler(runs, files, ours, name, capsys):
     model, tok = ours[name]
+    whole = 0
     # The empty prompt: our sampler starts a document with <|endoftext|>; in llama.cpp (no BOS
     # added) that is the literal prompt "<|endoftext|>".
     for prompt, theirs in [(p, p) for p in PROMPTS] + [("", tokenizer.EOT)]:
         ids = sample.encode_prompt(tok, prompt)
         new = list(model.generate([ids], N_NEW, temperature=0, eos_id=tok.eot_id)[0])
-        assert min_margin(model, new, len(ids)) > 0.05, prompt  # no near tie anywhere
         raw, ended = llama_greedy(files[name], theirs)
         text = codecs.getincrementaldecoder("utf-8")("replace").decode(raw, final=ended)
-        assert text == sampler_text(capsys, runs[name], prompt), prompt
-        assert ended == (new[-1] == tok.eot_id), prompt
-    # The runs learned real continuations, which generation stops at or runs through.
-    assert len(text) > 10
+        ref = sampler_text(capsys, runs[name], prompt)
+        sure = decided(model, ids, new)
+        if sure == new:
+            assert text == ref, prompt
+            assert ended == (new[-1] == tok.eot_id), prompt
+            whole += 1
+        else:  # the same text up to our first near tie
+            head = codecs.getincrementaldecoder("utf-8")("replace").decode(tok.decode_bytes(sure))
+            assert ref.startswith(head) and text.startswith(head), prompt
+    # The runs learned real, confident continuations: most prompts are compared whole.
+    assert whole >= 3 and len(ref) > 10
 
 
 @pytest.mark.parametrize("name", ["bpe_bf16", "bpe_q8_0"])
@@ -370,7 +388,7 @@ def test_failure_while_writing_leaves_nothing(runs, tmp_path, capsys, monkeypatc
 
 def test_gguf_missing_is_one_line(runs, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)
-    code, _, err = run_export(capsys, "--ckpt", str(runs["bytes"]), "--out", str(tmp_path / "m.gguf"),
-                              "--format", "gguf")
+    code, _, err = run_export(capsys, "--ckpt", str(runs["bytes"]), "--out",
+                              str(tmp_path / "m.gguf"), "--format", "gguf")
     assert code == 1
     assert_export_error(err, "pip install 'gptmod_ext[gguf]'")

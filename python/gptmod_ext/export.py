@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the Hugging Face folder (or, with --format gguf, the .gguf file) to write")
     p.add_argument("--format", default="hf", choices=FORMATS,
                    help="hf: a Hugging Face folder (default); gguf: one llama.cpp file")
-    p.add_argument("--dtype", default="fp32", choices=sorted({d for v in FORMATS.values() for d in v}),
+    p.add_argument("--dtype", default="fp32",
+                   choices=sorted({d for dtypes in FORMATS.values() for d in dtypes}),
                    help="dtype of the exported weights (default: fp32); hf: fp32, bf16, fp16; "
                         "gguf: fp32, bf16, q8_0")
     p.add_argument("--force", action="store_true",

@@ -73,8 +73,8 @@ def gguf_arch(c: GPTConfig) -> str:
             (c.norm == "rmsnorm", "LayerNorm (llama.cpp's llama uses RMSNorm)"),
             (c.mlp == "swiglu", "a GELU MLP (llama.cpp's llama uses SwiGLU)"),
             (not c.bias, "biases")]
-    checks += [(not c.parallel_block, "parallel blocks"), (c.logit_softcap == 0, "a logit soft-cap"),
-               (not c.qk_norm, "QK-norm")]
+    checks += [(not c.parallel_block, "parallel blocks"),
+               (c.logit_softcap == 0, "a logit soft-cap"), (not c.qk_norm, "QK-norm")]
     problems = [msg for ok, msg in checks if not ok]
     if problems:
         raise ValueError(f"GGUF: llama.cpp's {arch} cannot express " + ", ".join(problems))
