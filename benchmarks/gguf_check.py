@@ -6,8 +6,8 @@ token ids and our sampler's greedy text. Writes a markdown and a JSON report.
 
 Steps: `python -m gptmod_ext.export --format gguf` writes fp32 and q8_0 files; llama-tokenize
 (special tokens parsed, as our prompts are) tokenizes the hard texts below and the first 4 KB of
-a few standard-library source files, compared with our tokenizer's ids; llama-completion
-(`--temp 0`) continues each prompt from the fp32 file, compared with `python -m gptmod_ext.sample
+a few standard-library source files, compared with our tokenizer's ids; llama-simple (llama.cpp's
+minimal greedy loop) continues each prompt from the fp32 file, compared with `python -m gptmod_ext.sample
 --temperature 0` on the run; the q8_0 file continues the same prompts (reported, with the length
 of the prefix it shares with ours: 8-bit weights may turn a near tie). Each greedy row also
 gives the smallest gap between our best and second-best logit (float64) along our path: where
@@ -63,16 +63,15 @@ def run(cmd, **kw) -> subprocess.CompletedProcess:
 def llama_ids(bin_dir: Path, gguf: Path, text: str, tmp: Path) -> list[int]:
     (tmp / "t.txt").write_bytes(text.encode())
     out = run([bin_dir / "llama-tokenize", "-m", gguf, "-f", tmp / "t.txt", "--ids", "--no-escape",
-               "--log-disable", "--parse-special"]).stdout
+               "--log-disable"]).stdout  # special tokens parsed (the tool's default), as ours
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
-def llama_greedy(bin_dir: Path, gguf: Path, prompt: str, n: int, ctx: int) -> str:
-    out = run([bin_dir / "llama-completion", "-m", gguf, "-p", prompt or "<|endoftext|>", "-n", n,
-               "--temp", 0, "-no-cnv", "--no-escape", "--no-display-prompt", "--simple-io",
-               "--no-warmup", "-c", ctx, "-t", 1]).stdout
-    end = b" [end of text]\n"
-    return (out[:-len(end)] if out.endswith(end) else out).decode("utf-8", errors="replace")
+def llama_greedy(bin_dir: Path, gguf: Path, prompt: str, n: int) -> str:
+    """llama-simple's greedy continuation (it prints the prompt, the new text, a newline)."""
+    prompt = prompt or "<|endoftext|>"
+    out = run([bin_dir / "llama-simple", "-m", gguf, "-n", n, prompt]).stdout
+    return out[len(prompt.encode()):-1].decode("utf-8", errors="replace")
 
 
 def our_greedy(ckpt: Path, prompt: str, n: int) -> str:
@@ -107,7 +106,6 @@ def main():
     args = ap.parse_args()
     ckpt, bin_dir = Path(args.ckpt), Path(args.llama_cpp)
     model, tok, info = checkpoint.load_model(ckpt, device="cpu", dtype="float32", backend="torch")
-    ctx = model.config.block_size
     res = {"machine": machine_info(), "ckpt": str(ckpt), "step": info.config.get("step"),
            "llama_cpp": (bin_dir.parent / "build-info.txt").read_text().strip()
            if (bin_dir.parent / "build-info.txt").exists() else str(bin_dir)}
@@ -126,8 +124,8 @@ def main():
         res["greedy"] = []
         for p in PROMPTS:
             ours = our_greedy(ckpt, p, args.new_tokens)
-            theirs = llama_greedy(bin_dir, files["fp32"], p, args.new_tokens, ctx)
-            q8 = llama_greedy(bin_dir, files["q8_0"], p, args.new_tokens, ctx)
+            theirs = llama_greedy(bin_dir, files["fp32"], p, args.new_tokens)
+            q8 = llama_greedy(bin_dir, files["q8_0"], p, args.new_tokens)
             res["greedy"].append(dict(prompt=p, ours=ours, llama_fp32=theirs, equal=ours == theirs,
                                       margin=round(min_margin(model, tok, p, args.new_tokens), 4),
                                       llama_q8_0=q8, q8_0_common_prefix=common_prefix(ours, q8)))
@@ -170,7 +168,7 @@ docstring).
 
 {toks}
 
-## Greedy text: llama-completion --temp 0 (fp32 GGUF) vs python -m gptmod_ext.sample --temperature 0
+## Greedy text: llama-simple (fp32 GGUF) vs python -m gptmod_ext.sample --temperature 0
 
 The empty prompt is `<|endoftext|>` in llama.cpp (what our sampler starts an empty prompt with).
 "min margin": the smallest gap between our best and second-best logit along the continuation.

@@ -86,7 +86,7 @@ LLAMA_CPP_BIN = Path(os.environ.get("GPTMOD_LLAMA_CPP")
 
 
 def llama_cpp_tool(name):
-    """The path of llama.cpp's `name` (llama-tokenize, llama-completion, llama-bench), or a skip
+    """The path of llama.cpp's `name` (llama-tokenize, llama-simple, llama-bench), or a skip
     that says how to build it."""
     path = LLAMA_CPP_BIN / name
     if os.access(path, os.X_OK):

@@ -4,9 +4,10 @@ llama.cpp runs with our tokenizer.
 The files are read back with the gguf package (llama.cpp's own reader) and checked against our
 weights with formulas written here: the q/k rows llama.cpp's RoPE needs, bf16 rounding, Q8_0
 blocks (one fp16 scale, 32 int8) decoded by hand. Then llama.cpp's own tools run the files:
-llama-tokenize must give our ids on hard texts, llama-completion our sampler's greedy text (on
-runs trained until their argmaxes have clear margins, checked in float64, so no CPU's rounding
-decides a token), and the bf16 and q8_0 files must load and generate. Those tests need a
+llama-tokenize must give our ids on hard texts, llama-simple our sampler's greedy text (runs
+trained until their argmaxes are confident; where our float64 logits have a near tie, which a
+CPU's rounding may break either way, the texts are compared up to it), and the bf16 and q8_0
+files must load and generate. Those tests need a
 llama.cpp build (benchmarks/build_llama_cpp.sh) and skip with that command without one.
 Runs: a byte-level BPE with the modern architecture (llama.cpp's llama; GQA, untied) and the
 bytes tokenizer with the GPT-2 architecture (llama.cpp's gpt2; tied, learned positions).
@@ -16,6 +17,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -251,7 +253,7 @@ def llama_ids(path, text, tmp_path, special=True):
     f = tmp_path / "text.txt"
     f.write_bytes(text.encode())
     out = llama("llama-tokenize", "-m", path, "-f", f, "--ids", "--no-escape", "--log-disable",
-                *(["--parse-special"] if special else []))
+                *([] if special else ["--no-parse-special"]))
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
@@ -282,12 +284,16 @@ def decided(model, ids, new):
 
 
 def llama_greedy(path, prompt, n=N_NEW):
-    """llama-completion's greedy continuation (bytes) of prompt, and whether it ended at eos."""
-    out = llama("llama-completion", "-m", path, "-p", prompt, "-n", n, "--temp", 0, "-no-cnv",
-                "--no-escape", "--no-display-prompt", "--simple-io", "--no-warmup", "-c", 96,
-                "-t", 1)
-    end = b" [end of text]\n"
-    return (out[:-len(end)], True) if out.endswith(end) else (out, False)
+    """llama.cpp's greedy continuation of prompt (bytes), and whether it stopped at an end of
+    generation. llama-simple is llama.cpp's own minimal loop: greedy sampler, no BOS unless the
+    file asks for one; it prints the prompt's tokens, the new ones, then a newline."""
+    r = subprocess.run([llama_cpp_tool("llama-simple"), "-m", str(path), "-n", str(n), prompt],
+                       capture_output=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
+    head = prompt.encode()
+    assert r.stdout.startswith(head) and r.stdout.endswith(b"\n"), r.stdout
+    decoded = int(re.search(rb"decoded (\d+) tokens", r.stderr).group(1))
+    return r.stdout[len(head):-1], decoded < n
 
 
 def sampler_text(capsys, run, prompt):
