@@ -66,6 +66,20 @@ TEXTS = [
 PROMPTS = ["def add(", "The quick", "naïve"]
 
 
+def train_runs(tmp_path_factory, steps=150):
+    """The two runs the export tests start from: a byte-level BPE with the modern architecture
+    (GQA with one KV head, untied, rope_base 5000) and the bytes tokenizer with the GPT-2 one."""
+    from gptmod_ext import GPTConfig, tokenizer
+
+    bpe = tokenizer.train_bpe([CORPUS * 4], 320)
+    small = dict(block_size=96, n_layer=2, n_head=4, n_embd=32)
+    modern = GPTConfig(vocab_size=bpe.vocab_size, n_kv_head=1, rope_base=5000.0, **small)
+    gpt2 = GPTConfig.from_preset("gpt2", vocab_size=257, **small)
+    return {"bpe": train_run(tmp_path_factory.mktemp("run_bpe"), bpe, modern, steps),
+            "bytes": train_run(tmp_path_factory.mktemp("run_bytes"), tokenizer.byte_tokenizer(),
+                               gpt2, steps)}
+
+
 def train_run(directory, tok, cfg, steps=150):
     """A model trained on CORPUS until its greedy continuations are confident, saved as a run."""
     import torch

@@ -17,9 +17,9 @@ import sys
 import pytest
 import torch
 from helpers import (CORPUS, PKG_PARENT, PROMPTS, TEXTS, assert_export_error,
-                     assert_greedy_agrees, float64_next_logits, train_run)
+                     assert_greedy_agrees, float64_next_logits, train_runs)
 
-from gptmod_ext import GPTConfig, checkpoint, export, hf, sample, tokenizer
+from gptmod_ext import checkpoint, export, hf, sample
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,13 +27,7 @@ N_NEW = 24
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    bpe = tokenizer.train_bpe([CORPUS * 4], 320)
-    small = dict(block_size=96, n_layer=2, n_head=4, n_embd=32)
-    modern = GPTConfig(vocab_size=bpe.vocab_size, n_kv_head=1, rope_base=5000.0, **small)
-    gpt2 = GPTConfig.from_preset("gpt2", vocab_size=257, **small)
-    return {"bpe": train_run(tmp_path_factory.mktemp("run_bpe"), bpe, modern),
-            "bytes": train_run(tmp_path_factory.mktemp("run_bytes"), tokenizer.byte_tokenizer(),
-                               gpt2)}
+    return train_runs(tmp_path_factory)
 
 
 def env():

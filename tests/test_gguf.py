@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import (CORPUS, PKG_PARENT, PROMPTS, TEXTS, assert_export_error, llama_cpp_tool,
-                     train_run)
+                     train_runs)
 
-from gptmod_ext import GPTConfig, checkpoint, export, gguf_export, sample, tokenizer
+from gptmod_ext import checkpoint, export, gguf_export, sample, tokenizer
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,13 +37,7 @@ Q = gguf.GGMLQuantizationType
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    bpe = tokenizer.train_bpe([CORPUS * 4], 320)
-    small = dict(block_size=96, n_layer=2, n_head=4, n_embd=32)
-    modern = GPTConfig(vocab_size=bpe.vocab_size, n_kv_head=1, rope_base=5000.0, **small)
-    gpt2 = GPTConfig.from_preset("gpt2", vocab_size=257, **small)
-    return {"bpe": train_run(tmp_path_factory.mktemp("run_bpe"), bpe, modern, steps=200),
-            "bytes": train_run(tmp_path_factory.mktemp("run_bytes"), tokenizer.byte_tokenizer(),
-                               gpt2, steps=200)}
+    return train_runs(tmp_path_factory, steps=200)
 
 
 @pytest.fixture(scope="module")

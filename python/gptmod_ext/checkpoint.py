@@ -67,6 +67,18 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_writable_parent(target: str | os.PathLike) -> None:
+    """Raises, before anything is written, when target cannot be created: its nearest existing
+    ancestor folder must be a writable directory (missing folders below it can be made)."""
+    base = Path(target).absolute().parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise NotADirectoryError(f"cannot write {target}: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {target}: {base} is not writable")
+
+
 def _tmp_prefix(path: Path) -> str:
     return f".{path.name}.tmp"
 

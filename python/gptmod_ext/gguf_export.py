@@ -30,12 +30,12 @@ is added to prompts, as our sampler adds none (an empty prompt, which our sample
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .checkpoint import atomic_write, check_writable_parent
 from .model import GPT, GPTConfig
 from .tokenizer import BYTES_PATTERN, EOT, GPT2_PATTERN, GPT4_PATTERN
 
@@ -244,7 +244,6 @@ def save_gguf(model: GPT, tokenizer, path, dtype: str = "fp32", chat_template: O
     The file is written to a temporary name next to `path` and renamed into place, so a failure
     leaves nothing behind; an existing `path` is a FileExistsError unless overwrite=True."""
     gguf = _gguf()
-    from .checkpoint import atomic_write
 
     if dtype not in DTYPES:
         raise ValueError(f"GGUF: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -279,13 +278,7 @@ def _check_file_target(target: Path, overwrite: bool) -> None:
         raise IsADirectoryError(f"{target} is a directory (--out is the .gguf file to write)")
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists (overwrite it with --force)")
-    base = target.absolute().parent
-    while not base.exists():
-        base = base.parent
-    if not base.is_dir():
-        raise NotADirectoryError(f"cannot write {target}: {base} is not a directory")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {target}: {base} is not writable")
+    check_writable_parent(target)
 
 
 @contextlib.contextmanager

@@ -490,13 +490,9 @@ def _check_target(target: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty (overwrite it with --force)")
-    base = target.absolute().parent
-    while not base.exists():
-        base = base.parent
-    if not base.is_dir():
-        raise NotADirectoryError(f"cannot write {target}: {base} is not a directory")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {target}: {base} is not writable")
+    from .checkpoint import check_writable_parent
+
+    check_writable_parent(target)
 
 
 @contextlib.contextmanager
