@@ -84,7 +84,7 @@ def our_greedy(ckpt: Path, prompt: str, n: int) -> str:
 def min_margin(model, tok, prompt: str, n: int) -> float:
     """Smallest top-1 minus top-2 logit gap (float64) along our greedy continuation."""
     ids = sample.encode_prompt(tok, prompt)
-    seq = list(model.generate([ids], n, temperature=0, eos_id=tok.eot_id)[0])
+    seq = list(model.generate([ids], n, temperature=0, eos_id=tok.eot_id)[0])  # prompt + new
     m = model.double()
     with torch.no_grad():
         logits = m(torch.tensor([seq]))[0][0, len(ids) - 1:-1, :tok.vocab_size]

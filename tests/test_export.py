@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 from helpers import (CORPUS, PKG_PARENT, PROMPTS, TEXTS, assert_export_error,
-                     assert_greedy_agrees, float64_next_logits, train_runs)
+                     assert_greedy_agrees, float64_next_logits)
 
 from gptmod_ext import checkpoint, export, hf, sample
 
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 N_NEW = 24
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return train_runs(tmp_path_factory)
+def runs(export_runs):
+    return export_runs
 
 
 def env():

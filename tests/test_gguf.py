@@ -20,14 +20,15 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import (CORPUS, PKG_PARENT, PROMPTS, TEXTS, assert_export_error, llama_cpp_tool,
-                     train_runs)
+from helpers import CORPUS, PKG_PARENT, PROMPTS, TEXTS, assert_export_error, llama_cpp_tool
 
-from gptmod_ext import checkpoint, export, gguf_export, sample, tokenizer
+from gptmod_ext import GPT, GPTConfig, checkpoint, export, gguf_export, sample, tokenizer
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,8 +37,8 @@ Q = gguf.GGMLQuantizationType
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return train_runs(tmp_path_factory, steps=200)
+def runs(export_runs):
+    return export_runs
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,25 @@ def files(runs, tmp_path_factory):
         assert export.main(["--ckpt", str(runs[run]), "--out", str(out[name]), "--format",
                             "gguf", "--dtype", dtype]) == 0
     return out
+
+
+def stdlib_text(names):
+    """Standard-library source files (real code, found offline through sysconfig), joined."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    return "".join((lib / n).read_text(encoding="utf-8") for n in names)
+
+
+@pytest.fixture(scope="module")
+def big_bpe(tmp_path_factory):
+    """A 2048-id BPE trained on real code (where a token has more than one way to split into
+    two tokens, and llama.cpp needs the merges of each), in a GGUF with a small random model:
+    for the tokenizer only."""
+    tok = tokenizer.train_bpe([stdlib_text(["argparse.py", "textwrap.py", "csv.py"])], 2048)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
+                          n_embd=32))
+    path = tmp_path_factory.mktemp("big") / "big.gguf"
+    gguf_export.save_gguf(model, tok, path)
+    return path, tok
 
 
 def read(path):
@@ -251,13 +271,14 @@ def llama_ids(path, text, tmp_path, special=True):
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["bpe", "bytes"])
-def test_llama_cpp_tokenizer_gives_our_ids(files, ours, name, tmp_path):
-    tok = ours[name][1]
-    for text in TEXTS + [CORPUS, tokenizer.EOT]:
-        assert llama_ids(files[name], text, tmp_path) == tok.encode(text), repr(text)
+@pytest.mark.parametrize("name", ["bpe", "bytes", "big"])
+def test_llama_cpp_tokenizer_gives_our_ids(files, ours, big_bpe, name, tmp_path):
+    path, tok = big_bpe if name == "big" else (files[name], ours[name][1])
+    held_out = stdlib_text(["shlex.py"])[:8000] if name == "big" else CORPUS
+    for text in TEXTS + [held_out, tokenizer.EOT]:
+        assert llama_ids(path, text, tmp_path) == tok.encode(text), repr(text)
         # Without special-token parsing, a literal <|endoftext|> is plain text, as in a corpus.
-        assert llama_ids(files[name], text, tmp_path, special=False) == tok.encode_ordinary(text), \
+        assert llama_ids(path, text, tmp_path, special=False) == tok.encode_ordinary(text), \
             repr(text)
 
 
@@ -306,7 +327,7 @@ def test_llama_cpp_greedy_text_equals_our_sampler(runs, files, ours, name, capsy
     # added) that is the literal prompt "<|endoftext|>".
     for prompt, theirs in [(p, p) for p in PROMPTS] + [("", tokenizer.EOT)]:
         ids = sample.encode_prompt(tok, prompt)
-        new = list(model.generate([ids], N_NEW, temperature=0, eos_id=tok.eot_id)[0])
+        new = list(model.generate([ids], N_NEW, temperature=0, eos_id=tok.eot_id)[0][len(ids):])
         raw, ended = llama_greedy(files[name], theirs)
         text = codecs.getincrementaldecoder("utf-8")("replace").decode(raw, final=ended)
         ref = sampler_text(capsys, runs[name], prompt)
