@@ -103,10 +103,14 @@ def main():
     ap.add_argument("--llama-cpp", default=str(Path.home() / ".cache/gptmod_ext/llama.cpp/bin"))
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--note", default="", help="a line for the report (how the run was made)")
     args = ap.parse_args()
     ckpt, bin_dir = Path(args.ckpt), Path(args.llama_cpp)
     model, tok, info = checkpoint.load_model(ckpt, device="cpu", dtype="float32", backend="torch")
+    train = info.config.get("train", {})
     res = {"machine": machine_info(), "ckpt": str(ckpt), "step": info.config.get("step"),
+           "val_loss": info.config.get("val_loss"), "preset": train.get("preset"),
+           "load_average": os.getloadavg()[0], "note": args.note,
            "llama_cpp": (bin_dir.parent / "build-info.txt").read_text().strip()
            if (bin_dir.parent / "build-info.txt").exists() else str(bin_dir)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +120,7 @@ def main():
             line = run([sys.executable, "-m", "gptmod_ext.export", "--ckpt", ckpt, "--out", f,
                         "--format", "gguf", "--dtype", d],
                        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))).stdout
-            res[f"export_{d}"] = line.decode().strip()
+            res[f"export_{d}"] = line.decode().strip().replace(str(tmp) + "/", "")
         texts = HARD_TEXTS + stdlib_samples()
         res["tokens"] = [dict(text=t[:60], chars=len(t), ours=len(tok.encode(t)),
                               equal=llama_ids(bin_dir, files["fp32"], t, tmp) == tok.encode(t))
@@ -140,26 +144,31 @@ def main():
     return 0 if ok_t == len(res["tokens"]) and ok_g == len(res["greedy"]) else 1
 
 
+def cell(s: str) -> str:
+    """A string as one markdown table cell: escapes visible, no column breaks."""
+    text = json.dumps(s, ensure_ascii=False)[1:-1]
+    return "`" + text.replace("|", "\\|").replace("`", "'") + "`"
+
+
 def report(res: dict, date: str) -> str:
     m = res["machine"]
-    def q(s):  # a string as one table cell: escapes visible, no column breaks
-        return "`" + json.dumps(s)[1:-1].replace("|", "\\|").replace("`", "'") + "`"
+    yes = {True: "yes", False: "NO"}
     toks = md_table(["text (first 60 chars)", "chars", "our tokens", "llama.cpp ids equal"],
-                    [[q(r["text"]), str(r["chars"]), str(r["ours"]), "yes" if r["equal"] else "NO"]
-                     for r in res["tokens"]])
-    greedy = md_table(["prompt", "ours (= llama.cpp fp32?)", "equal", "min margin",
-                       "q8_0 shares"],
-                      [[q(r["prompt"]), q(r["ours"]), "yes" if r["equal"] else "NO",
-                        f"{r['margin']:.3f}", f"{r['q8_0_common_prefix']}/{len(r['ours'])} chars"]
-                       for r in res["greedy"]])
+                    [[cell(r["text"]), str(r["chars"]), str(r["ours"]), yes[r["equal"]]]
+                     for r in res["tokens"]], align=["l", "r", "r", "l"])
+    greedy = md_table(["prompt", "ours", "llama.cpp fp32 equal", "min margin", "q8_0 shares"],
+                      [[cell(r["prompt"]), cell(r["ours"]), yes[r["equal"]], f"{r['margin']:.3f}",
+                        f"{r['q8_0_common_prefix']}/{len(r['ours'])} chars"]
+                       for r in res["greedy"]], align=["l", "l", "l", "r", "r"])
     q8 = md_table(["prompt", "llama.cpp q8_0"],
-                  [[q(r["prompt"]), q(r["llama_q8_0"])] for r in res["greedy"]])
+                  [[cell(r["prompt"]), cell(r["llama_q8_0"])] for r in res["greedy"]],
+                  align=["l", "l"])
     return f"""# A trained run in llama.cpp: GGUF export check ({date})
 
-Machine: {m['cpu_model']}, {m['usable_cpus']} CPUs; torch {m['torch']}.
-llama.cpp: {res['llama_cpp']}.
-Run: `{res['ckpt']}` at step {res['step']}. Made with `benchmarks/gguf_check.py` (see its
-docstring).
+Machine: {m['cpu_model']}, {m['usable_cpus']} CPUs (load average {res['load_average']:.1f});
+torch {m['torch']}. llama.cpp: {res['llama_cpp']}.
+Run: `{res['ckpt']}`, preset {res['preset']}, step {res['step']}, val loss {res['val_loss']:.3f}
+nats/token. Made with `benchmarks/gguf_check.py --ckpt RUN` (see its docstring). {res['note']}
 
 - {res['export_fp32']}
 - {res['export_q8_0']}
@@ -171,8 +180,9 @@ docstring).
 ## Greedy text: llama-simple (fp32 GGUF) vs python -m gptmod_ext.sample --temperature 0
 
 The empty prompt is `<|endoftext|>` in llama.cpp (what our sampler starts an empty prompt with).
-"min margin": the smallest gap between our best and second-best logit along the continuation.
-"q8_0 shares": how many leading characters the q8_0 file's greedy text shares with ours.
+"min margin": the smallest gap between our best and second-best logit (float64) along the
+continuation. "q8_0 shares": how many leading characters the q8_0 file's greedy text shares
+with ours.
 
 {greedy}
 
