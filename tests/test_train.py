@@ -66,7 +66,7 @@ def metrics(out):
 
 def one_error_line(err, *fragments):
     assert "Traceback" not in err, err
-    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    lines = [l for l in err.splitlines() if l.startswith(f"{TR.PROG}: error: ")]
     assert len(lines) == 1, err
     for f in fragments:
         assert f in lines[0], lines[0]

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from .common import UserError
+
 # Build isolation would compile against a fresh torch 2.13 and the runtime pin would then replace
 # the user's torch; --no-deps keeps their torch, and the build tools must be there first.
 REBUILD_COMMAND = ('pip install scikit-build-core ninja "cmake>=3.26" && '
@@ -27,7 +29,7 @@ REBUILD_HINT = (f"rebuild it against the torch you have, from the gptmod_ext sou
                 f"`{REBUILD_COMMAND}`")
 
 
-class ExtensionNotAvailable(ImportError):
+class ExtensionNotAvailable(UserError, ImportError):
     """The compiled ops cannot be used; the message says why and how to fix it."""
 
 

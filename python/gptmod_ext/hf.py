@@ -32,10 +32,11 @@ from typing import Optional
 import torch
 
 from . import devices
+from .common import first_line
 from .model import GPT, GPTConfig
 
 
-def _transformers():
+def transformers_module():
     try:
         import transformers
     except ImportError as e:
@@ -156,7 +157,7 @@ def _gpt2_weights(sd: dict, cfg: GPTConfig) -> dict:
 
 def _load_dir(path: Path):
     """(hf config, state dict) of a local checkpoint directory, without downloading anything."""
-    transformers = _transformers()
+    transformers = transformers_module()
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"from_hf: {path} has no config.json")
     hf_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -217,12 +218,11 @@ class HFTokenizer:
         if not any((path / f).is_file() for f in self.FILES):
             raise ValueError(f"{path} holds no tokenizer files ({', '.join(self.FILES)}); "
                              "save one there with tokenizer.save_pretrained()")
-        transformers = _transformers()
+        transformers = transformers_module()
         transformers.logging.set_verbosity_error()
         try:
             self.hf = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # transformers raises many types for unusable files
-            from .checkpoint import first_line
             raise ValueError(f"cannot load the tokenizer in {path}: {first_line(e)}") from None
         self.eot_id = self.hf.eos_token_id
         self.bos_id = self.hf.bos_token_id
@@ -328,7 +328,7 @@ def to_hf(model: GPT, arch: Optional[str] = None, **config_overrides):
     generate would otherwise stop at Llama's default eos id 2). Returns the model in eval mode,
     on the same device and in the same dtype as `model`.
     """
-    transformers = _transformers()
+    transformers = transformers_module()
     c = model.config
     arch = arch or ("gpt2" if c.pos_emb == "learned" else "llama")
     problems = {"llama": _llama_problems, "gpt2": _gpt2_problems}[arch](c)
@@ -414,7 +414,7 @@ def to_hf_tokenizer(tok, model_max_length: Optional[int] = None):
             hf_tok.model_max_length = model_max_length
             hf_tok.init_kwargs["model_max_length"] = model_max_length
         return hf_tok
-    transformers = _transformers()
+    transformers = transformers_module()
     from .tokenizer import EOT
 
     specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
@@ -442,7 +442,7 @@ def save_hf(model: GPT, tokenizer, directory, dtype=None, overwrite: bool = Fals
     written next to `directory` under a temporary name and renamed into place, so a failure
     leaves nothing behind; an existing non-empty `directory` is a FileExistsError unless
     overwrite=True (then it is replaced whole)."""
-    transformers = _transformers()
+    transformers = transformers_module()
     target = Path(directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "

@@ -26,6 +26,8 @@ from typing import Iterable
 
 import tiktoken
 
+from .common import UserError, atomic_write
+
 EOT = "<|endoftext|>"
 FILENAME = "tokenizer.json"
 FORMAT = "gptmod_ext.tokenizer/1"
@@ -47,7 +49,7 @@ _GPT2_URLS = (
 )
 
 
-class TokenizerError(Exception):
+class TokenizerError(UserError):
     """A tokenizer cannot be built or loaded; the message is one line that says why."""
 
 
@@ -124,8 +126,6 @@ class Tokenizer:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Writes `directory/tokenizer.json` (through a temporary file and a rename)."""
-        from .checkpoint import atomic_write  # (checkpoint imports this module)
-
         path = Path(directory) / FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as tmp:
@@ -160,6 +160,14 @@ def load(directory_or_file: str | os.PathLike) -> Tokenizer:
     except (OSError, UnicodeDecodeError) as e:
         raise TokenizerError(f"cannot read {path}: {e}") from None
     return from_json(text, str(path))
+
+
+def document_start(tok) -> int | None:
+    """The token that opens a new document, what an empty prompt becomes: BOS where the
+    tokenizer has one (a Hugging Face folder's), else <|endoftext|> (ours put it between
+    documents); None when it has neither."""
+    bos = getattr(tok, "bos_id", None)
+    return bos if bos is not None else getattr(tok, "eot_id", None)
 
 
 # -- the three kinds ----------------------------------------------------------------------------

@@ -67,8 +67,10 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import prepare as prepare_mod
 from . import tokenizer as tokenizer_mod
+from .common import Parser, UserError, atomic_write, first_line, run_cli
 from .devices import DTYPE_CHOICES, dtype_name, pick_device, pick_dtype
 
+PROG = "python -m gptmod_ext.train"
 DEFAULT_DATA = "data/stdlib"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -77,14 +79,13 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10
               "4090": 165e12, "3090": 71e12}
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A bad option or input; main() prints it as one line and exits with status 1."""
 
 
 # -- options ----------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gptmod_ext.train",
-                                description="Train a GPT on prepared tokens or raw text.")
+    p = Parser(prog=PROG, description="Train a GPT on prepared tokens or raw text.")
     a = p.add_argument
     a("--out-dir", default="out", help="run directory (checkpoint, metrics, plot)")
     a("--data", default=None,
@@ -507,7 +508,7 @@ class RunLogger:
 
     def write_metrics(self) -> None:
         if self.enabled:
-            with ckpt.atomic_write(self.out_dir / METRICS_FILE) as tmp:
+            with atomic_write(self.out_dir / METRICS_FILE) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def close(self) -> None:
@@ -576,7 +577,7 @@ def plot_losses(path: Path, rows: list[dict], baseline: float | None) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with ckpt.atomic_write(path) as tmp:
+    with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
@@ -641,7 +642,7 @@ def _restore(run: Run, state: ckpt.TrainState) -> None:
         ckpt.set_rng_state(state.rng)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise TrainError(f"--resume: {Path(run.cfg.out_dir) / ckpt.STATE_FILE} does not fit "
-                         f"this run ({type(e).__name__}: {ckpt.first_line(e)})") from None
+                         f"this run ({type(e).__name__}: {first_line(e)})") from None
     run.step, run.best_val = state.step, state.best_val_loss
 
 
@@ -874,7 +875,7 @@ def fit(run: Run) -> int:
 
 
 def _report_bad_loss(run: Run, loss: float) -> int:
-    run.log.print(f"error: the loss is {loss} at step {run.step + 1}; stopping without saving "
+    run.log.print(f"{PROG}: error: the loss is {loss} at step {run.step + 1}; stopping without saving "
                   f"this state (the last checkpoint in {run.cfg.out_dir} is the last good one). "
                   "Try a lower --lr or --grad-clip.")
     return 1
@@ -923,12 +924,7 @@ def train(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return train(args)
-    except (TrainError, ckpt.CheckpointError, data_mod.DataError,
-            tokenizer_mod.TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(PROG, lambda: train(args))
 
 
 if __name__ == "__main__":
