@@ -92,7 +92,7 @@ def make_model(arch, dtype):
 def check_decode_step(arch, dtype, B=3, prompt=5, steps=4):
     """Prefill with the torch backend, then decode `steps` tokens with the fused step on one
     copy of the cache and with the torch backend's own cached forward on another."""
-    from gptmod_ext.model import FusedDecode
+    from gptmod_ext.decode import FusedDecode
     m = make_model(arch, dtype)
     assert FusedDecode.unsupported(m) is None
     idx = torch.randint(0, 101, (B, prompt))
@@ -124,7 +124,7 @@ def test_decode_step_matches_torch_backend(arch, dtype):
 
 def test_decode_step_on_cache_rows():
     # A server decodes a slice of its slots: the step reads and writes only those rows.
-    from gptmod_ext.model import FusedDecode
+    from gptmod_ext.decode import FusedDecode
     m = make_model("gqa", torch.float32)
     cache = m.new_kv_cache(4, 16)
     m.forward_cached(torch.randint(0, 101, (4, 3)), cache)
@@ -145,7 +145,7 @@ def test_decode_step_on_cache_rows():
 def test_decode_step_with_rows_riding_along():
     # The server's decode step: free and prefilling slots between decoding ones come with
     # length 0; their logits are ignored and their lengths must not move.
-    from gptmod_ext.model import FusedDecode
+    from gptmod_ext.decode import FusedDecode
     m = make_model("gqa", torch.float32)
     cache, ref_cache = m.new_kv_cache(4, 16), m.new_kv_cache(4, 16)
     for c in (cache, ref_cache):
@@ -164,7 +164,7 @@ def test_decode_step_with_rows_riding_along():
 # -- opcheck, errors, narrower builds -----------------------------------------------------------
 
 def decode_step_args(dtype=torch.float32, B=2):
-    from gptmod_ext.model import FusedDecode
+    from gptmod_ext.decode import FusedDecode
     m = make_model("gqa", dtype)
     f = FusedDecode(m)
     c = m.config

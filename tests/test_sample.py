@@ -394,7 +394,7 @@ def test_ctrl_c_outside_interactive(run_dir, capsys, monkeypatch):
 
 USAGE_ERRORS = [
     ["--temperature", "-0.5"], ["--top-p", "0"], ["--top-p", "1.5"], ["--min-p", "-0.1"],
-    ["--min-p", "1.01"], ["--top-k", "0"], ["--max-new-tokens", "0"], ["--num-samples", "0"],
+    ["--min-p", "1.01"], ["--top-k", "-3"], ["--max-new-tokens", "0"], ["--num-samples", "0"],
     ["--bogus"], ["--dtype", "float8"], ["--backend", "cuda"], ["--temperature", "hot"],
     ["--stop", ""], ["--prompt", "a", "--prompt-file", "f"], ["--interactive", "--prompt", "a"],
 ]
@@ -414,7 +414,7 @@ def test_stop_escapes_and_non_ascii():
 
 
 def test_usage_error_subprocess():
-    r = cli("--top-k", "0")
+    r = cli("--top-k", "-2")
     assert r.returncode == 2
     assert_one_line_error(r.stderr, "--top-k")
 
@@ -487,15 +487,13 @@ def test_hf_folder_without_tokenizer(hf_dirs, tmp_path, capsys):
 
 def test_penalty_options_match_generate(run_dir, loaded, capsys):
     # The CLI's --frequency-penalty / --logit-bias give model.generate's text with the same
-    # sampling.Penalties (whose rule test_penalties.py checks against float64).
-    from gptmod_ext.sampling import Penalties
-
+    # settings (whose rule test_penalties.py checks against float64).
     _, tok = loaded
     plain = reference(loaded, "the c", 60, temperature=0)[0]
     banned = tok.encode("a")[0]
     assert "a" in plain
-    p = Penalties(frequency=1.0, logit_bias={banned: -100.0})
-    expected = reference(loaded, "the c", 60, temperature=0, penalties=p)[0]
+    expected = reference(loaded, "the c", 60, temperature=0, frequency_penalty=1.0,
+                         logit_bias={banned: -100.0})[0]
     assert "a" not in expected and expected != plain
     code, out, _ = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "the c",
                             "--temperature", "0", "--max-new-tokens", "60",

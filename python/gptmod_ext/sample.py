@@ -33,6 +33,7 @@ What it does, in the terms of the flags:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -122,53 +123,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The flag that sets each SamplingParams field, to word its range errors as the CLI's own.
+FLAGS = {"max_tokens": "--max-new-tokens", "n": "--num-samples", "top_k": "--top-k",
+         "top_p": "--top-p", "min_p": "--min-p", "presence_penalty": "--presence-penalty",
+         "frequency_penalty": "--frequency-penalty", "repetition_penalty": "--repetition-penalty",
+         "logit_bias": "--logit-bias", "temperature": "--temperature", "seed": "--seed",
+         "stop": "--stop"}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The options, with args.params: the sampling.SamplingParams they make (its max_tokens is
+    decided per prompt, from the room the context leaves)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    checks = [
-        (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
-        (args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}"),
-        (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-        (args.min_p is None or 0 <= args.min_p <= 1,
-         f"--min-p must be in [0, 1], got {args.min_p}"),
-        (args.max_new_tokens is None or args.max_new_tokens >= 1,
-         f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
-        (args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}"),
-        (not (args.interactive and (args.prompt is not None or args.prompt_file)),
-         "--interactive reads its prompts from stdin; drop --prompt/--prompt-file"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            parser.error(msg)
-    args.penalties = _penalties(parser, args)
+    if args.interactive and (args.prompt is not None or args.prompt_file):
+        parser.error("--interactive reads its prompts from stdin; drop --prompt/--prompt-file")
     try:
-        args.stop = [_unescape(s) for s in args.stop]
+        stop = [_unescape(s) for s in args.stop]
     except UnicodeDecodeError as e:
         parser.error(f"--stop: bad backslash escape ({e.reason})")
-    if any(s == "" for s in args.stop):
-        parser.error("--stop strings must not be empty")
+    try:
+        args.params = sampling.SamplingParams(
+            max_tokens=(DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None
+                        else args.max_new_tokens), n=args.num_samples,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+            seed=args.seed, stop=stop, presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+            logit_bias=_logit_bias(parser, args.logit_bias))
+    except sampling.SamplingError as e:
+        parser.error(f"{FLAGS[e.field]} {e.problem}")
+    args.stop = list(args.params.stop)
     return args
 
 
-def _penalties(parser, args) -> sampling.Penalties:
-    for name in ("presence_penalty", "frequency_penalty"):
-        if not -2 <= getattr(args, name) <= 2:
-            parser.error(f"--{name.replace('_', '-')} must be in [-2, 2], got {getattr(args, name)}")
-    if not args.repetition_penalty > 0:
-        parser.error(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+def _logit_bias(parser, items: list) -> dict:
     bias = {}
-    for item in args.logit_bias:
+    for item in items:
         tok, sep, value = item.partition("=")
         try:
-            tok, value = int(tok), float(value)
+            bias[int(tok)] = float(value)
         except ValueError:
-            tok = None
-        if not sep or tok is None or tok < 0 or not -100 <= value <= 100:
-            parser.error(f"--logit-bias takes ID=BIAS with a token id >= 0 and a bias in "
-                         f"[-100, 100], got {item!r}")
-        bias[tok] = value
-    return sampling.Penalties(args.presence_penalty, args.frequency_penalty,
-                              args.repetition_penalty, bias)
+            sep = ""
+        if not sep:
+            parser.error(f"--logit-bias takes ID=BIAS (a token id and a number), got {item!r}")
+    return bias
 
 
 # -----------------------------------------------------------------------------------------------
@@ -263,72 +261,61 @@ class Stats:
 
 
 def generate(model, tok, prompt: str, args, seed, echo: bool, out, err) -> Stats:
-    """Generates args.num_samples continuations of prompt as one batch and writes them to out
+    """Generates args.params.n continuations of prompt as one batch and writes them to out
     (sample 1 live, token by token; the others after it)."""
     import torch
 
-    from .streaming import TextStreamer
+    from .streaming import SequenceOutput
 
     ids = encode_prompt(tok, prompt)
-    T, block, B = len(ids), model.config.block_size, args.num_samples
-    if T >= block:
-        raise SampleError(f"the prompt is {T} tokens long but the model's context (block_size) "
-                          f"is {block} tokens: no room to generate; shorten the prompt")
-    max_new = args.max_new_tokens
-    if max_new is None:
-        max_new = min(DEFAULT_MAX_NEW_TOKENS, block - T)
-    elif T + max_new > block:
-        print(f"warning: prompt {T} + --max-new-tokens {max_new} tokens exceed the context "
-              f"({block}); generating at most {block - T} tokens", file=err, flush=True)
-        max_new = block - T
-
-    streamers = [TextStreamer(tok, args.stop, context=ids[-1:]) for _ in range(B)]
-    done = [False] * B  # ended by <|endoftext|> or a stop string; the others hit the limit
-    counts = [0] * B
-    head = (separator(1, B) if B > 1 else "") + (prompt if echo else "")
-    out.write(head)
-    out.flush()
-
-    bad = [t for t in args.penalties.logit_bias if t >= model.config.vocab_size]
+    params = dataclasses.replace(args.params, max_tokens=_room(ids, model, args, err), seed=seed)
+    B = params.n
+    bad = [t for t in params.logit_bias if t >= model.config.vocab_size]
     if bad:
         raise SampleError(f"--logit-bias: token id {bad[0]} is not in the vocabulary "
                           f"(0..{model.config.vocab_size - 1})")
+    outs = [SequenceOutput(tok, params, tok.eot_id, context=ids[-1:]) for _ in range(B)]
+    out.write((separator(1, B) if B > 1 else "") + (prompt if echo else ""))
+    out.flush()
     idx = torch.tensor([ids] * B, dtype=torch.long, device=model.device)
     t0 = time.perf_counter()
     ttft = None
-    steps = model.generate_stream(idx, max_new, temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, min_p=args.min_p, seed=seed,
-                                  eos_id=tok.eot_id, penalties=args.penalties)
+    steps = model.generate_stream(idx, params.max_tokens, params, eos_id=tok.eot_id)
     try:
-        for tokens, finished in steps:
-            tokens, finished = tokens.tolist(), finished.tolist()  # one host sync per step
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            for i in range(B):
-                if done[i]:
-                    continue
-                counts[i] += 1
-                if finished[i]:  # this step's token is <|endoftext|>: not printed
-                    done[i] = True
-                    continue
-                text = streamers[i].put(tokens[i])
-                done[i] = streamers[i].stopped
-                if i == 0 and text:
+        for tokens, _ in steps:
+            tokens = tokens.tolist()  # one host sync per step
+            ttft = time.perf_counter() - t0 if ttft is None else ttft
+            for o, t in zip(outs, tokens):
+                text = "" if o.finished else o.add(t)
+                if o is outs[0] and text:
                     out.write(text)
                     out.flush()
-            if all(done):  # every sample hit a stop string or <|endoftext|>
+            if all(o.finished for o in outs):  # each hit a stop, <|endoftext|> or the limit
                 break
     finally:
         steps.close()
     seconds = time.perf_counter() - t0
-    # A row cut by the token limit may end mid-character: that half character is dropped
-    # (truncated=True); a row the model ended shows its invalid bytes as U+FFFD.
-    out.write(streamers[0].finish(truncated=not done[0]) + "\n")
+    out.write("\n")
     for i in range(1, B):
-        streamers[i].finish(truncated=not done[i])
-        out.write(separator(i + 1, B) + (prompt if echo else "") + streamers[i].text + "\n")
+        out.write(separator(i + 1, B) + (prompt if echo else "") + outs[i].text + "\n")
     out.flush()
-    return Stats(T, counts, ttft or 0.0, seconds)
+    return Stats(len(ids), [o.num_tokens for o in outs], ttft or 0.0, seconds)
+
+
+def _room(ids: list, model, args, err) -> int:
+    """The tokens each sample may generate: --max-new-tokens (reduced, with a warning, to what
+    the context leaves), or up to DEFAULT_MAX_NEW_TOKENS as fit."""
+    T, block = len(ids), model.config.block_size
+    if T >= block:
+        raise SampleError(f"the prompt is {T} tokens long but the model's context (block_size) "
+                          f"is {block} tokens: no room to generate; shorten the prompt")
+    if args.max_new_tokens is None:
+        return min(DEFAULT_MAX_NEW_TOKENS, block - T)
+    if T + args.max_new_tokens > block:
+        print(f"warning: prompt {T} + --max-new-tokens {args.max_new_tokens} tokens exceed the "
+              f"context ({block}); generating at most {block - T} tokens", file=err, flush=True)
+        return block - T
+    return args.max_new_tokens
 
 
 def _pick_seed(args):

@@ -27,6 +27,7 @@ stream, whose headers are already sent, that error is the last event).
 
 import argparse
 import asyncio
+import dataclasses
 import hmac
 import json
 import signal
@@ -196,12 +197,13 @@ class Submission:
         self.reqs, self.metrics, self.remaining = [], st.metrics, len(job.prompts)
         self.prompt_tokens = self.completion_tokens = 0
         self._last: dict = {}
+        params = job.params
         if st.request_timeout is not None:
-            job.params.timeout = st.request_timeout
+            params = dataclasses.replace(params, timeout=st.request_timeout)
         try:
             for i, ids in enumerate(job.prompts):
                 self.reqs.append(st.engine.submit(
-                    ids, job.params, lambda ev, i=i: loop.call_soon_threadsafe(
+                    ids, params, lambda ev, i=i: loop.call_soon_threadsafe(
                         self.queue.put_nowait, (i, ev, time.perf_counter()))))
         except QueueFull as e:
             self.cancel()
