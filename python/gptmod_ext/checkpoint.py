@@ -402,6 +402,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     if kind == "pt":
         model, tok, config, kind = _load_pt(path, tokenizer_path)
     elif tokenizer_path is not None:
+        if kind == "run":
+            read_config(path)  # a missing or empty directory says so first
         raise CheckpointError(f"a tokenizer path is for nanoGPT checkpoints; {path} holds its "
                               "own tokenizer")
     else:

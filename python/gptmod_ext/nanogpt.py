@@ -35,8 +35,8 @@ moderno use GPT-2's BPE (tiktoken's 'gpt2', here from local files only).
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -81,17 +81,21 @@ def find_file(directory: Path) -> Optional[Path]:
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # A safe load that met a class it will not build: name it (the message's first line
-        # only says that weights_only refused).
-        lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln]
-        why = lines[0] if lines else (str(e).splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path} is not a checkpoint that loads safely with "
-                         f"torch.load(weights_only=True): {why}") from None
-    except Exception as e:  # not a torch file, truncated, a zip that is not torch's, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({first})") from None
+        with warnings.catch_warnings():  # torch warns about pickle protocols: not for the user
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, an object the safe load refuses, ...
+        text = str(e)
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsafe:
+            raise ValueError(f"{path} holds a Python object of class {unsafe.group(1)}, which a "
+                             "safe load (torch.load weights_only=True) refuses; nanoGPT and "
+                             "moderno save only tensors and plain values") from None
+        first = (text.strip().splitlines() or [type(e).__name__])[0]
+        if first.startswith("Weights only load failed"):  # a pickle, but not one of torch.save
+            first = "not a torch.save file"
+        raise ValueError(f"{path} is corrupt, truncated or not a PyTorch checkpoint "
+                         f"({first})") from None
 
 
 def _state_dict(ckpt: Any, where: str) -> dict[str, torch.Tensor]:
