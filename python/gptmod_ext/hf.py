@@ -280,8 +280,8 @@ def _gpt2_hf_weights(sd: dict, c: GPTConfig, expected: dict) -> dict:
     """Our GPT-2-shaped state dict in GPT2LMHeadModel's names (Conv1D weights [in, out]).
     A model without biases (nanoGPT's bias=False) gets zero biases: the same function."""
     V = c.vocab_size
-    hf = {"transformer.wte.weight": sd["wte.weight"][:V], "transformer.wpe.weight": sd["wpe.weight"],
-          "transformer.ln_f.weight": sd["ln_f.weight"], "lm_head.weight": sd["wte.weight"][:V]}
+    hf = {"transformer.wte.weight": sd["wte.weight"][:V], "lm_head.weight": sd["wte.weight"][:V],
+          "transformer.wpe.weight": sd["wpe.weight"], "transformer.ln_f.weight": sd["ln_f.weight"]}
     if "ln_f.bias" in sd:
         hf["transformer.ln_f.bias"] = sd["ln_f.bias"]
     for i in range(c.n_layer):

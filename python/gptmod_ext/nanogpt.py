@@ -100,7 +100,8 @@ def _torch_load(path: Path) -> Any:
 
 def _state_dict(ckpt: Any, where: str) -> dict[str, torch.Tensor]:
     sd = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    tensors = isinstance(sd, dict) and sd and all(isinstance(v, torch.Tensor) for v in sd.values())
+    if not tensors:
         raise ValueError(f"{where} is not a nanoGPT or nanoGPT-moderno checkpoint (no 'model' "
                          "state dict of tensors)")
     out = {}
@@ -223,7 +224,8 @@ class _Weights:
         self.out[ours + ".weight"] = torch.cat(
             [self.take(f"{t}.weight", r, cols) for t, r in zip(theirs, rows)])
         if bias:
-            self.out[ours + ".bias"] = torch.cat([self.take(f"{t}.bias", r) for t, r in zip(theirs, rows)])
+            self.out[ours + ".bias"] = torch.cat(
+                [self.take(f"{t}.bias", r) for t, r in zip(theirs, rows)])
 
     def norm(self, ours: str, theirs: str, C: int, bias: bool) -> None:
         self.put(ours + ".weight", theirs + ".weight", C)
