@@ -45,7 +45,6 @@ import torch
 from . import tokenizer as tokenizer_mod
 from .model import GPTConfig
 
-KINDS = ("nanogpt", "moderno")
 GPT2_VOCAB = 50257
 # The sources' GPTConfig defaults (nanoGPT model.py, moderno model.py).
 NANOGPT_ARGS = dict(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768,
