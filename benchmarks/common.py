@@ -198,12 +198,12 @@ def jsonable(x):
 
 
 def write_json(path: Path, obj) -> None:
-    """Written atomically (gptmod_ext.checkpoint.atomic_write): a crash never leaves half a file."""
+    """Written atomically (gptmod_ext.common.atomic_write): a crash never leaves half a file."""
     write_text(path, json.dumps(jsonable(obj), indent=1) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
-    from gptmod_ext.checkpoint import atomic_write
+    from gptmod_ext.common import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -493,8 +493,7 @@ def check_device(device: str) -> str | None:
         return f"--device cuda: the gptmod ops are not loaded: {_ext.LOAD_ERROR}"
     if not _ext.CUDA_LOADED:
         return ("--device cuda: libgptmod_cuda.so was not built or not loaded, so the gptmod ops "
-                "have no CUDA kernels; build with a CUDA torch and nvcc "
-                "(pip install --no-build-isolation .).")
+                f"have no CUDA kernels; build with a CUDA torch and nvcc ({_ext.REBUILD_COMMAND}).")
     return None
 
 

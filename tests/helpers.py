@@ -45,3 +45,40 @@ def train_steps(model, data, steps, batch=8, seq_len=48, lr=1e-2):
         loss.backward()
         opt.step()
     return model
+
+
+def assert_greedy_agrees(got, want, prompt, next_logits, tie=1e-4):
+    """got == want, two greedy continuations of the token list `prompt` by different
+    implementations of one model, up to the first step where the reference is undecided: where
+    `next_logits(ids)` (the model's float64 next-token logits [V]) has its two best logits
+    within `tie`, either token is right (another CPU's rounding may break the tie the other
+    way) and the continuations may part from there. Returns the number of steps compared."""
+    import torch
+
+    got, want = [int(t) for t in got], [int(t) for t in want]
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a == b:
+            continue
+        logits = next_logits(list(prompt) + want[:i]).double()
+        best = logits.max()
+        assert best - logits[a] < tie and best - logits[b] < tie, (
+            f"greedy step {i} chose {a} and {b}: logits {logits[a]:.6f} vs {logits[b]:.6f} "
+            f"(best {best:.6f}), not a near tie")
+        return i
+    assert len(got) == len(want), (got, want)
+    return len(got)
+
+
+def float64_next_logits(model):
+    """next_logits for assert_greedy_agrees: a float64 copy of a GPT (torch backend)."""
+    import copy
+
+    import torch
+
+    ref = copy.deepcopy(model).to(torch.float64)
+    ref.backend = "torch"
+
+    def next_logits(ids):
+        with torch.no_grad():
+            return ref(torch.tensor([ids]))[0][0, -1]
+    return next_logits

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from helpers import PKG_PARENT, train_steps
+from helpers import PKG_PARENT, assert_greedy_agrees, float64_next_logits, train_steps
 
 from gptmod_ext import GPT, GPTConfig, checkpoint, export, hf, sample, tokenizer
 
@@ -157,7 +157,8 @@ def test_transformers_fp32_logits_and_greedy(theirs, ours, name):
     with torch.no_grad():
         want = o["model"](torch.tensor([o["logit_ids"]]))[0][0, :, :o["tok"].vocab_size]
     torch.testing.assert_close(torch.tensor(t["logits"]), want, rtol=1e-4, atol=1e-4)
-    assert t["greedy"] == o["greedy"]
+    for p, g, w in zip(PROMPTS, t["greedy"], o["greedy"]):
+        assert_greedy_agrees(g, w, o["tok"].encode(p), float64_next_logits(o["model"]))
     # The runs learned real continuations, which generation stops at or runs through.
     assert any(len(g) == N_NEW for g in o["greedy"])
     tok = o["tok"]
@@ -198,6 +199,30 @@ def test_load_model_reads_the_exported_folder(exported, ours, name):
     assert greedy == ours[name]["greedy"]
 
 
+@pytest.mark.parametrize("truncated", [False, True])
+@pytest.mark.parametrize("name", ["bpe", "bytes"])
+def test_exported_tokenizer_streams_like_ours(exported, ours, name, truncated):
+    # The sampler and the server stream an exported folder's tokenizer byte by byte, as the run
+    # directory's: invalid bytes print as U+FFFD, and only a character cut by the token limit
+    # is dropped (a re-decoding streamer dropped every trailing U+FFFD at a length cut).
+    from gptmod_ext.streaming import TextStreamer
+
+    theirs, tok = hf.HFTokenizer(exported[name]), ours[name]["tok"]
+    assert theirs.byte_level
+    head, tail = "naïve ad", b"\xe2\x82\xff\xfe\xc3\xa9\xff\xf0\x9f\x99"
+    raw = head.encode() + tail
+    # The text's own tokens, then one byte token per byte of the invalid tail.
+    ids = tok.encode(head) + [tok.enc.encode_single_token(bytes([b])) for b in tail]
+    assert tok.decode_bytes(ids) == raw and theirs.decode_bytes(ids) == raw
+    texts = []
+    for t in (tok, theirs):
+        s = TextStreamer(t)
+        texts.append("".join(s.put(i) for i in ids) + s.finish(truncated=truncated))
+    assert texts[0] == texts[1]
+    want = codecs.getincrementaldecoder("utf-8")("replace").decode(raw, final=not truncated)
+    assert texts[0] == want and want.endswith("\ufffd" if truncated else "\ufffd\ufffd")
+
+
 def sample_text(capsys, ckpt, prompt):
     code = sample.main(["--ckpt", str(ckpt), "--prompt", prompt, "--temperature", "0",
                         "--max-new-tokens", str(N_NEW), "--backend", "torch", "-q"])
@@ -232,6 +257,26 @@ def test_save_hf_python_api(runs, tmp_path):
         hf.save_hf(model, tok, path)
     hf.save_hf(model, tok, path, dtype="fp16", overwrite=True)
     assert hf.from_hf(path).dtype == torch.float16
+
+
+@pytest.mark.parametrize("name", ["bpe", "bytes"])
+def test_save_hf_of_a_model_loaded_from_a_folder(exported, ours, tmp_path, name):
+    # What was loaded from a Hugging Face folder (its tokenizer an HFTokenizer) saves again,
+    # and transformers reads the copy with the same ids, eos and logits as the original.
+    import transformers
+
+    model, tok, _ = checkpoint.load_model(exported[name], device="cpu", backend="torch")
+    path = hf.save_hf(model, tok, tmp_path / "again")
+    want_tok = transformers.AutoTokenizer.from_pretrained(exported[name])
+    got_tok = transformers.AutoTokenizer.from_pretrained(path)
+    assert [got_tok.encode(t) for t in TEXTS] == [want_tok.encode(t) for t in TEXTS]
+    assert got_tok.eos_token_id == tok.eot_id and got_tok.model_max_length == 96
+    want = transformers.AutoModelForCausalLM.from_pretrained(exported[name]).eval()
+    got = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([ours[name]["logit_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, want(ids).logits, rtol=0, atol=0)
+    assert got.generation_config.eos_token_id == tok.eot_id
 
 
 # -- bad input --------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from gptmod_ext import hf
 from gptmod_ext.model import GPT, GPTConfig
-from helpers import needs_ext
+from helpers import assert_greedy_agrees, float64_next_logits, needs_ext
 
 BACKENDS = ["torch", pytest.param("ext", marks=needs_ext)]
 NO_SPECIAL_IDS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -51,7 +51,10 @@ def check_parity(ours, theirs, backend="torch"):
     with torch.no_grad():
         want = theirs(idx).logits
     torch.testing.assert_close(ours(idx)[0], want, rtol=1e-4, atol=1e-4)
-    assert torch.equal(ours.generate(idx, 16, temperature=0), hf_greedy(theirs, idx, 16))
+    # Random weights: close logits, so greedy agrees up to a near tie (CPU-dependent rounding).
+    got, expected = ours.generate(idx, 16, temperature=0), hf_greedy(theirs, idx, 16)
+    for g, w, p in zip(got, expected, idx):
+        assert_greedy_agrees(g[13:], w[13:], p.tolist(), float64_next_logits(ours))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -286,12 +286,16 @@ def test_interactive_until_eof(run_dir, loaded):
     r = cli("--ckpt", str(run_dir), "--interactive", "--temperature", "0",
             "--max-new-tokens", "20", "--backend", "torch", input="the c\n\nthe m\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == a + "\n" + b + "\n"  # prompts not echoed; the blank line skipped
+    # From a pipe, each answer comes under a line naming its prompt (not echoed otherwise),
+    # so the answers do not run together; the blank line is skipped.
+    assert r.stdout == ("---------- prompt 1: the c ----------\n" + a + "\n"
+                        "---------- prompt 2: the m ----------\n" + b + "\n")
     assert "Traceback" not in r.stderr
 
 
 def test_interactive_flushes_each_answer_and_ctrl_c_exits_cleanly(run_dir, loaded):
-    expected = (reference(loaded, "the c", 30, temperature=0)[0] + "\n").encode()
+    expected = ("---------- prompt 1: the c ----------\n"
+                + reference(loaded, "the c", 30, temperature=0)[0] + "\n").encode()
     p = subprocess.Popen(cmd("--ckpt", str(run_dir), "--interactive", "--temperature", "0",
                              "--max-new-tokens", "30", "--backend", "torch"),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,

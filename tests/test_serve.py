@@ -244,9 +244,14 @@ def test_bad_messages(server, messages):
 
 
 def test_context_limit(server):
-    err = assert_error(post(server, "/v1/completions", {"prompt": "abcd", "max_tokens": 253}),
-                       400, param="max_tokens")
-    assert err["code"] == "context_length_exceeded"
+    # The message gives the room the prompt leaves, however large the request: 256 - 4 = 252.
+    for max_tokens in (253, 1 << 30, 1 << 40):
+        err = assert_error(post(server, "/v1/completions", {"prompt": "abcd",
+                                                            "max_tokens": max_tokens}),
+                           400, param="max_tokens")
+        assert err["code"] == "context_length_exceeded"
+        assert "max_tokens can be at most 252" in err["message"], err["message"]
+        assert "<= 1073741824" not in err["message"]
     assert post(server, "/v1/completions", {"prompt": "abcd", "max_tokens": 252}).status_code == 200
     assert_error(post(server, "/v1/completions", {"prompt": "a" * 300}), 400, param="prompt")
 

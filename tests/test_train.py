@@ -2,13 +2,17 @@
 NaN stop cleanly, bad inputs are one-line errors, checkpoints load back (tied weights, compiled
 models), and two DDP processes equal one process with twice the accumulation."""
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import typing
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -62,7 +66,7 @@ def metrics(out):
 
 def one_error_line(err, *fragments):
     assert "Traceback" not in err, err
-    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    lines = [l for l in err.splitlines() if l.startswith(f"{TR.PROG}: error: ")]
     assert len(lines) == 1, err
     for f in fragments:
         assert f in lines[0], lines[0]
@@ -271,6 +275,56 @@ def test_bad_inputs(tmp_path, capsys, data_dir, monkeypatch):
     one_error_line(err, "n_embd=30")
 
 
+# Spellings of each GPTConfig field's type (the README's model table writes True/False/None).
+GOOD = {bool: [("True", True), ("false", False), ("1", True), ("0", False)],
+        int: [("12", 12), ("-3", -3)], float: [("1e-6", 1e-6), ("50", 50.0), ("0.5", 0.5)],
+        str: [("rmsnorm", "rmsnorm")]}
+BAD = {bool: ["yes", "Falsy", "2", ""], int: ["1.5", "True", "x", ""],
+       float: ["fast", "1e", ""], str: [""]}
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(GPTConfig)])
+def test_model_args_parse_every_field_by_its_type(field):
+    typ = typing.get_type_hints(GPTConfig)[field]
+    optional = type(None) in typing.get_args(typ)
+    base = [a for a in typing.get_args(typ) if a is not type(None)][0] if optional else typ
+    for text, value in GOOD[base]:
+        got = TR.parse_model_args(f"{field}={text}")[field]
+        assert got == value and type(got) is type(value), (field, text, got)
+    for text in ["None", "null"]:
+        if optional:
+            assert TR.parse_model_args(f"{field}={text}") == {field: None}
+        elif base is not str:
+            with pytest.raises(TR.TrainError, match=f"{field}={text!r}"):
+                TR.parse_model_args(f"{field}={text}")
+    for text in BAD[base]:
+        with pytest.raises(TR.TrainError) as e:
+            TR.parse_model_args(f"{field}={text}")
+        msg = str(e.value)
+        assert len(msg.splitlines()) == 1 and f"{field}={text!r}" in msg, msg
+
+
+def test_model_args_as_the_readme_spells_them(tmp_path, capsys, data_dir):
+    # tie_embeddings=False must untie (the string "False" was truthy), bias=False no biases,
+    # n_kv_head=None is MHA; an unknown field or a bad value is one line.
+    out = tmp_path / "o"
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", out, "--max-iters", 1,
+                    "--final-eval-tokens", 0, "--model-args",
+                    MODEL.replace(",n_kv_head=1", "") + ",tie_embeddings=False,bias=False,"
+                    "n_kv_head=None,norm=layernorm")
+    assert rc == 0, err
+    cfg = json.loads((out / "config.json").read_text())["model"]
+    assert (cfg["tie_embeddings"], cfg["bias"], cfg["n_kv_head"]) == (False, False, 2)
+    weights = load_file(str(out / "model.safetensors"))
+    assert "lm_head.weight" in weights and not any(k.endswith(".bias") for k in weights)
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", out, "--model-args", "biass=False")
+    assert rc == 1
+    one_error_line(err, "'biass' is not a GPTConfig field")
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", out, "--model-args", "bias=maybe")
+    assert rc == 1
+    one_error_line(err, "bias='maybe'", "True/False")
+
+
 def test_cpu_only_build_with_device_cuda(tmp_path, capsys, data_dir, monkeypatch):
     # A torch that sees a GPU, a gptmod_ext built without CUDA: the one message of
     # _ext.resolve_backend for an explicit --backend ext (see test_devices.py for the others).
@@ -416,6 +470,23 @@ def test_raw_text_data_is_prepared(tmp_path, capsys, monkeypatch):
     assert len(prepared) == 1
     cfg = json.loads((tmp_path / "o" / "config.json").read_text())
     assert cfg["tokenizer"]["kind"] == "bytes" and cfg["model"]["vocab_size"] == 257
+
+
+def test_console_samples_are_text(tmp_path, capsys, monkeypatch):
+    # An untrained bytes model samples control bytes (NUL, ^A, ESC ...): the console shows them
+    # escaped, so a redirected log stays text; newlines still break the sample's lines.
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "poem.txt"
+    text.write_text("".join(f"line {i}: roses are red,\tviolets are blue\n" for i in range(300)))
+    rc, err = train(capsys, "--data", text, "--tokenizer", "bytes", "--out-dir", tmp_path / "o",
+                    "--max-iters", 1, "--eval-interval", 1, "--sample-tokens", 200,
+                    "--final-eval-tokens", 0)
+    assert rc == 0, err
+    samples = "".join(line for line in err.splitlines(keepends=True) if line.startswith("  | "))
+    assert samples and re.search(r"\\x[01][0-9a-f]", samples), samples
+    assert not [ch for ch in err if ch not in "\n\t" and unicodedata.category(ch) == "Cc"]
+    assert TR.console_text("a\x00b\x01\x0b\x1b[2J\r\n\tc\u00e9\U0001f642") == \
+        "a\\x00b\\x01\\x0b\\x1b[2J\\r\n\tc\u00e9\U0001f642"
 
 
 @pytest.mark.skipif(not __import__("gptmod_ext")._ext.AVAILABLE,

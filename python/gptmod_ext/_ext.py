@@ -19,10 +19,17 @@ from typing import NamedTuple
 
 import torch
 
-REBUILD_HINT = "rebuild it against the torch you have with `pip install --no-build-isolation .`"
+from .common import UserError
+
+# Build isolation would compile against a fresh torch 2.13 and the runtime pin would then replace
+# the user's torch; --no-deps keeps their torch, and the build tools must be there first.
+REBUILD_COMMAND = ('pip install scikit-build-core ninja "cmake>=3.26" && '
+                   "pip install --no-build-isolation --no-deps .")
+REBUILD_HINT = (f"rebuild it against the torch you have, from the gptmod_ext source folder: "
+                f"`{REBUILD_COMMAND}`")
 
 
-class ExtensionNotAvailable(ImportError):
+class ExtensionNotAvailable(UserError, ImportError):
     """The compiled ops cannot be used; the message says why and how to fix it."""
 
 

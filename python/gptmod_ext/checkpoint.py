@@ -8,7 +8,7 @@ A run directory (out/ by default) holds
     train_state.pt     TrainState: optimizer, step, RNG states, data sampler state, best val
                         loss (for exact --resume), loaded with torch.load(weights_only=True)
     metrics.jsonl, loss.png   written by the trainer
-Every file is written through atomic_write (a temporary name, then os.replace), so a crash
+Every file is written through common.atomic_write (a temporary name, then os.replace), so a crash
 mid-save leaves the previous file whole (docs/design.md §4). The trainer writes a checkpoint
 with save_run and continues one with load_for_resume.
 
@@ -21,17 +21,16 @@ model, corrupt or truncated weights, a config that does not match the weights, a
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import glob
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from . import tokenizer as tokenizer_mod
+from .common import UserError, atomic_write, first_line
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -39,60 +38,11 @@ STATE_FILE = "train_state.pt"
 FORMAT = "gptmod_ext.run/1"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A run directory cannot be used; the message is one line that says why."""
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def first_line(e: BaseException) -> str:
-    """The first line of an error's message (its type when it has none), for one-line reports."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """`with atomic_write(path) as tmp:` write tmp; it is renamed over path when the block ends
-    without an error, removed otherwise (path keeps its old content). The one atomic write of
-    the package: checkpoints, metrics, plots, tokenizers and prepared data all go through it.
-
-    tmp is `.NAME.tmpPID` next to path. A process killed mid-write (SIGKILL, a lost machine)
-    leaves its tmp behind; the next write of the same path removes those whose process is gone.
-    """
-    path = Path(path)
-    _remove_stale_temporaries(path)
-    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _tmp_prefix(path: Path) -> str:
-    return f".{path.name}.tmp"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    prefix = _tmp_prefix(path)
-    for old in path.parent.glob(glob.escape(prefix) + "*"):
-        pid = old.name[len(prefix):]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
-            old.unlink(missing_ok=True)
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DDP (.module) and torch.compile (._orig_mod) wrappers, so saved
     keys never carry their prefixes."""

@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from . import tokenizer as tokenizer_mod
+from .common import UserError
 
 META = "meta.json"
 FORMAT = "gptmod_ext.data/1"
 SPLITS = ("train", "val")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A data directory is missing or unusable; the message is one line that says why."""
 
 

@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from .sample import _first_line, _Parser  # one-line usage errors and messages, as sample's
+from .common import Parser, run_cli
 
 PROG = "python -m gptmod_ext.export"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Write a gptmod_ext run directory as a Hugging Face "
+    p = Parser(prog=PROG, description="Write a gptmod_ext run directory as a Hugging Face "
                 "folder (config.json, model.safetensors, generation_config.json, tokenizer.json, "
                 "tokenizer_config.json) that transformers loads without gptmod_ext.")
     p.add_argument("--ckpt", default="out", help="run directory, or nanoGPT ckpt.pt / "
@@ -50,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def export(ckpt, out, dtype: str = "fp32", force: bool = False, tokenizer_path=None) -> str:
+def export(ckpt, out, dtype: str = "fp32", force: bool = False,
+           tokenizer_path=None) -> str:
     """Exports run directory (or nanoGPT checkpoint) ckpt to out; returns a one-line
     description of what was written."""
     from . import checkpoint, hf
@@ -72,28 +72,16 @@ def export(ckpt, out, dtype: str = "fp32", force: bool = False, tokenizer_path=N
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    debug = os.environ.get("GPTMOD_DEBUG") == "1"
-    try:
-        from .hf import _transformers
 
-        _transformers().utils.logging.disable_progress_bar()  # stderr is for errors only
+    def run() -> int:
+        from .hf import transformers_module
+
+        transformers_module().utils.logging.disable_progress_bar()  # stderr is for errors only
         print(export(args.ckpt, args.out, args.dtype, args.force, args.tokenizer_path),
               flush=True)
         return 0
-    except KeyboardInterrupt:  # save_hf has removed its temporary folder on the way out
-        if debug:
-            raise
-        print(f"{PROG}: error: interrupted", file=sys.stderr, flush=True)
-        return 130
-    except Exception as e:  # every failure, ours or the libraries', is one line
-        if debug:
-            raise
-        if isinstance(e, OSError) and e.strerror and e.filename:
-            msg = f"{e.filename}: {e.strerror}"
-        else:
-            msg = _first_line(e)
-        print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
-        return 1
+    # Ctrl-C mid-export: save_hf has removed its temporary folder on the way out.
+    return run_cli(PROG, run)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ transformers is optional: it is imported only when these functions run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -31,10 +32,11 @@ from typing import Optional
 import torch
 
 from . import devices
+from .common import first_line
 from .model import GPT, GPTConfig
 
 
-def _transformers():
+def transformers_module():
     try:
         import transformers
     except ImportError as e:
@@ -160,7 +162,7 @@ def _gpt2_weights(sd: dict, cfg: GPTConfig) -> dict:
 
 def _load_dir(path: Path):
     """(hf config, state dict) of a local checkpoint directory, without downloading anything."""
-    transformers = _transformers()
+    transformers = transformers_module()
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"from_hf: {path} has no config.json")
     hf_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -221,17 +223,20 @@ class HFTokenizer:
         if not any((path / f).is_file() for f in self.FILES):
             raise ValueError(f"{path} holds no tokenizer files ({', '.join(self.FILES)}); "
                              "save one there with tokenizer.save_pretrained()")
-        transformers = _transformers()
+        transformers = transformers_module()
         transformers.logging.set_verbosity_error()
         try:
             self.hf = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # transformers raises many types for unusable files
-            from .checkpoint import first_line
             raise ValueError(f"cannot load the tokenizer in {path}: {first_line(e)}") from None
         self.eot_id = self.hf.eos_token_id
         self.bos_id = self.hf.bos_token_id
         self.vocab_size = len(self.hf)
         self._special_ids = frozenset(self.hf.all_special_ids)
+        self._token_bytes = _byte_level_tokens(self.hf, self._special_ids)
+        # A byte-level BPE (GPT-2's, Llama 3's, every folder `export` writes) streams through
+        # decode_bytes exactly as our own tokenizers do; others are re-decoded as whole texts.
+        self.byte_level = self._token_bytes is not None
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=True)
@@ -241,6 +246,48 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def decode_bytes(self, ids) -> bytes:
+        """The raw bytes of ids (special tokens skipped, as decode does); byte-level
+        tokenizers only."""
+        if self._token_bytes is None:
+            raise TypeError("decode_bytes: this tokenizer is not a byte-level BPE")
+        return b"".join(self._token_bytes[int(i)] for i in ids)
+
+
+def _gpt2_byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as one printable character: the printable
+    Latin-1 bytes as themselves, the other 68 as chr(256 + n) in byte order. char -> byte."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(others)})
+    return table
+
+
+def _byte_level_tokens(hf_tok, special_ids) -> Optional[list[bytes]]:
+    """Each id's bytes when the tokenizer is a plain byte-level BPE (its decoder is ByteLevel
+    and every ordinary token is spelled in the byte alphabet), else None. Special tokens
+    decode to nothing; other added tokens to their UTF-8 text."""
+    backend = getattr(hf_tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    if decoder.get("type") != "ByteLevel":
+        return None
+    alphabet = _gpt2_byte_alphabet()
+    added = {i: t.content for i, t in hf_tok.added_tokens_decoder.items()}
+    out = []
+    for i, piece in enumerate(hf_tok.convert_ids_to_tokens(list(range(len(hf_tok))))):
+        if i in special_ids:
+            out.append(b"")
+        elif i in added:
+            out.append(added[i].encode("utf-8"))
+        elif piece is not None and all(ch in alphabet for ch in piece):
+            out.append(bytes(alphabet[ch] for ch in piece))
+        else:
+            return None
+    return out
 
 
 # -----------------------------------------------------------------------------------------------
@@ -304,7 +351,7 @@ def to_hf(model: GPT, arch: Optional[str] = None, **config_overrides):
     generate would otherwise stop at Llama's default eos id 2). Returns the model in eval mode,
     on the same device and in the same dtype as `model`.
     """
-    transformers = _transformers()
+    transformers = transformers_module()
     c = model.config
     arch = arch or ("gpt2" if c.pos_emb == "learned" else "llama")
     problems = {"llama": _llama_problems, "gpt2": _gpt2_problems}[arch](c)
@@ -376,7 +423,7 @@ def _char_tokenizer(tok, extra: dict):
     pre-tokenizer cuts the text into characters, each character is its id, and the Fuse
     decoder joins them back without spaces. No special tokens (nanoGPT's have none); a
     character outside the vocabulary fails to encode there as it does here."""
-    transformers = _transformers()
+    transformers = transformers_module()
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     fast = Tokenizer(models.WordLevel(vocab=dict(tok.stoi), unk_token=None))
@@ -389,13 +436,20 @@ def _char_tokenizer(tok, extra: dict):
 def to_hf_tokenizer(tok, model_max_length: Optional[int] = None):
     """Our tokenizer (a tokenizer.Tokenizer: bpe, bytes or gpt2; or a CharTokenizer) as a
     transformers PreTrainedTokenizerFast that gives the same ids for every text, special
-    tokens included.
+    tokens included; an HFTokenizer (a model loaded from a Hugging Face folder) gives back its
+    own tokenizer.
 
     The ranks become a byte-level BPE through transformers' own tiktoken converter, split by our
     pattern; <|endoftext|> is the eos (and bos: it starts every document, as in GPT-2). Nothing
     is cleaned up on decode, so decode(encode(s)) == s. A char vocabulary becomes a word-level
     one over single characters, with no eos (see _char_tokenizer)."""
-    transformers = _transformers()
+    if isinstance(tok, HFTokenizer):
+        hf_tok = copy.deepcopy(tok.hf)  # the caller's tokenizer keeps its own settings
+        if model_max_length is not None:
+            hf_tok.model_max_length = model_max_length
+            hf_tok.init_kwargs["model_max_length"] = model_max_length
+        return hf_tok
+    transformers = transformers_module()
     from .tokenizer import EOT
 
     extra = {} if model_max_length is None else {"model_max_length": model_max_length}
@@ -427,20 +481,22 @@ def save_hf(model: GPT, tokenizer, directory, dtype=None, overwrite: bool = Fals
     written next to `directory` under a temporary name and renamed into place, so a failure
     leaves nothing behind; an existing non-empty `directory` is a FileExistsError unless
     overwrite=True (then it is replaced whole)."""
-    transformers = _transformers()
+    transformers = transformers_module()
     target = Path(directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                          f"{model.config.vocab_size} embeddings")
     _check_target(target, overwrite)
     eot = tokenizer.eot_id
-    hf_model = to_hf(model, bos_token_id=eot, eos_token_id=eot)
+    # Ours start documents with <|endoftext|>; a Hugging Face tokenizer may have its own BOS.
+    bos = eot if getattr(tokenizer, "bos_id", None) is None else tokenizer.bos_id
+    hf_model = to_hf(model, bos_token_id=bos, eos_token_id=eot)
     if dtype is not None:
         hf_model.to(devices.pick_dtype(dtype))
     # pad = eos only here: in the model config it would become the embedding's padding_idx,
     # whose row fine-tuning would then never update.
     hf_model.generation_config = transformers.GenerationConfig(
-        bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+        bos_token_id=bos, eos_token_id=eot, pad_token_id=eot)
     hf_tok = to_hf_tokenizer(tokenizer, model_max_length=model.config.block_size)
     with _staging(target) as tmp:
         hf_model.save_pretrained(tmp)
@@ -460,7 +516,9 @@ def _for_older_readers(folder: Path, c: GPTConfig) -> None:
     them) read: the tokenizer class by its long-standing name (5 writes its new alias,
     TokenizersBackend), and Llama's rope_theta at the top level (5 nests it in
     rope_parameters; a reader that looks only at the top would fall back to 10000)."""
-    _edit_json(folder / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
+    tok_config = folder / "tokenizer_config.json"
+    if json.loads(tok_config.read_text()).get("tokenizer_class") == "TokenizersBackend":
+        _edit_json(tok_config, tokenizer_class="PreTrainedTokenizerFast")
     if c.pos_emb == "rope":
         _edit_json(folder / "config.json", rope_theta=c.rope_base)
 

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import data as data_mod
-from .checkpoint import atomic_write
+from .common import Parser, UserError, atomic_write, run_cli
 from . import tokenizer as tokenizer_mod
 
 DEFAULT_MAX_BYTES = 6_000_000   # default corpus: ~6 MB of stdlib source, ~2M BPE tokens
@@ -41,7 +41,10 @@ MIN_DOCS_FOR_DOC_SPLIT = 20
 BPE_TRAIN_MAX_BYTES = 100_000_000  # BPE merges are learned from at most this much text
 
 
-class PrepareError(Exception):
+PROG = "python -m gptmod_ext.prepare"
+
+
+class PrepareError(UserError):
     """Bad input to prepare; the message is one line that says why."""
 
 
@@ -331,8 +334,7 @@ def add_tokenizer_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gptmod_ext.prepare",
-                                description="Tokenize text into train.bin/val.bin/meta.json.")
+    p = Parser(prog=PROG, description="Tokenize text into train.bin/val.bin/meta.json.")
     p.add_argument("inputs", nargs="*",
                    help="text/JSONL files, globs or directories (default: the Python "
                         "standard library's source)")
@@ -348,15 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = args.out or (f"data/{Path(args.inputs[0].rstrip('/*')).stem or 'corpus'}"
                        if args.inputs else DEFAULT_OUT)
-    try:
+
+    def run() -> int:
         meta = prepare(args.inputs or None, out, args.tokenizer, args.vocab_size,
                        args.tokenizer_path, args.jsonl_field, args.val_fraction, args.seed,
                        args.errors, args.max_bytes, progress=not args.no_progress)
-    except (PrepareError, data_mod.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(summary(meta, out))
-    return 0
+        print(summary(meta, out))
+        return 0
+    return run_cli(PROG, run)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ def prompt_list(body, tokenizer) -> list[list[int]]:
 
 # -- token strings and logprobs ---------------------------------------------------------------
 def token_bytes(tokenizer, tok: int) -> bytes:
-    if hasattr(tokenizer, "decode_bytes"):
+    if getattr(tokenizer, "byte_level", False):
         return tokenizer.decode_bytes([tok])
     return tokenizer.decode([tok]).encode("utf-8")
 
@@ -334,7 +335,8 @@ def _max_tokens(api: Api, body, prompts: list, block_size: int, echo: bool) -> i
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     n_prompt = len(prompts[longest])
     name = api.max_tokens_field(body)
-    max_tokens = number(body, name, 0 if echo else 1, 1 << 30, None, integer=True)
+    # No fixed upper bound: the context decides, and its message says how much room is left.
+    max_tokens = number(body, name, 0 if echo else 1, math.inf, None, integer=True)
     room = block_size - n_prompt
     if room < 1 and not (echo and max_tokens == 0 and room == 0):
         raise ApiError(400, f"{where(longest)}is {n_prompt} tokens long; the model's context is "
@@ -345,7 +347,8 @@ def _max_tokens(api: Api, body, prompts: list, block_size: int, echo: bool) -> i
     if n_prompt + max_tokens > block_size:
         raise ApiError(400, f"{where(longest)}({n_prompt} tokens) plus {name} ({max_tokens}) is "
                             f"{n_prompt + max_tokens} tokens, more than the model's context of "
-                            f"{block_size} tokens", param=name, code="context_length_exceeded")
+                            f"{block_size} tokens: {name} can be at most {room}",
+                       param=name, code="context_length_exceeded")
     return max_tokens
 
 

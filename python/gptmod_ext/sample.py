@@ -34,7 +34,6 @@ What it does, in the terms of the flags:
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -43,8 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import sampling
-from .checkpoint import first_line as _first_line
+from .common import Parser, UserError, first_line, run_cli
 from .devices import DTYPE_CHOICES, dtype_name
+from .tokenizer import document_start
 
 PROG = "python -m gptmod_ext.sample"
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -67,19 +67,12 @@ KIND_NAMES = {"run": "run", "hf": "Hugging Face model", "nanogpt": "nanoGPT chec
               "moderno": "nanoGPT-moderno checkpoint"}
 
 
-class SampleError(Exception):
+class SampleError(UserError):
     """A problem the user can fix (checkpoint, prompt, device); reported as one line, exit 1."""
 
 
 # -----------------------------------------------------------------------------------------------
 # Command line
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line (the default prints the whole usage first)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _unescape(s: str) -> str:
@@ -91,7 +84,7 @@ def _unescape(s: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Generate text from a gptmod_ext run directory or a Hugging Face "
                 "Llama/GPT-2 folder, streaming it to stdout.", epilog=EPILOG)
     a = p.add_argument
@@ -230,7 +223,7 @@ def read_prompt(args) -> str:
             raise SampleError(f"prompt file {args.prompt_file} does not exist") from None
         except (OSError, UnicodeDecodeError) as e:
             raise SampleError(f"cannot read prompt file {args.prompt_file}: "
-                              f"{_first_line(e)}") from None
+                              f"{first_line(e)}") from None
     if args.prompt is not None and args.prompt != "-":
         return args.prompt
     if sys.stdin.isatty():
@@ -243,8 +236,7 @@ def encode_prompt(tok, text: str) -> list[int]:
     # (our tokenizers put it between documents).
     ids = tok.encode(text)
     if not ids:
-        start = getattr(tok, "bos_id", None)
-        start = start if start is not None else tok.eot_id
+        start = document_start(tok)
         if start is None:
             raise SampleError("the prompt is empty and the tokenizer has no BOS or end-of-text "
                               "token to start from; give a prompt")
@@ -258,6 +250,11 @@ def encode_prompt(tok, text: str) -> list[int]:
 
 def separator(i: int, n: int) -> str:
     return f"---------- sample {i}/{n} ----------\n"
+
+
+def prompt_separator(i: int, prompt: str) -> str:
+    shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    return f"---------- prompt {i}: {shown} ----------\n"
 
 
 @dataclass
@@ -362,6 +359,7 @@ def interactive(loaded: Loaded, args, out, err) -> None:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
+    answered = 0
     while True:
         if tty:
             # The "> " goes to stderr so that stdout keeps only generated text; input() gives
@@ -381,6 +379,9 @@ def interactive(loaded: Loaded, args, out, err) -> None:
         prompt = line.rstrip("\r\n")
         if not prompt:
             continue
+        answered += 1
+        if not tty:  # a log of piped prompts: each answer under a line naming its prompt
+            out.write(prompt_separator(answered, prompt))
         seed = _pick_seed(args)
         stats = generate(loaded.model, loaded.tok, prompt, args, seed, False, out, err)
         if not args.quiet:
@@ -413,49 +414,12 @@ def run(args) -> int:
 
 
 # -----------------------------------------------------------------------------------------------
-# Entry point: every failure becomes one line on stderr
+# Entry point
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # usage errors exit 2 from here
-    debug = os.environ.get("GPTMOD_DEBUG") == "1"
-    from .checkpoint import CheckpointError
-    from .tokenizer import TokenizerError
-
-    def fail(msg: str, code: int = 1) -> int:
-        try:
-            sys.stdout.flush()  # what was streamed so far comes before the message
-        except OSError:
-            pass
-        print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
-        return code
-
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        return fail("interrupted", 130)
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly. Point stdout at devnull so the
-        # interpreter's final flush does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except (SampleError, CheckpointError, TokenizerError) as e:
-        if debug:
-            raise
-        return fail(_first_line(e))
-    except (ImportError, OSError, ValueError, RuntimeError) as e:
-        # ImportError: the ext ops or transformers are missing; ValueError: a model or
-        # generation argument refused; RuntimeError: torch (out of memory, a bad device).
-        if debug:
-            raise
-        return fail(_first_line(e))
-    except Exception as e:
-        if debug:
-            raise
-        return fail(f"unexpected {type(e).__name__}: {_first_line(e)} "
-                    "(set GPTMOD_DEBUG=1 for the traceback)")
+    return run_cli(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

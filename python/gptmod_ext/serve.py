@@ -46,8 +46,10 @@ except ImportError as e:  # the one optional dependency group this module needs
     raise ImportError(f"gptmod_ext.serve needs fastapi and uvicorn: "
                       f"pip install 'gptmod_ext[serve]' ({e})") from None
 
+from .common import Parser, UserError, run_cli
 from .devices import DTYPE_CHOICES
 from .engine import Engine, Event, QueueFull
+from .tokenizer import document_start
 from .protocol import (CHAT, CHAT_STOP, COMPLETIONS, SSE_DONE, Api, ApiError, ChatApi,  # noqa: F401
                        ChoiceOutput, Job, boolean, encode_text, parse_request, render_chat,
                        response_head, sse, usage)
@@ -55,6 +57,8 @@ from .protocol import (CHAT, CHAT_STOP, COMPLETIONS, SSE_DONE, Api, ApiError, Ch
 MAX_BODY_BYTES = 1 << 20
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
+
+PROG = "python -m gptmod_ext.serve"
 
 class Metrics:
     """The Prometheus series of one server (its own registry, so several apps can coexist)."""
@@ -456,8 +460,10 @@ async def metrics(request: Request):
 
 
 @router.get("/", response_class=HTMLResponse)
-async def playground():
-    return HTMLResponse((STATIC_DIR / "playground.html").read_text(encoding="utf-8"))
+async def playground(request: Request):
+    start = document_start(_state(request).tokenizer)
+    page = (STATIC_DIR / "playground.html").read_text(encoding="utf-8")
+    return HTMLResponse(page.replace("__DOC_START__", "" if start is None else str(start)))
 
 
 _ROUTES = {r.path for r in router.routes}
@@ -487,8 +493,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: Optional[str
 
 # -- the command line --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gptmod_ext.serve",
-                                description="OpenAI-compatible server with continuous batching")
+    p = Parser(prog=PROG, description="OpenAI-compatible server with continuous batching")
     p.add_argument("--ckpt", default="out",
                    help="a run directory (model.safetensors, config.json), a Hugging Face folder, "
                         "or a nanoGPT ckpt.pt / nanoGPT-moderno model_XXXXX.pt (or its directory)")
@@ -594,21 +599,18 @@ def build_app(args) -> tuple:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli(PROG, lambda: serve(args))
+
+
+def serve(args) -> int:
     try:
         import uvicorn
     except ImportError:
-        print("serve: needs fastapi and uvicorn: pip install 'gptmod_ext[serve]'", file=sys.stderr)
-        return 1
-    from .checkpoint import CheckpointError
-
+        raise UserError("needs fastapi and uvicorn: pip install 'gptmod_ext[serve]'") from None
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    try:
-        app, engine, banner = build_app(args)
-    except (CheckpointError, ValueError, ImportError) as e:
-        print(f"serve: {e}", file=sys.stderr)
-        return 1
+    app, engine, banner = build_app(args)
     engine.start()
     print(banner, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

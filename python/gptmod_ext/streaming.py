@@ -20,9 +20,11 @@ invalid bytes) or, with finish(truncated=True) when a token limit cut the text, 
             break
     print(streamer.finish())
 
-The sampler CLI and the server share this module. A tokenizer with `decode_bytes(ids)` (ours)
-is decoded byte by byte; one with only `decode(ids)` (a Hugging Face tokenizer) is decoded by
-re-decoding the ids so far and printing what was added (HF's own streamer does the same).
+The sampler CLI and the server share this module. A byte-level tokenizer (`byte_level` true:
+ours, and Hugging Face byte-level BPEs such as GPT-2's or an exported run's) is decoded byte by
+byte through `decode_bytes(ids)`, so a run directory and its exported folder print the same
+text; any other (a SentencePiece one) is decoded by re-decoding the ids so far and printing
+what was added (HF's own streamer does the same).
 """
 from __future__ import annotations
 
@@ -147,7 +149,7 @@ class TextStreamer:
     """Token ids in, printable text out: UTF-8 safe across token boundaries, stop strings
     never printed (not even their first characters when they span tokens).
 
-    tokenizer: has decode_bytes(ids) -> bytes (preferred) or decode(ids) -> str.
+    tokenizer: byte_level and decode_bytes(ids) -> bytes, or decode(ids) -> str.
     stop: strings that end the text; the stop string and everything after it are dropped.
     context: token ids that come before the streamed ones (used only by decode()-only
     tokenizers, see _RedecodeDecoder).
@@ -160,7 +162,7 @@ class TextStreamer:
     """
 
     def __init__(self, tokenizer, stop: Iterable[str] = (), context: Sequence[int] = ()):
-        if hasattr(tokenizer, "decode_bytes"):
+        if getattr(tokenizer, "byte_level", False):
             self._decoder = _ByteDecoder(tokenizer)
         else:
             self._decoder = _RedecodeDecoder(tokenizer, context)

@@ -32,6 +32,8 @@ from typing import Iterable
 
 import tiktoken
 
+from .common import UserError, atomic_write
+
 EOT = "<|endoftext|>"
 FILENAME = "tokenizer.json"
 FORMAT = "gptmod_ext.tokenizer/1"
@@ -53,9 +55,10 @@ _GPT2_URLS = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer cannot be built or loaded, or a text cannot be encoded (a character outside
-    a char vocabulary); the message is one line that says why."""
+    a char vocabulary: a ValueError too, which the server turns into a 400); the message is one
+    line that says why."""
 
 
 class _Saved:
@@ -69,8 +72,6 @@ class _Saved:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Writes `directory/tokenizer.json` (through a temporary file and a rename)."""
-        from .checkpoint import atomic_write  # (checkpoint imports this module)
-
         path = Path(directory) / FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as tmp:
@@ -80,6 +81,8 @@ class _Saved:
 
 class Tokenizer(_Saved):
     """A tiktoken encoding plus the metadata needed to save and describe it."""
+
+    byte_level = True  # decode_bytes gives each token's raw bytes (streaming.TextStreamer)
 
     def __init__(self, kind: str, name: str, pattern: str,
                  mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int]):
@@ -261,6 +264,14 @@ def load(directory_or_file: str | os.PathLike) -> Tokenizer | CharTokenizer:
     except (OSError, UnicodeDecodeError) as e:
         raise TokenizerError(f"cannot read {path}: {e}") from None
     return from_json(text, str(path))
+
+
+def document_start(tok) -> int | None:
+    """The token that opens a new document, what an empty prompt becomes: BOS where the
+    tokenizer has one (a Hugging Face folder's), else <|endoftext|> (ours put it between
+    documents); None when it has neither."""
+    bos = getattr(tok, "bos_id", None)
+    return bos if bos is not None else getattr(tok, "eot_id", None)
 
 
 # -- the three kinds ----------------------------------------------------------------------------

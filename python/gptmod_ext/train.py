@@ -54,6 +54,8 @@ import os
 import signal
 import sys
 import time
+import typing
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +67,10 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import prepare as prepare_mod
 from . import tokenizer as tokenizer_mod
+from .common import Parser, UserError, atomic_write, first_line, run_cli
 from .devices import DTYPE_CHOICES, dtype_name, pick_device, pick_dtype
 
+PROG = "python -m gptmod_ext.train"
 DEFAULT_DATA = "data/stdlib"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -75,14 +79,13 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10
               "4090": 165e12, "3090": 71e12}
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A bad option or input; main() prints it as one line and exits with status 1."""
 
 
 # -- options ----------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m gptmod_ext.train",
-                                description="Train a GPT on prepared tokens or raw text.")
+    p = Parser(prog=PROG, description="Train a GPT on prepared tokens or raw text.")
     a = p.add_argument
     a("--out-dir", default="out", help="run directory (checkpoint, metrics, plot)")
     a("--data", default=None,
@@ -132,16 +135,50 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def parse_model_args(text: str) -> dict:
+    """--model-args "n_layer=6,tie_embeddings=False,n_kv_head=None" -> GPTConfig overrides,
+    each value parsed by its field's type: booleans take True/False/true/false/1/0, optional
+    fields None/null, ints and floats their literals, strings the text. Anything else (an
+    unknown field, a value of the wrong type) is a TrainError naming the field and the value:
+    a value stored as the string "False" would be truthy and silently tie the embeddings."""
+    from .model import GPTConfig
+
+    types = typing.get_type_hints(GPTConfig)
     out = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         if "=" not in item:
             raise TrainError(f"--model-args item {item!r} is not key=value")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v  # a bare string, e.g. norm=layernorm
+        k, v = (s.strip() for s in item.split("=", 1))
+        if k not in types:
+            raise TrainError(f"--model-args: {k!r} is not a GPTConfig field; the fields are "
+                             f"{', '.join(types)}")
+        out[k] = _parse_field(k, v, types[k])
     return out
+
+
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _parse_field(name: str, text: str, typ):
+    args = typing.get_args(typ)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else typ
+    if optional and text.lower() in ("none", "null"):
+        return None
+    try:
+        if base is bool:
+            return _BOOLS[text.lower()]
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        if base is str and text:
+            return text
+    except (KeyError, ValueError):
+        pass
+    expected = {bool: "True/False/true/false/1/0", int: "an integer", float: "a number",
+                str: "a non-empty string"}[base]
+    raise TrainError(f"--model-args {name}={text!r}: expected {expected}"
+                     f"{' or None/null' if optional else ''}")
 
 
 @dataclass(frozen=True)
@@ -465,13 +502,13 @@ class RunLogger:
         self.print(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
                    f"({bpb:.3f} bits/byte; unigram entropy {self.unigram:.3f})")
         if text:
-            self.print("  | " + text.replace("\n", "\n  | "))
+            self.print("  | " + console_text(text).replace("\n", "\n  | "))
         if self.enabled:
             plot_losses(self.out_dir / PLOT_FILE, self.rows, self.unigram)
 
     def write_metrics(self) -> None:
         if self.enabled:
-            with ckpt.atomic_write(self.out_dir / METRICS_FILE) as tmp:
+            with atomic_write(self.out_dir / METRICS_FILE) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def close(self) -> None:
@@ -481,6 +518,14 @@ class RunLogger:
         if self.mlflow is not None:
             self.mlflow.end_run()
             self.mlflow = None
+
+
+def console_text(text: str) -> str:
+    """A model's sample as safe console text: control characters other than newline and tab
+    (NUL, ^A, ^K, ESC, CR: an early model samples them) as \\xNN escapes, so a redirected log
+    stays a text file and the terminal is left alone."""
+    return "".join(ch if ch in "\n\t" or unicodedata.category(ch) != "Cc"
+                   else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def _start_mlflow(cfg: Config):
@@ -532,7 +577,7 @@ def plot_losses(path: Path, rows: list[dict], baseline: float | None) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with ckpt.atomic_write(path) as tmp:
+    with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
@@ -597,7 +642,7 @@ def _restore(run: Run, state: ckpt.TrainState) -> None:
         ckpt.set_rng_state(state.rng)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise TrainError(f"--resume: {Path(run.cfg.out_dir) / ckpt.STATE_FILE} does not fit "
-                         f"this run ({type(e).__name__}: {ckpt.first_line(e)})") from None
+                         f"this run ({type(e).__name__}: {first_line(e)})") from None
     run.step, run.best_val = state.step, state.best_val_loss
 
 
@@ -830,7 +875,7 @@ def fit(run: Run) -> int:
 
 
 def _report_bad_loss(run: Run, loss: float) -> int:
-    run.log.print(f"error: the loss is {loss} at step {run.step + 1}; stopping without saving "
+    run.log.print(f"{PROG}: error: the loss is {loss} at step {run.step + 1}; stopping without saving "
                   f"this state (the last checkpoint in {run.cfg.out_dir} is the last good one). "
                   "Try a lower --lr or --grad-clip.")
     return 1
@@ -879,12 +924,7 @@ def train(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return train(args)
-    except (TrainError, ckpt.CheckpointError, data_mod.DataError,
-            tokenizer_mod.TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(PROG, lambda: train(args))
 
 
 if __name__ == "__main__":
