@@ -12,10 +12,12 @@ Every file is written through common.atomic_write (a temporary name, then os.rep
 mid-save leaves the previous file whole (docs/design.md §4). The trainer writes a checkpoint
 with save_run and continues one with load_for_resume.
 
-For the sampler and server, one loader for run directories and Hugging Face folders:
+For the sampler, server, exporter and trainer, one loader for run directories, Hugging Face
+folders and nanoGPT / nanoGPT-moderno checkpoints (nanogpt.py):
     model, tok, info = checkpoint.load_model("out/", device="auto", dtype="auto", backend="auto")
 raises CheckpointError (a one-line message) for a missing directory, a directory without a
-model, corrupt or truncated weights, and a config that does not match the weights.
+model, corrupt or truncated weights, a config that does not match the weights, and a foreign
+.pt file.
 """
 from __future__ import annotations
 
@@ -246,15 +248,17 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """What load_model read, besides the model and the tokenizer."""
-    kind: str                   # 'run' (a run directory) or 'hf' (a Hugging Face folder)
-    path: Path
-    config: dict                # the folder's config.json as read
+    kind: str                   # 'run' (a run directory), 'hf' (a Hugging Face folder),
+    #                             'nanogpt' or 'moderno' (their .pt checkpoints)
+    path: Path                  # the directory, or the .pt file read
+    config: dict                # the folder's config.json as read; for a .pt, its model_args,
+    #                             step, val_loss and the source's own config (nanogpt.read)
     backend_note: str | None    # why backend='auto' chose torch; None when nothing was given up
 
 
 class LoadedModel(NamedTuple):
     model: Any       # GPT in eval mode, on the device and dtype asked for, backend set
-    tokenizer: Any   # tokenizer.Tokenizer for a run, hf.HFTokenizer for a Hugging Face folder
+    tokenizer: Any   # tokenizer.Tokenizer / CharTokenizer (runs, .pt files), hf.HFTokenizer
     info: ModelInfo
 
 
@@ -287,15 +291,52 @@ def _load_run_dir(path: Path):
     return model, tok, config
 
 
+def _load_pt(path: Path, tokenizer_path):
+    """A nanoGPT / nanoGPT-moderno checkpoint file: (model, tokenizer, source info, kind)."""
+    from . import nanogpt
+    from .model import GPT
+
+    try:
+        ck = nanogpt.read(path)
+        tok = nanogpt.find_tokenizer(ck, tokenizer_path)
+    except ValueError as e:
+        raise CheckpointError(first_line(e)) from None
+    model = GPT(ck.config)
+    load_weights(model, ck.weights, {}, f" in {path}")
+    return model, tok, ck.source, ck.kind
+
+
+def _source_kind(path: Path) -> tuple[str, Path]:
+    """('hf' | 'run' | 'pt', the path to read): a .pt file, or a directory that holds one
+    and no run, is a nanoGPT / moderno checkpoint; anything else is read as a run directory
+    (whose reader says what is missing)."""
+    if path.is_file():
+        return "pt", path
+    if path.is_dir():
+        if is_hf_dir(path):
+            return "hf", path
+        if not (path / MODEL_FILE).is_file():
+            from .nanogpt import find_file
+
+            found = find_file(path)
+            if found is not None:
+                return "pt", found
+    return "run", path
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, backend: str = "auto") -> LoadedModel:
-    """The one model loader: a run directory or a Hugging Face folder (Llama, GPT-2).
+               dtype: str | torch.dtype | None = None, backend: str = "auto",
+               tokenizer_path: str | os.PathLike | None = None) -> LoadedModel:
+    """The one model loader: a run directory, a Hugging Face folder (Llama, GPT-2), or a
+    nanoGPT ckpt.pt / nanoGPT-moderno model_XXXXX.pt (the file or its directory).
 
     device and dtype go through devices.pick_device / pick_dtype (None means 'auto': a GPU
     when there is one, bfloat16 there, float32 on the CPU), backend through
-    _ext.resolve_backend ('auto': ext where it can run). Returns (model, tokenizer, info);
-    every problem with the folder, the device or the backend is a one-line CheckpointError
-    (transformers missing stays an ImportError).
+    _ext.resolve_backend ('auto': ext where it can run). tokenizer_path: for a .pt checkpoint
+    only, the tokenizer's files (a meta.pkl, or GPT-2's, see nanogpt.find_tokenizer); runs
+    and Hugging Face folders carry their own. Returns (model, tokenizer, info); every problem
+    with the folder, the device or the backend is a one-line CheckpointError (transformers
+    missing stays an ImportError).
     """
     from . import _ext
     from .devices import pick_device, pick_dtype
@@ -307,8 +348,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         backend, note = _ext.resolve_backend(backend, device)
     except (_ext.ExtensionNotAvailable, ValueError) as e:
         raise CheckpointError(str(e)) from None
-    kind = "hf" if path.is_dir() and is_hf_dir(path) else "run"
-    model, tok, config = (_load_hf if kind == "hf" else _load_run_dir)(path)
+    kind, path = _source_kind(path)
+    if kind == "pt":
+        model, tok, config, kind = _load_pt(path, tokenizer_path)
+    elif tokenizer_path is not None:
+        if kind == "run":
+            read_config(path)  # a missing or empty directory says so first
+        raise CheckpointError(f"a tokenizer path is for nanoGPT checkpoints; {path} holds its "
+                              "own tokenizer")
+    else:
+        model, tok, config = (_load_hf if kind == "hf" else _load_run_dir)(path)
     try:
         model.to(device=device, dtype=dtype)
     except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device on a CPU-only torch

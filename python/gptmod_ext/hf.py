@@ -82,10 +82,15 @@ def _llama_to_config(c, block_size: Optional[int]) -> GPTConfig:
         logit_softcap=0.0, qk_norm=False, dropout=0.0)
 
 
+# GPT-2's activation_function names for the two GELUs we have (gelu_fast is the tanh form too).
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
 def _gpt2_to_config(c, block_size: Optional[int]) -> GPTConfig:
     problems = []
-    if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        problems.append(f"activation_function={c.activation_function!r} (only the tanh GELU)")
+    if c.activation_function not in (*_GELU_TANH, "gelu"):
+        problems.append(f"activation_function={c.activation_function!r} (only the GELUs: "
+                        "tanh, or exact 'gelu')")
     if not getattr(c, "scale_attn_weights", True):
         problems.append("scale_attn_weights=False")
     if getattr(c, "scale_attn_by_inverse_layer_idx", False):
@@ -98,7 +103,7 @@ def _gpt2_to_config(c, block_size: Optional[int]) -> GPTConfig:
         vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head,
         n_kv_head=c.n_head, n_embd=c.n_embd, ffn_hidden=c.n_inner or 4 * c.n_embd,
         pos_emb="learned", norm="layernorm", norm_eps=c.layer_norm_epsilon, mlp="gelu",
-        parallel_block=False, bias=True, tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
+        gelu_approx="none" if c.activation_function == "gelu" else "tanh", parallel_block=False, bias=True, tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
         logit_softcap=0.0, qk_norm=False, dropout=0.0)
 
 
@@ -308,7 +313,6 @@ def _gpt2_problems(c: GPTConfig) -> list[str]:
         (c.pos_emb == "learned", "RoPE (GPT-2 uses learned positions)"),
         (c.norm == "layernorm", "RMSNorm (GPT-2 uses LayerNorm)"),
         (c.mlp == "gelu", "SwiGLU (GPT-2 uses a GELU MLP)"),
-        (c.bias, "no biases (GPT-2 has them)"),
         (c.tie_embeddings, "untied embeddings (GPT-2 ties them)"),
         (c.n_kv_head == c.n_head, "grouped KV heads (GPT-2 is multi-head)"),
         (c.head_dim * c.n_head == c.n_embd, "head_dim * n_head != n_embd"),
@@ -317,6 +321,25 @@ def _gpt2_problems(c: GPTConfig) -> list[str]:
         (not c.qk_norm, "QK-norm"),
     ]
     return [msg for ok, msg in checks if not ok]
+
+
+def _gpt2_hf_weights(sd: dict, c: GPTConfig, expected: dict) -> dict:
+    """Our GPT-2-shaped state dict in GPT2LMHeadModel's names (Conv1D weights [in, out]).
+    A model without biases (nanoGPT's bias=False) gets zero biases: the same function."""
+    V = c.vocab_size
+    hf = {"transformer.wte.weight": sd["wte.weight"][:V], "lm_head.weight": sd["wte.weight"][:V],
+          "transformer.wpe.weight": sd["wpe.weight"], "transformer.ln_f.weight": sd["ln_f.weight"]}
+    if "ln_f.bias" in sd:
+        hf["transformer.ln_f.bias"] = sd["ln_f.bias"]
+    for i in range(c.n_layer):
+        p = f"h.{i}."
+        for k, v in sd.items():
+            if k.startswith(p):
+                hf["transformer." + k] = v.t() if k[len(p):] in _CONV1D else v
+    for k, t in expected.items():
+        if k not in hf and k.endswith(".bias"):
+            hf[k] = torch.zeros_like(t)
+    return hf
 
 
 def to_hf(model: GPT, arch: Optional[str] = None, **config_overrides):
@@ -363,19 +386,14 @@ def to_hf(model: GPT, arch: Optional[str] = None, **config_overrides):
     else:
         hf_config = transformers.GPT2Config(
             vocab_size=V, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-            n_head=c.n_head, n_inner=c.ffn_hidden, activation_function="gelu_new",
+            n_head=c.n_head, n_inner=c.ffn_hidden,
+            activation_function="gelu_new" if c.gelu_approx == "tanh" else "gelu",
             layer_norm_epsilon=c.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             tie_word_embeddings=True, **{**ids, **config_overrides})
-        hf = {"transformer.wte.weight": sd["wte.weight"][:V], "transformer.wpe.weight": sd["wpe.weight"],
-              "transformer.ln_f.weight": sd["ln_f.weight"], "transformer.ln_f.bias": sd["ln_f.bias"],
-              "lm_head.weight": sd["wte.weight"][:V]}
-        for i in range(c.n_layer):
-            p = f"h.{i}."
-            for k, v in sd.items():
-                if k.startswith(p):
-                    hf["transformer." + k] = v.t() if k[len(p):] in _CONV1D else v
         cls = transformers.GPT2LMHeadModel
     hf_model = cls(hf_config)
+    if arch == "gpt2":
+        hf = _gpt2_hf_weights(sd, c, hf_model.state_dict())
     hf_model.load_state_dict({k: v.contiguous() for k, v in hf.items()}, strict=True)
     return hf_model.to(device=model.device, dtype=model.dtype).eval()
 
@@ -400,14 +418,31 @@ def _ranks_converter():
     return RanksConverter
 
 
+def _char_tokenizer(tok, extra: dict):
+    """A CharTokenizer as a `tokenizers` word-level vocabulary over single characters: the
+    pre-tokenizer cuts the text into characters, each character is its id, and the Fuse
+    decoder joins them back without spaces. No special tokens (nanoGPT's have none); a
+    character outside the vocabulary fails to encode there as it does here."""
+    transformers = transformers_module()
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    fast = Tokenizer(models.WordLevel(vocab=dict(tok.stoi), unk_token=None))
+    fast.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    fast.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=fast, clean_up_tokenization_spaces=False, **extra)
+
+
 def to_hf_tokenizer(tok, model_max_length: Optional[int] = None):
-    """Our tokenizer (a tokenizer.Tokenizer: bpe, bytes or gpt2) as a transformers
-    PreTrainedTokenizerFast that gives the same ids for every text, special tokens included;
-    an HFTokenizer (a model loaded from a Hugging Face folder) gives back its own tokenizer.
+    """Our tokenizer (a tokenizer.Tokenizer: bpe, bytes or gpt2; or a CharTokenizer) as a
+    transformers PreTrainedTokenizerFast that gives the same ids for every text, special
+    tokens included; an HFTokenizer (a model loaded from a Hugging Face folder) gives back its
+    own tokenizer.
 
     The ranks become a byte-level BPE through transformers' own tiktoken converter, split by our
     pattern; <|endoftext|> is the eos (and bos: it starts every document, as in GPT-2). Nothing
-    is cleaned up on decode, so decode(encode(s)) == s."""
+    is cleaned up on decode, so decode(encode(s)) == s. A char vocabulary becomes a word-level
+    one over single characters, with no eos (see _char_tokenizer)."""
     if isinstance(tok, HFTokenizer):
         hf_tok = copy.deepcopy(tok.hf)  # the caller's tokenizer keeps its own settings
         if model_max_length is not None:
@@ -416,6 +451,10 @@ def to_hf_tokenizer(tok, model_max_length: Optional[int] = None):
         return hf_tok
     transformers = transformers_module()
     from .tokenizer import EOT
+
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    if tok.kind == "char":
+        return _char_tokenizer(tok, extra)
 
     specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
     fast = _ranks_converter()(tok.mergeable_ranks, pattern=tok.pattern,
@@ -426,7 +465,6 @@ def to_hf_tokenizer(tok, model_max_length: Optional[int] = None):
     if fast.get_vocab_size() != tok.vocab_size or wrong:
         raise ValueError(f"tokenizer {tok.name!r}: the converted ids differ from ours "
                          f"({', '.join(wrong) or 'vocabulary size'})")
-    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=fast, bos_token=EOT, eos_token=EOT, clean_up_tokenization_spaces=False,
         **extra)
@@ -435,7 +473,8 @@ def to_hf_tokenizer(tok, model_max_length: Optional[int] = None):
 def save_hf(model: GPT, tokenizer, directory, dtype=None, overwrite: bool = False) -> Path:
     """Writes `model` and `tokenizer` (ours) as a Hugging Face folder that transformers loads
     with no gptmod_ext code: config.json, model.safetensors, generation_config.json (eos =
-    <|endoftext|>), tokenizer.json and tokenizer_config.json. Returns the folder's path.
+    <|endoftext|>; none for a char vocabulary, which has no end-of-text token), tokenizer.json
+    and tokenizer_config.json. Returns the folder's path.
 
     The architecture is to_hf's (Llama or GPT-2; what neither can express is a ValueError).
     dtype: 'fp32', 'bf16', 'fp16' or a torch dtype; by default the model's. The folder is

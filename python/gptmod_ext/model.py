@@ -4,8 +4,9 @@ Read top to bottom, as nanoGPT's model.py: GPTConfig and PRESETS, the building b
 attention, MLP, block), GPT (forward, the cached forward the server drives), then generation.
 
 Every architectural choice is a config flag, so one class covers GPT-2 (learned positions,
-LayerNorm, tanh-GELU, biases, tied embeddings) and a modern decoder (RoPE, RMSNorm, SwiGLU,
-grouped-query attention, no biases, optional logit soft-cap and QK-norm).
+LayerNorm, tanh-GELU, biases, tied embeddings), nanoGPT (the same with exact GELU, biases
+optional), a modern decoder (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases,
+optional logit soft-cap and QK-norm) and nanoGPT-moderno (parallel blocks with two norms).
 
 Two backends run the same weights and can be switched at any time with `model.backend = ...`:
   'torch'  pure PyTorch, the readable reference: reference.rope, F.silu(g) * u,
@@ -57,11 +58,15 @@ class GPTConfig:
     rope_interleaved: bool = False  # False: half-split pairs (i, i + D/2) as Llama/HF; True: (2i, 2i+1)
     norm: str = "rmsnorm"           # 'rmsnorm' | 'layernorm'
     norm_eps: float = 1e-5
-    mlp: str = "swiglu"             # 'swiglu' (one fused gate|up projection) | 'gelu' (tanh approx.)
+    norm_bias: Optional[bool] = None  # LayerNorm biases; None = as `bias` (RMSNorm has none)
+    mlp: str = "swiglu"             # 'swiglu' (one fused gate|up projection) | 'gelu'
+    gelu_approx: str = "tanh"       # the GELU: 'tanh' (GPT-2, HF gelu_new) | 'none' (exact erf, nanoGPT)
     parallel_block: bool = False    # x + attn(norm(x)) + mlp(norm(x)) with one shared norm (GPT-J, PaLM)
-    bias: bool = False              # biases in every Linear and LayerNorm
+    parallel_norms: int = 1         # 2: x + attn(ln_1(x)) + mlp(ln_2(x)) (GPT-NeoX, nanoGPT-moderno)
+    bias: bool = False              # biases in every Linear (and LayerNorm, unless norm_bias says)
     tie_embeddings: bool = False    # lm_head shares the token embedding matrix
     logit_softcap: float = 0.0      # > 0: logits = cap·tanh(logits / cap) (Gemma 2); 0 = off
+    softcap_in_loss: bool = True    # False: the loss (forward with targets) sees uncapped logits
     qk_norm: bool = False           # RMSNorm of each query/key head before RoPE (OLMo 2, Qwen 3)
     dropout: float = 0.0
     pad_vocab_multiple: int = 64    # embedding / lm_head rows padded up to a multiple of this
@@ -83,6 +88,9 @@ class GPTConfig:
             (self.pos_emb in ("rope", "learned"), f"pos_emb must be 'rope' or 'learned', got {self.pos_emb!r}"),
             (self.norm in ("rmsnorm", "layernorm"), f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}"),
             (self.mlp in ("swiglu", "gelu"), f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}"),
+            (self.gelu_approx in ("tanh", "none"),
+             f"gelu_approx must be 'tanh' or 'none', got {self.gelu_approx!r}"),
+            (self.parallel_norms in (1, 2), f"parallel_norms must be 1 or 2, got {self.parallel_norms}"),
             (self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
              f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"),
             (self.pos_emb != "rope" or self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}"),
@@ -93,6 +101,11 @@ class GPTConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"GPTConfig: {msg}")
+
+    @property
+    def layernorm_bias(self) -> bool:
+        """Whether LayerNorms have a bias: norm_bias, or `bias` when that is None."""
+        return self.bias if self.norm_bias is None else self.norm_bias
 
     @property
     def padded_vocab_size(self) -> int:
@@ -359,11 +372,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU with one fused gate|up projection [2F] (our swiglu op), or tanh-GELU (GPT-2)."""
+    """SwiGLU with one fused gate|up projection [2F] (our swiglu op), or GELU: the tanh form of
+    GPT-2 or the exact erf form of nanoGPT's nn.GELU() (config.gelu_approx)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.kind = config.mlp
+        self.gelu_approx = config.gelu_approx
         width = 2 * config.ffn_hidden if self.kind == "swiglu" else config.ffn_hidden
         self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
         self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
@@ -372,7 +387,7 @@ class MLP(nn.Module):
     def forward(self, x, ctx: Context):
         h = ctx.linear(x, self.c_fc)
         if self.kind == "gelu":
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.gelu_approx)
         elif ctx.backend == "ext":
             h = torch.ops.gptmod.swiglu(h)
         else:
@@ -382,22 +397,28 @@ class MLP(nn.Module):
         return _dropout(h, self.dropout, self.training)
 
 
+def _norm(config: GPTConfig) -> Norm:
+    return Norm(config.n_embd, config.norm, config.norm_eps, config.layernorm_bias)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block, sequential (GPT-2, Llama) or parallel (GPT-J, PaLM)."""
+    """Pre-norm transformer block: sequential (GPT-2, Llama), or parallel with one shared norm
+    (GPT-J, PaLM) or with one norm per branch (GPT-NeoX, nanoGPT-moderno)."""
 
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.parallel = config.parallel_block
-        self.ln_1 = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
+        self.ln_1 = _norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        # A parallel block feeds one normalized input to both branches: no second norm.
-        self.ln_2 = None if self.parallel else Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
+        # A shared-norm parallel block feeds one normalized input to both branches.
+        shared = self.parallel and config.parallel_norms == 1
+        self.ln_2 = None if shared else _norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, ctx: Context):
         if self.parallel:
             h = self.ln_1(x)
-            return x + self.attn(h, ctx) + self.mlp(h, ctx)
+            return x + self.attn(h, ctx) + self.mlp(h if self.ln_2 is None else self.ln_2(x), ctx)
         x = x + self.attn(self.ln_1(x), ctx)
         return x + self.mlp(self.ln_2(x), ctx)
 
@@ -416,7 +437,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(Vp, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        self.ln_f = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
+        self.ln_f = _norm(config)
         self.lm_head = nn.Linear(config.n_embd, Vp, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -524,10 +545,10 @@ class GPT(nn.Module):
                              else positions)
         return _dropout(x.view(-1, x.size(-1)), self.config.dropout, self.training)
 
-    def _logits(self, x, ctx: Context):
+    def _logits(self, x, ctx: Context, capped: bool = True):
         logits = ctx.linear(self.ln_f(x), self.lm_head)
         cap = self.config.logit_softcap
-        if cap > 0:  # the same cap in training, evaluation and generation
+        if cap > 0 and capped:
             logits = cap * torch.tanh(logits / cap)
         return logits[..., :self.config.vocab_size]
 
@@ -536,6 +557,8 @@ class GPT(nn.Module):
 
         loss is the mean cross-entropy against targets [B, T] (computed in fp32); targets equal
         to -1 are ignored. Causal attention over the T tokens; T <= block_size.
+        The soft-cap applies alike with and without targets, except with softcap_in_loss=False
+        (nanoGPT-moderno's rule): then the logits and loss of a call with targets are uncapped.
         """
         B, T = idx.shape
         if T > self.config.block_size:
@@ -545,7 +568,8 @@ class GPT(nn.Module):
         x = self._embed(idx)
         for block in self.h:
             x = block(x, ctx)
-        logits = self._logits(x, ctx).view(B, T, -1)
+        capped = targets is None or self.config.softcap_in_loss
+        logits = self._logits(x, ctx, capped).view(B, T, -1)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),

@@ -129,11 +129,20 @@ def parse_messages(body) -> list[dict]:
     return [_message_text(m, i) for i, m in enumerate(messages)]
 
 
+def encode_text(tokenizer, text: str, where: str) -> list[int]:
+    """tokenizer.encode(text); a text the tokenizer cannot encode (a character outside a char
+    vocabulary: a ValueError) is a 400 naming the field (`where`: 'prompt[1]', 'messages')."""
+    try:
+        return tokenizer.encode(text)
+    except ValueError as e:
+        raise ApiError(400, f"'{where}': {e}", param=where.split("[")[0]) from None
+
+
 def _one_prompt(p, where: str, tokenizer) -> list[int]:
     if isinstance(p, str):
         if not p:
             raise ApiError(400, f"'{where}' is empty", param="prompt")
-        return tokenizer.encode(p)
+        return encode_text(tokenizer, p, where)
     if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         if min(p) < 0 or max(p) >= tokenizer.vocab_size:
             raise ApiError(400, f"'{where}' token ids must be in [0, {tokenizer.vocab_size})",
@@ -266,7 +275,7 @@ class ChatApi(Api):
         messages = parse_messages(body)
         if self.template is not None:
             return [list(self.template(messages))]
-        return [tokenizer.encode(render_chat(messages))]
+        return [encode_text(tokenizer, render_chat(messages), "messages")]
 
     def default_max_tokens(self, room: int) -> int:
         return room

@@ -1,4 +1,5 @@
-"""Sample text from a trained run directory (or a Hugging Face Llama / GPT-2 folder).
+"""Sample text from a trained run directory (or a Hugging Face Llama / GPT-2 folder, or a
+nanoGPT / nanoGPT-moderno checkpoint).
 
     python -m gptmod_ext.sample --ckpt out/ --prompt "Once upon a time" --max-new-tokens 200
     echo -n "def main(" | python -m gptmod_ext.sample --ckpt out/ --temperature 0
@@ -62,6 +63,11 @@ examples:
 """
 
 
+# What load_model read (ModelInfo.kind), as the load line names it.
+KIND_NAMES = {"run": "run", "hf": "Hugging Face model", "nanogpt": "nanoGPT checkpoint",
+              "moderno": "nanoGPT-moderno checkpoint"}
+
+
 class SampleError(UserError):
     """A problem the user can fix (checkpoint, prompt, device); reported as one line, exit 1."""
 
@@ -83,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Generate text from a gptmod_ext run directory or a Hugging Face "
                 "Llama/GPT-2 folder, streaming it to stdout.", epilog=EPILOG)
     a = p.add_argument
-    a("--ckpt", default="out", help="run directory (or HF model folder) (default: out)")
+    a("--ckpt", default="out", help="run directory, HF model folder, or nanoGPT ckpt.pt / "
+      "nanoGPT-moderno model_XXXXX.pt (or its directory) (default: out)")
+    a("--tokenizer-path", default=None, metavar="PATH",
+      help="for a nanoGPT/moderno checkpoint: its meta.pkl, or GPT-2's tokenizer files "
+           "(r50k_base.tiktoken, or a directory with vocab.bpe + encoder.json)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt text; '-' reads stdin (default: stdin)")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
@@ -186,10 +196,11 @@ def load(args) -> Loaded:
     from . import checkpoint
 
     model, tok, info = checkpoint.load_model(args.ckpt, device=args.device, dtype=args.dtype,
-                                             backend=args.backend)
+                                             backend=args.backend,
+                                             tokenizer_path=args.tokenizer_path)
     if args.compile:
         model.compile_decode()  # the model's own fast decode path (docs/design.md §6)
-    kind = "Hugging Face model" if info.kind == "hf" else "run"
+    kind = KIND_NAMES[info.kind]
     params = sum(p.numel() for p in model.parameters()) / 1e6
     note = f" (ext unavailable: {info.backend_note})" if info.backend_note else ""
     desc = (f"{kind} {info.path}: {params:.2f}M parameters, block_size "

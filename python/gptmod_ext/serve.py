@@ -52,7 +52,7 @@ from .devices import DTYPE_CHOICES
 from .engine import Engine, Event, QueueFull
 from .tokenizer import document_start
 from .protocol import (CHAT, CHAT_STOP, COMPLETIONS, SSE_DONE, Api, ApiError, ChatApi,  # noqa: F401
-                       ChoiceOutput, Job, boolean, parse_request, render_chat,
+                       ChoiceOutput, Job, boolean, encode_text, parse_request, render_chat,
                        response_head, sse, usage)
 
 MAX_BODY_BYTES = 1 << 20
@@ -395,7 +395,7 @@ async def tokenize(request: Request):
             raise ApiError(400, "'prompt' must be a string (or send 'messages')", param="prompt")
         hf = getattr(st.tokenizer, "hf", None)  # ours adds no BOS: nothing to switch off
         ids = (hf.encode(prompt, add_special_tokens=boolean(body, "add_special_tokens", True))
-               if hf is not None else st.tokenizer.encode(prompt))
+               if hf is not None else encode_text(st.tokenizer, prompt, "prompt"))
     return {"count": len(ids), "max_model_len": st.engine.block_size, "tokens": ids}
 
 
@@ -422,7 +422,8 @@ async def tokenizer_info(request: Request):
 def tokenizer_description(tok, block_size: int, chat_template: Optional[str]) -> dict:
     """vLLM's /tokenizer_info fields for our tokenizer or a Hugging Face one."""
     if hasattr(tok, "special_tokens"):  # ours: <|endoftext|> ends and separates documents
-        eot = next(s for s, i in tok.special_tokens.items() if i == tok.eot_id)
+        # (a char vocabulary has none)
+        eot = next((s for s, i in tok.special_tokens.items() if i == tok.eot_id), None)
         specials = dict(tok.special_tokens)
         eos, bos, pad, name = eot, None, None, f"gptmod_ext.{tok.kind}"
     else:
@@ -496,7 +497,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: Optional[str
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description="OpenAI-compatible server with continuous batching")
     p.add_argument("--ckpt", default="out",
-                   help="a run directory (model.safetensors, config.json) or a Hugging Face folder")
+                   help="a run directory (model.safetensors, config.json), a Hugging Face folder, "
+                        "or a nanoGPT ckpt.pt / nanoGPT-moderno model_XXXXX.pt (or its directory)")
+    p.add_argument("--tokenizer-path", default=None, metavar="PATH",
+                   help="for a nanoGPT/moderno checkpoint: its meta.pkl, or GPT-2's tokenizer files")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="concurrent sequences (KV cache slots)")
@@ -571,7 +575,8 @@ def build_app(args) -> tuple:
     """(app, engine, banner) from the command line; CheckpointError or ValueError on a bad one."""
     from .checkpoint import load_model
 
-    model, tok, info = load_model(args.ckpt, args.device, args.dtype, args.backend)
+    model, tok, info = load_model(args.ckpt, args.device, args.dtype, args.backend,
+                                  tokenizer_path=args.tokenizer_path)
     if info.backend_note:
         print(f"serve: ext backend unavailable ({info.backend_note}); using the torch backend",
               file=sys.stderr)
@@ -579,7 +584,9 @@ def build_app(args) -> tuple:
         model.compile_decode()
     engine = Engine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue,
                     prefill_budget=args.prefill_budget)
-    name = args.model_name or Path(args.ckpt).resolve().name
+    ckpt = Path(args.ckpt).resolve()
+    # A checkpoint file (nanoGPT's out_dir/ckpt.pt) is named after its directory, as the run is.
+    name = args.model_name or (ckpt.parent.name if ckpt.is_file() else ckpt.name)
     template, render = chat_template(tok)
     app = create_app(engine, tok, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      request_timeout=args.request_timeout, cors_origins=args.cors_origin,

@@ -1,14 +1,18 @@
-"""Tokenizers: a byte-level BPE trained on the corpus, raw bytes, and GPT-2's encoding.
+"""Tokenizers: a byte-level BPE trained on the corpus, raw bytes, GPT-2's encoding, and the
+character vocabularies of nanoGPT's char-level runs.
 
-Every tokenizer is served the same way (a `Tokenizer` object) and has an end-of-text special
-token `<|endoftext|>` (`tok.eot_id`), the document separator of the token files. A tokenizer
-is saved as one JSON file (`tokenizer.json`) that holds everything needed to rebuild it
-(kind, split pattern, mergeable ranks as base64, special tokens), so a run directory can be
-sampled from without the corpus or the network.
+The first three are served the same way (a `Tokenizer` object over a tiktoken encoding) and
+have an end-of-text special token `<|endoftext|>` (`tok.eot_id`), the document separator of the
+token files. A `CharTokenizer` (kind 'char', read from nanoGPT's meta.pkl) has the same
+interface but no end-of-text token (`eot_id` None): generation runs to its token limit, as in
+nanoGPT. Every tokenizer is saved as one JSON file (`tokenizer.json`) that holds everything
+needed to rebuild it (kind, split pattern, mergeable ranks as base64, special tokens; or the
+characters), so a run directory can be sampled from without the corpus or the network.
 
     tok = tokenizer.train_bpe(texts, vocab_size=4096)   # rustbpe trains, tiktoken serves
     tok = tokenizer.byte_tokenizer()                    # 256 bytes + <|endoftext|>
     tok = tokenizer.gpt2(path=None)                     # GPT-2's BPE from a local file/cache
+    tok = tokenizer.from_meta_pkl("data/shakespeare_char/meta.pkl")   # nanoGPT's characters
     tok.save(run_dir); tok = tokenizer.load(run_dir)
     ids = tok.encode(text); text = tok.decode(ids); raw = tok.decode_bytes(ids)
 
@@ -19,8 +23,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Iterable
 
@@ -49,11 +55,31 @@ _GPT2_URLS = (
 )
 
 
-class TokenizerError(UserError):
-    """A tokenizer cannot be built or loaded; the message is one line that says why."""
+class TokenizerError(UserError, ValueError):
+    """A tokenizer cannot be built or loaded, or a text cannot be encoded (a character outside
+    a char vocabulary: a ValueError too, which the server turns into a 400); the message is one
+    line that says why."""
 
 
-class Tokenizer:
+class _Saved:
+    """describe() and save() of every kind, from its to_json()."""
+
+    def describe(self) -> dict:
+        """A short description for config.json / meta.json (no ranks)."""
+        return {"kind": self.kind, "name": self.name, "vocab_size": self.vocab_size,
+                "eot_id": self.eot_id, "file": FILENAME,
+                "sha1": hashlib.sha1(self.to_json().encode()).hexdigest()}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes `directory/tokenizer.json` (through a temporary file and a rename)."""
+        path = Path(directory) / FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as tmp:
+            tmp.write_text(self.to_json())
+        return path
+
+
+class Tokenizer(_Saved):
     """A tiktoken encoding plus the metadata needed to save and describe it."""
 
     byte_level = True  # decode_bytes gives each token's raw bytes (streaming.TextStreamer)
@@ -106,12 +132,6 @@ class Tokenizer:
         return int(token_id) in self._special_ids
 
     # -- saving --------------------------------------------------------------------------------
-    def describe(self) -> dict:
-        """A short description for config.json / meta.json (no ranks)."""
-        return {"kind": self.kind, "name": self.name, "vocab_size": self.vocab_size,
-                "eot_id": self.eot_id, "file": FILENAME,
-                "sha1": hashlib.sha1(self.to_json().encode()).hexdigest()}
-
     def to_json(self) -> str:
         ranks = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
         return json.dumps({
@@ -124,21 +144,105 @@ class Tokenizer:
             "ranks": [base64.b64encode(tok).decode("ascii") for tok, _ in ranks],
         })
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Writes `directory/tokenizer.json` (through a temporary file and a rename)."""
-        path = Path(directory) / FILENAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as tmp:
-            tmp.write_text(self.to_json())
-        return path
+
+class CharTokenizer(_Saved):
+    """A character vocabulary: id i is the character chars[i] (nanoGPT's char-level runs,
+    whose prepare.py numbers the sorted characters of the corpus). There is no end-of-text
+    token (eot_id None) and nothing is special; a character outside the vocabulary cannot be
+    encoded (TokenizerError, as nanoGPT's own encode would fail on it)."""
+    kind = "char"
+
+    def __init__(self, chars: list[str], name: str = "char"):
+        if not chars or any(not isinstance(c, str) or len(c) != 1 for c in chars):
+            raise TokenizerError(f"tokenizer {name!r}: a char vocabulary is a non-empty list of "
+                                 "single characters")
+        if len(set(chars)) != len(chars):
+            raise TokenizerError(f"tokenizer {name!r}: a character appears twice")
+        self.name = name
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+        self.eot_id = None
+        self.special_tokens: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Token ids of `text`, one per character (allow_special changes nothing: none are)."""
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise TokenizerError(f"the character {e.args[0]!r} is not in the "
+                                 f"{self.vocab_size}-character vocabulary of tokenizer "
+                                 f"{self.name!r}") from None
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.decode(ids).encode("utf-8")
+
+    def decode(self, ids: Iterable[int]) -> str:
+        try:
+            return "".join(self.chars[int(i)] for i in ids)
+        except IndexError:
+            raise TokenizerError(f"a token id is outside the {self.vocab_size}-character "
+                                 f"vocabulary of tokenizer {self.name!r}") from None
+
+    def is_special(self, token_id: int) -> bool:
+        return False
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "kind": self.kind, "name": self.name,
+                           "chars": self.chars})
 
 
-def from_json(text: str, where: str = "tokenizer.json") -> Tokenizer:
+class _DataOnly(pickle.Unpickler):
+    """Unpickles plain data (dicts, lists, tuples, str, int, ...), which pickle builds from
+    opcodes alone; a pickle that names any class or function (the way a pickle runs code) is
+    refused before anything is called."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}, and only plain dicts, strings "
+                                     "and integers are read")
+
+
+def from_meta_pkl(path: str | os.PathLike) -> CharTokenizer:
+    """The char vocabulary of a nanoGPT meta.pkl ({'vocab_size', 'stoi', 'itos'}, written by
+    data/shakespeare_char/prepare.py), read without running any code from the file."""
+    path = Path(path)
+    try:
+        meta = _DataOnly(io.BytesIO(path.read_bytes())).load()
+    except OSError as e:
+        raise TokenizerError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # pickle raises many types for files that are not pickles
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TokenizerError(f"{path} is not a nanoGPT meta.pkl ({msg})") from None
+    try:
+        itos, stoi, size = meta["itos"], meta["stoi"], meta["vocab_size"]
+        chars = [itos[i] for i in range(len(itos))]
+        ok = (size == len(chars) and isinstance(stoi, dict)
+              and stoi == {c: i for i, c in enumerate(chars)})
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise TokenizerError(f"{path} is not a nanoGPT char-level meta.pkl (expected "
+                             "vocab_size, and stoi / itos mapping characters to ids 0..n-1)")
+    return CharTokenizer(chars, name=f"char{len(chars)}")
+
+
+def from_json(text: str, where: str = "tokenizer.json") -> Tokenizer | CharTokenizer:
     try:
         d = json.loads(text)
         if d.get("format") != FORMAT:
             raise TokenizerError(f"{where} is not a gptmod_ext tokenizer file "
                                  f"(format {d.get('format')!r}, expected {FORMAT!r})")
+        if d["kind"] == CharTokenizer.kind:
+            return CharTokenizer(d["chars"], d["name"])
         ranks = {base64.b64decode(s): i for i, s in enumerate(d["ranks"])}
         return Tokenizer(d["kind"], d["name"], d["pattern"], ranks,
                          {k: int(v) for k, v in d["special_tokens"].items()})
@@ -148,7 +252,7 @@ def from_json(text: str, where: str = "tokenizer.json") -> Tokenizer:
         raise TokenizerError(f"{where} is corrupt ({type(e).__name__}: {e})") from None
 
 
-def load(directory_or_file: str | os.PathLike) -> Tokenizer:
+def load(directory_or_file: str | os.PathLike) -> Tokenizer | CharTokenizer:
     """Loads the tokenizer saved in a run or data directory (or a tokenizer.json path)."""
     path = Path(directory_or_file)
     if path.is_dir():
