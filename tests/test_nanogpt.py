@@ -383,7 +383,7 @@ def test_checkpoints_on_cuda(tmp_path, gpt2_files, variant):
 def test_fused_decode_refuses_the_new_variants(tmp_path, gpt2_files):
     # The fused CPU decode step covers sequential RMSNorm/RoPE/SwiGLU blocks only: moderno's
     # parallel two-norm block and nanoGPT's exact GELU must take the plain path.
-    from gptmod_ext.model import FusedDecode
+    from gptmod_ext.decode import FusedDecode
 
     args = MODERNO["rope_rms_swiglu_gqa"]
     save_moderno(tmp_path / "model_00001.pt", moderno_state(args), args)
