@@ -68,6 +68,36 @@ def test_resolve_backend_cuda_needs_the_cuda_library(monkeypatch):
     assert _ext.resolve_backend("ext", "cuda") == ("ext", None)
 
 
+@pytest.mark.parametrize("archs,capability,fits", [
+    ("80,86,89,90", (7, 5), False), ("80,86,89,90", (8, 0), True), ("80,86,89,90", (12, 0), True),
+    ("90", (8, 9), False), ("86-real", (8, 9), True), ("86-real", (9, 0), False),
+    ("80-virtual", (9, 0), True), ("90a", (9, 0), True), ("90a", (10, 0), False),
+    ("native", (7, 0), True), ("75,80-real", (7, 5), True),
+])
+def test_cuda_archs_fit(archs, capability, fits):
+    assert _ext.cuda_archs_fit(capability, archs) is fits
+
+
+def test_auto_backend_falls_back_on_a_gpu_outside_the_built_architectures(monkeypatch):
+    # A Colab T4 (sm_75) with the default build (sm 80..90): auto picks torch and says why; an
+    # explicit ext is left to the first op's own error (with the rebuild command). No GPU needed:
+    # the capability and the built list are stubbed.
+    monkeypatch.setattr(_ext, "AVAILABLE", True)
+    monkeypatch.setattr(_ext, "LOAD_ERROR", None)
+    monkeypatch.setattr(_ext, "CUDA_LOADED", True)
+    monkeypatch.setattr(_ext, "CUDA_ARCHS", "80,86,89,90")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    name, reason = _ext.resolve_backend("auto", "cuda:0")
+    assert name == "torch"
+    for words in ("cuda:0 (Tesla T4) is sm_75", "built for sm 80,86,89,90",
+                  'CMAKE_CUDA_ARCHITECTURES="75"'):
+        assert words in reason
+    assert _ext.resolve_backend("ext", "cuda:0") == ("ext", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert _ext.resolve_backend("auto", "cuda:0") == ("ext", None)
+
+
 def test_model_backend_setter_asks_resolve_backend(monkeypatch):
     m = GPT(GPTConfig.from_preset("tiny", vocab_size=64, n_layer=1, n_embd=32, n_head=2,
                                   n_kv_head=1, block_size=8))

@@ -222,8 +222,23 @@ def test_compile_uses_the_models_fast_decode_path(run_dir, loaded, capsys, monke
     code, out, err = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "the", "--compile",
                               "--temperature", "0", "--max-new-tokens", "20", "--backend", "torch")
     assert code == 0, err
-    assert len(calls) == 1 and ", compiled" in err
+    assert len(calls) == 1 and "decode: plain" in err
     assert out == "the" + reference(loaded, "the", 20, temperature=0)[0] + "\n"
+
+
+def test_fused_decode_is_the_default_and_no_fused_turns_it_off(run_dir, loaded, capsys):
+    # No speed flag: the fused CPU step decodes; --no-fused: the layers' own step. The same
+    # greedy text either way, the torch backend's (a trained model: no near ties to break).
+    if _ext.ext_unavailable_reason("cpu"):
+        pytest.skip("the compiled ops are not built for the CPU")
+    want = "the c" + reference(loaded, "the c", 40, temperature=0)[0] + "\n"
+    for flags, words in (((), "decode: fused CPU decode step"),
+                         (("--no-fused",), "decode: plain (the fused decode step is turned off")):
+        code, out, err = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "the c",
+                                  "--temperature", "0", "--max-new-tokens", "40", "--backend",
+                                  "ext", *flags)
+        assert code == 0 and words in err, err
+        assert out == want
 
 
 def test_max_new_tokens_reduced_to_the_context(run_dir, loaded, capsys):

@@ -167,9 +167,19 @@ class Decoder:
         return pick_step(self.fused_reason(model) is None, self.compiled, b, T, all_logits)
 
     def compile(self, model) -> None:
-        """The model's fastest decode path: the fused step where it runs (on by default),
-        torch.compile of the plain step elsewhere. A second call changes nothing."""
-        self.fused = self.compiled = True
+        """torch.compile of the plain step where the fused step does not run (the fused step,
+        where it runs, is on by default). A second call changes nothing."""
+        self.compiled = True
+
+    def describe(self, model) -> str:
+        """How a decode step (one token per row) runs, for load reports: 'fused CPU decode
+        step', 'torch.compile', or 'plain (why not fused)'."""
+        name = self.choose_step(model, (1, 1))
+        if name == "fused":
+            return "fused CPU decode step"
+        if name == "compiled":
+            return "torch.compile"
+        return f"plain ({self.fused_reason(model)})"
 
     def bind(self, model) -> Step:
         """The step function for model's current weights and settings, resolved once (generate

@@ -125,8 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="auto: bfloat16 on GPUs that support it, else float32")
     a("--backend", default="auto", choices=["auto", "ext", "torch"],
       help="ext: our compiled ops; torch: pure PyTorch; auto: ext when built (default)")
+    a("--no-fused", action="store_true",
+      help="decode with the layers' own step instead of the fused CPU decode step (the "
+           "default where it runs: CPU, ext backend, the modern architecture)")
     a("--compile", action="store_true",
-      help="the model's fastest decode path (GPT.compile_decode: a compiled cached step)")
+      help="torch.compile the decode step where the fused one does not run (GPUs; "
+           "GPT.compile_decode(); the first prompt pays the compile time)")
     a("-q", "--quiet", action="store_true", help="no load/speed report on stderr")
     a("--interactive", action="store_true",
       help="read prompts line by line until EOF (Ctrl-D) or Ctrl-C")
@@ -198,14 +202,15 @@ def load(args) -> Loaded:
     model, tok, info = checkpoint.load_model(args.ckpt, device=args.device, dtype=args.dtype,
                                              backend=args.backend,
                                              tokenizer_path=args.tokenizer_path)
+    model.decoder.fused = not args.no_fused
     if args.compile:
-        model.compile_decode()  # the model's own fast decode path (docs/design.md §6)
+        model.compile_decode()
     kind = KIND_NAMES[info.kind]
     params = sum(p.numel() for p in model.parameters()) / 1e6
     note = f" (ext unavailable: {info.backend_note})" if info.backend_note else ""
     desc = (f"{kind} {info.path}: {params:.2f}M parameters, block_size "
             f"{model.config.block_size}, {dtype_name(model.dtype)} on {model.device}, backend "
-            f"{model.backend}{note}{', compiled' if args.compile else ''}")
+            f"{model.backend}{note}, decode: {model.decoder.describe(model)}")
     return Loaded(model, tok, desc)
 
 

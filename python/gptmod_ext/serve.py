@@ -519,9 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ext: our compiled ops; torch: pure PyTorch; auto: ext where it can run")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)")
+    p.add_argument("--no-fused", action="store_true",
+                   help="decode with the layers' own step instead of the fused CPU decode step "
+                        "(the default where it runs: CPU, ext backend, the modern architecture)")
     p.add_argument("--compile", action="store_true",
-                   help="decode with the model's fastest step (GPT.compile_decode(); the first "
-                        "steps of each new batch shape pay the compilation)")
+                   help="torch.compile the decode step where the fused one does not run (GPUs; "
+                        "GPT.compile_decode(); each new batch shape pays the compilation)")
     p.add_argument("--cors-origin", action="append", default=None, metavar="URL",
                    help="allow browser pages from this origin (repeatable; '*' for any; off by default)")
     p.add_argument("--request-timeout", type=float, default=None, metavar="S",
@@ -580,6 +583,7 @@ def build_app(args) -> tuple:
     if info.backend_note:
         print(f"serve: ext backend unavailable ({info.backend_note}); using the torch backend",
               file=sys.stderr)
+    model.decoder.fused = not args.no_fused
     if args.compile:
         model.compile_decode()
     engine = Engine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue,
@@ -592,7 +596,7 @@ def build_app(args) -> tuple:
                      request_timeout=args.request_timeout, cors_origins=args.cors_origin,
                      chat_template=template, render_template=render)
     banner = (f"serve: model '{name}' ({info.kind}, {model.backend} backend, {model.device}, "
-              f"{model.dtype}{', compiled decode' if args.compile else ''}"
+              f"{model.dtype}, decode: {model.decoder.describe(model)}"
               f"{', its chat template' if template else ''}), {args.max_batch} slots x "
               f"{engine.block_size} tokens; http://{args.host}:{args.port}/ (playground), "
               f"/v1 (OpenAI API)")
