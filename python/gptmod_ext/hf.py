@@ -41,7 +41,7 @@ def transformers_module():
         import transformers
     except ImportError as e:
         raise ImportError("gptmod_ext.hf needs the optional dependency `transformers`: "
-                          "pip install 'gptmod_ext[hf]' (or pip install transformers)") from e
+                          "pip install transformers (the package's hf extra)") from e
     return transformers
 
 

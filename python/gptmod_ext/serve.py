@@ -45,7 +45,7 @@ try:
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # the one optional dependency group this module needs
     raise ImportError(f"gptmod_ext.serve needs fastapi and uvicorn: "
-                      f"pip install 'gptmod_ext[serve]' ({e})") from None
+                      f"pip install fastapi uvicorn prometheus_client (the serve extra) ({e})") from None
 
 from .common import Parser, UserError, run_cli
 from .devices import DTYPE_CHOICES
@@ -612,7 +612,7 @@ def serve(args) -> int:
     try:
         import uvicorn
     except ImportError:
-        raise UserError("needs fastapi and uvicorn: pip install 'gptmod_ext[serve]'") from None
+        raise UserError("needs fastapi and uvicorn: pip install fastapi uvicorn prometheus_client (the serve extra)") from None
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

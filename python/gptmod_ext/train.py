@@ -533,7 +533,7 @@ def _start_mlflow(cfg: Config):
     try:
         import mlflow
     except ImportError:
-        raise TrainError("--mlflow needs the mlflow package: pip install 'gptmod_ext[mlflow]'"
+        raise TrainError("--mlflow needs the mlflow package: pip install mlflow (the mlflow extra)"
                          ) from None
     mlflow.set_tracking_uri(cfg.mlflow)
     mlflow.set_experiment("gptmod_ext")
