@@ -4,7 +4,8 @@
 // shape; here the work between the weight reads is done in place by the ops' own kernels: rope's
 // and swiglu's row kernels (gptmod/cpu_rows.h), kv_cache_write's copy (gptmod/kv_cache.h) and
 // decode_attention's kernel, so each formula has one implementation. Activations are fp32
-// throughout; weights, norms, the cache and the logits are in the model's dtype.
+// throughout; norms, the cache and the logits are in the model's dtype, the packed weights in it
+// or in int8 (each Linear brings its own matvec: gptmod/decode_step.h).
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -48,7 +49,8 @@ struct Step {
   }
 
   void matvec(const float* x, int64_t K, int64_t w, float* y, int64_t M, bool accumulate) const {
-    p.matvec(MatvecParams{x, p.linears[w], y, p.B, K, M, K, M, accumulate});
+    const PackedLinear& lin = p.linears[w];
+    lin.matvec(MatvecParams{x, lin.w, y, p.B, K, M, K, M, accumulate, lin.scales, lin.group});
   }
 
   // qkv [B, QKV] -> RoPE'd q and k in place (rope's own row kernel), k/v appended to the cache at

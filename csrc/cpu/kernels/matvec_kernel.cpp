@@ -1,22 +1,32 @@
 // Matrix-vector products y = x @ W^T for decode shapes (a few rows x, weights packed once: see
 // gptmod/decode_step.h), compiled once per CPU capability. Decoding a token reads every weight
-// once per step, so these kernels are written to stream the packed blocks at memory speed:
-// each weight vector is loaded once and used for up to 8 rows of x.
+// once per step, so these kernels are written to stream the packed blocks at memory speed: each
+// weight vector is loaded (and widened) once and used for every row of a tile of up to 8 rows of x.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "gptmod/decode_step.h"
+#include "gptmod/quant.h"
 
 namespace gptmod {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
+using IVec = at::vec::Vectorized<int32_t>;
 constexpr int kVS = Vec::size();
 constexpr int kVPB = kPackBlock / kVS;  // vectors per 16-output block
-static_assert(kPackBlock % kVS == 0);
+static_assert(kPackBlock % kVS == 0 && IVec::size() == kVS);
+
+// Rows per tile: every weight vector feeds RB rows. 8 where there are 32 vector registers
+// (AVX-512), 4 where there are 16 (AVX2; DEFAULT's blocks take two registers as well). A tile
+// holds at most kAccRegs accumulator vectors (the rest of the registers hold broadcasts of x and
+// weight vectors), so the blocks per tile NB shrink as RB grows: spilled accumulators would
+// turn each FMA into a load and a store.
+constexpr int kMaxRows = kVPB == 1 ? 8 : 4;
+constexpr int kAccRegs = kVPB == 1 ? 16 : 8;
 
 // Stores RB rows x NB blocks of accumulators into y, the last block cut at M.
 template <int RB, int NB>
@@ -33,13 +43,18 @@ inline void store_tile(const MatvecParams& p, int64_t r0, int64_t n0, Vec (&acc)
   }
 }
 
-// fp32 weights [nblk, K, 16]: for each input k, one weight vector per block times x[r, k].
 template <int RB, int NB>
-void tile_f32(const MatvecParams& p, int64_t r0, int64_t n0) {
-  const float* w = static_cast<const float*>(p.w);
-  Vec acc[RB][NB * kVPB];
+inline void zero(Vec (&acc)[RB][NB * kVPB]) {
   for (auto& row : acc)
     for (auto& a : row) a = Vec(0.f);
+}
+
+// fp32 weights [nblk, K, 16]: for each input k, one weight vector per block times x[r, k].
+template <int RB, int NB>
+void tile_f32(const MatvecParams& p, const void*, int64_t r0, int64_t n0) {
+  const float* w = static_cast<const float*>(p.w);
+  Vec acc[RB][NB * kVPB];
+  zero<RB, NB>(acc);
   const float* wb[NB];
   for (int n = 0; n < NB; ++n) wb[n] = w + (n0 + n) * p.K * kPackBlock;
   for (int64_t k = 0; k < p.K; ++k) {
@@ -55,15 +70,16 @@ void tile_f32(const MatvecParams& p, int64_t r0, int64_t n0) {
   store_tile<RB, NB>(p, r0, n0, acc);
 }
 
-// bf16 weights [nblk, ceil(K/2), 32], widened to fp32 on the fly (bf16 -> fp32 is a 16-bit
-// shift): the even lanes hold input 2p, the odd lanes input 2p + 1.
+// bf16 weights [nblk, ceil(K/2), 32], widened to fp32 on the fly: each 32-bit lane holds the pair
+// (input 2p in its low half, 2p + 1 in its high half) of one output, and a bf16 is the high half
+// of its fp32, so a shift and a mask give the two fp32 vectors.
 template <int RB, int NB>
-void tile_bf16(const MatvecParams& p, int64_t r0, int64_t n0) {
-  const auto* w = static_cast<const c10::BFloat16*>(p.w);
+void tile_bf16(const MatvecParams& p, const void*, int64_t r0, int64_t n0) {
+  const auto* w = static_cast<const uint16_t*>(p.w);
   const int64_t P = (p.K + 1) / 2;
+  const IVec high_mask(int32_t(0xFFFF0000u)), sixteen(16);
   Vec acc[RB][NB * kVPB];
-  for (auto& row : acc)
-    for (auto& a : row) a = Vec(0.f);
+  zero<RB, NB>(acc);
   for (int64_t q = 0; q < P; ++q) {
     Vec x0[RB], x1[RB];
     for (int r = 0; r < RB; ++r) {
@@ -71,57 +87,142 @@ void tile_bf16(const MatvecParams& p, int64_t r0, int64_t n0) {
       x0[r] = Vec(xr[2 * q]);
       x1[r] = Vec(2 * q + 1 < p.K ? xr[2 * q + 1] : 0.f);
     }
-    for (int n = 0; n < NB; ++n) {
-      const c10::BFloat16* src = w + ((n0 + n) * P + q) * 2 * kPackBlock;
+    for (int n = 0; n < NB; ++n)
       for (int v = 0; v < kVPB; ++v) {
-        alignas(64) float even[kVS], odd[kVS];
-        for (int j = 0; j < kVS; ++j) {
-          even[j] = float(src[2 * (v * kVS + j)]);
-          odd[j] = float(src[2 * (v * kVS + j) + 1]);
-        }
-        const Vec we = Vec::loadu(even), wo = Vec::loadu(odd);
+        const IVec pairs = IVec::loadu(w + ((n0 + n) * P + q) * 2 * kPackBlock + v * 2 * kVS);
+        const Vec we = at::vec::cast<float>(pairs << sixteen);
+        const Vec wo = at::vec::cast<float>(pairs & high_mask);
         for (int r = 0; r < RB; ++r) {
           Vec& a = acc[r][n * kVPB + v];
           a = at::vec::fmadd(x1[r], wo, at::vec::fmadd(x0[r], we, a));
         }
       }
-    }
   }
   store_tile<RB, NB>(p, r0, n0, acc);
 }
 
+// int8 weights [nblk, Kp/4, 64] over rows quantized the same way (xf: the quantized rows as
+// floats, [N, Kp]). Within a group every product and partial sum is an integer below 2^24, so the
+// fp32 sums are exact and equal the int32 sums of the VNNI kernel; each group's sum is then scaled
+// by (weight scale x row scale) into the fp32 accumulators, in the VNNI kernel's order. The four
+// inputs of a lane are its four bytes, sign-extended by a left then an arithmetic right shift.
 template <int RB, int NB>
-void tile(const MatvecParams& p, bool bf16, int64_t r0, int64_t n0) {
-  bf16 ? tile_bf16<RB, NB>(p, r0, n0) : tile_f32<RB, NB>(p, r0, n0);
+void tile_int8(const MatvecParams& p, const void* ctx, int64_t r0, int64_t n0) {
+  const auto& [xq, xf] = *static_cast<const std::pair<const QuantRows*, const float*>*>(ctx);
+  const auto* w = static_cast<const int8_t*>(p.w);
+  const int64_t G = p.group, Kp = (p.K + G - 1) / G * G, Q = Kp / kInt8Quad, ng = Kp / G;
+  const IVec sh24(24), sh16(16), sh8(8);
+  Vec acc[RB][NB * kVPB];
+  zero<RB, NB>(acc);
+  for (int64_t g = 0; g < ng; ++g) {
+    Vec gs[RB][NB * kVPB];
+    zero<RB, NB>(gs);
+    for (int64_t q = g * G / kInt8Quad; q < (g + 1) * G / kInt8Quad; ++q)
+      for (int n = 0; n < NB; ++n)
+        for (int v = 0; v < kVPB; ++v) {
+          const IVec quad = IVec::loadu(w + ((n0 + n) * Q + q) * kInt8Quad * kPackBlock + v * kInt8Quad * kVS);
+          const Vec w0 = at::vec::convert_to_fp_of_same_size<float>((quad << sh24) >> sh24);
+          const Vec w1 = at::vec::convert_to_fp_of_same_size<float>((quad << sh16) >> sh24);
+          const Vec w2 = at::vec::convert_to_fp_of_same_size<float>((quad << sh8) >> sh24);
+          const Vec w3 = at::vec::convert_to_fp_of_same_size<float>(quad >> sh24);
+          for (int r = 0; r < RB; ++r) {
+            const float* xr = xf + (r0 + r) * Kp + q * kInt8Quad;
+            Vec& a = gs[r][n * kVPB + v];
+            a = at::vec::fmadd(Vec(xr[0]), w0, a);
+            a = at::vec::fmadd(Vec(xr[1]), w1, a);
+            a = at::vec::fmadd(Vec(xr[2]), w2, a);
+            a = at::vec::fmadd(Vec(xr[3]), w3, a);
+          }
+        }
+    for (int n = 0; n < NB; ++n)
+      for (int v = 0; v < kVPB; ++v) {
+        const Vec sw = Vec::loadu(p.scales + ((n0 + n) * ng + g) * kPackBlock + v * kVS);
+        for (int r = 0; r < RB; ++r) {
+          Vec& a = acc[r][n * kVPB + v];
+          a = at::vec::fmadd(sw * Vec(xq->scale[(r0 + r) * ng + g]), gs[r][n * kVPB + v], a);
+        }
+      }
+  }
+  store_tile<RB, NB>(p, r0, n0, acc);
 }
 
-// Rows in tiles of 8/4/2/1 (each weight load feeds every row of a tile); blocks of outputs in
-// groups, more of them when there are few rows (independent accumulators hide FMA latency).
-template <int RB, int NB>
-void rows_tile(const MatvecParams& p, bool bf16, int64_t r0, int64_t b0, int64_t b1) {
+// The packed formats, each a tile of RB rows x NB blocks.
+struct F32 {
+  static constexpr int kAccSets = 1;
+  template <int RB, int NB>
+  static void tile(const MatvecParams& p, const void* ctx, int64_t r0, int64_t n0) {
+    tile_f32<RB, NB>(p, ctx, r0, n0);
+  }
+};
+struct BF16 {
+  static constexpr int kAccSets = 1;
+  template <int RB, int NB>
+  static void tile(const MatvecParams& p, const void* ctx, int64_t r0, int64_t n0) {
+    tile_bf16<RB, NB>(p, ctx, r0, n0);
+  }
+};
+struct Int8 {
+  static constexpr int kAccSets = 2;  // the group's exact sums and the scaled totals
+  template <int RB, int NB>
+  static void tile(const MatvecParams& p, const void* ctx, int64_t r0, int64_t n0) {
+    tile_int8<RB, NB>(p, ctx, r0, n0);
+  }
+};
+
+// Blocks [b0, b1) for the rows [r0, r0 + RB): NB blocks per tile while they last (independent
+// accumulators hide FMA latency when there are few rows), then one at a time.
+template <typename Fmt, int RB>
+void rows_tile(const MatvecParams& p, const void* ctx, int64_t r0, int64_t b0, int64_t b1) {
+  constexpr int NB = std::clamp(kAccRegs / (RB * kVPB * Fmt::kAccSets), 1, 4);
   int64_t n = b0;
-  for (; n + NB <= b1; n += NB) tile<RB, NB>(p, bf16, r0, n);
-  for (; n < b1; ++n) tile<RB, 1>(p, bf16, r0, n);
+  for (; n + NB <= b1; n += NB) Fmt::template tile<RB, NB>(p, ctx, r0, n);
+  for (; n < b1; ++n) Fmt::template tile<RB, 1>(p, ctx, r0, n);
 }
 
-void matvec_impl(const MatvecParams& p, bool bf16) {
+// Threads split the output blocks (each reads its own share of the weights once); within a
+// thread the rows go in tiles of kMaxRows, then 4, 2, 1.
+template <typename Fmt>
+void matvec_impl(const MatvecParams& p, const void* ctx) {
   const int64_t nblk = (p.M + kPackBlock - 1) / kPackBlock;
-  // Threads split the output blocks: each reads its own share of the weights once.
   at::parallel_for(0, nblk, 4, [&](int64_t b0, int64_t b1) {
     int64_t r = 0;
-    for (; r + 8 <= p.N; r += 8) rows_tile<8, 1>(p, bf16, r, b0, b1);
-    for (; r + 4 <= p.N; r += 4) rows_tile<4, 2>(p, bf16, r, b0, b1);
-    for (; r + 2 <= p.N; r += 2) rows_tile<2, 2>(p, bf16, r, b0, b1);
-    for (; r < p.N; ++r) rows_tile<1, 4>(p, bf16, r, b0, b1);
+    if constexpr (kMaxRows == 8)
+      for (; r + 8 <= p.N; r += 8) rows_tile<Fmt, 8>(p, ctx, r, b0, b1);
+    for (; r + 4 <= p.N; r += 4) rows_tile<Fmt, 4>(p, ctx, r, b0, b1);
+    for (; r + 2 <= p.N; r += 2) rows_tile<Fmt, 2>(p, ctx, r, b0, b1);
+    for (; r < p.N; ++r) rows_tile<Fmt, 1>(p, ctx, r, b0, b1);
   });
 }
 
-void matvec_f32_kernel(const MatvecParams& p) { matvec_impl(p, false); }
-void matvec_bf16_kernel(const MatvecParams& p) { matvec_impl(p, true); }
+void matvec_f32_kernel(const MatvecParams& p) { matvec_impl<F32>(p, nullptr); }
+void matvec_bf16_kernel(const MatvecParams& p) { matvec_impl<BF16>(p, nullptr); }
+
+// Quantizes x's rows group by group (gptmod/quant.h), then runs the VNNI kernel where the CPU has
+// it, else tile_int8.
+void matvec_int8_kernel(const MatvecParams& p) {
+  const int64_t G = p.group, Kp = (p.K + G - 1) / G * G, ng = Kp / G;
+  std::vector<int8_t> q(p.N * Kp);
+  std::vector<float> scale(p.N * ng);
+  std::vector<int32_t> sum(p.N * ng);
+  for (int64_t r = 0; r < p.N; ++r)
+    for (int64_t g = 0; g < ng; ++g) {
+      int8_t* qg = q.data() + r * Kp + g * G;
+      scale[r * ng + g] = quantize_group(p.x + r * p.ldx + g * G, std::min(G, p.K - g * G), G, qg);
+      int32_t s = 0;
+      for (int64_t i = 0; i < G; ++i) s += qg[i];
+      sum[r * ng + g] = s;
+    }
+  const QuantRows xq{q.data(), scale.data(), sum.data()};
+  if (vnni_enabled()) return matvec_int8_vnni_kernel_ptr(p, xq);
+  const std::vector<float> xf(q.begin(), q.end());
+  const std::pair<const QuantRows*, const float*> ctx{&xq, xf.data()};
+  matvec_impl<Int8>(p, &ctx);
+}
 
 }  // namespace
 
 GPTMOD_REGISTER_KERNEL(matvec_f32_stub, matvec_f32_kernel);
 GPTMOD_REGISTER_KERNEL(matvec_bf16_stub, matvec_bf16_kernel);
+GPTMOD_REGISTER_KERNEL(matvec_int8_stub, matvec_int8_kernel);
 
 }  // namespace gptmod
