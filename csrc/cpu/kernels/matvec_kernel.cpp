@@ -20,13 +20,9 @@ constexpr int kVS = Vec::size();
 constexpr int kVPB = kPackBlock / kVS;  // vectors per 16-output block
 static_assert(kPackBlock % kVS == 0 && IVec::size() == kVS);
 
-// Rows per tile: every weight vector feeds RB rows. 8 where there are 32 vector registers
-// (AVX-512), 4 where there are 16 (AVX2; DEFAULT's blocks take two registers as well). A tile
-// holds at most kAccRegs accumulator vectors (the rest of the registers hold broadcasts of x and
-// weight vectors), so the blocks per tile NB shrink as RB grows: spilled accumulators would
-// turn each FMA into a load and a store.
-constexpr int kMaxRows = kVPB == 1 ? 8 : 4;
-constexpr int kAccRegs = kVPB == 1 ? 16 : 8;
+// Vector registers: 32 with AVX-512, 16 with AVX2 (DEFAULT's 8-float vectors take two of its 16
+// SSE registers each, so it gets less than it asks for; it is the fallback).
+constexpr int kRegs = kVPB == 1 ? 32 : 16;
 
 // Stores RB rows x NB blocks of accumulators into y, the last block cut at M.
 template <int RB, int NB>
@@ -105,13 +101,13 @@ void tile_bf16(const MatvecParams& p, const void*, int64_t r0, int64_t n0) {
 // floats, [N, Kp]). Within a group every product and partial sum is an integer below 2^24, so the
 // fp32 sums are exact and equal the int32 sums of the VNNI kernel; each group's sum is then scaled
 // by (weight scale x row scale) into the fp32 accumulators, in the VNNI kernel's order. The four
-// inputs of a lane are its four bytes, sign-extended by a left then an arithmetic right shift.
+// inputs of a lane are its four bytes, sign-extended one at a time by a left then an arithmetic
+// right shift (one widened weight vector live at a time: the accumulators need the registers).
 template <int RB, int NB>
 void tile_int8(const MatvecParams& p, const void* ctx, int64_t r0, int64_t n0) {
   const auto& [xq, xf] = *static_cast<const std::pair<const QuantRows*, const float*>*>(ctx);
   const auto* w = static_cast<const int8_t*>(p.w);
   const int64_t G = p.group, Kp = (p.K + G - 1) / G * G, Q = Kp / kInt8Quad, ng = Kp / G;
-  const IVec sh24(24), sh16(16), sh8(8);
   Vec acc[RB][NB * kVPB];
   zero<RB, NB>(acc);
   for (int64_t g = 0; g < ng; ++g) {
@@ -121,17 +117,13 @@ void tile_int8(const MatvecParams& p, const void* ctx, int64_t r0, int64_t n0) {
       for (int n = 0; n < NB; ++n)
         for (int v = 0; v < kVPB; ++v) {
           const IVec quad = IVec::loadu(w + ((n0 + n) * Q + q) * kInt8Quad * kPackBlock + v * kInt8Quad * kVS);
-          const Vec w0 = at::vec::convert_to_fp_of_same_size<float>((quad << sh24) >> sh24);
-          const Vec w1 = at::vec::convert_to_fp_of_same_size<float>((quad << sh16) >> sh24);
-          const Vec w2 = at::vec::convert_to_fp_of_same_size<float>((quad << sh8) >> sh24);
-          const Vec w3 = at::vec::convert_to_fp_of_same_size<float>(quad >> sh24);
-          for (int r = 0; r < RB; ++r) {
-            const float* xr = xf + (r0 + r) * Kp + q * kInt8Quad;
-            Vec& a = gs[r][n * kVPB + v];
-            a = at::vec::fmadd(Vec(xr[0]), w0, a);
-            a = at::vec::fmadd(Vec(xr[1]), w1, a);
-            a = at::vec::fmadd(Vec(xr[2]), w2, a);
-            a = at::vec::fmadd(Vec(xr[3]), w3, a);
+          for (int i = 0; i < kInt8Quad; ++i) {
+            const Vec wi = at::vec::convert_to_fp_of_same_size<float>(
+                (quad << IVec(24 - 8 * i)) >> IVec(24));
+            for (int r = 0; r < RB; ++r) {
+              Vec& a = gs[r][n * kVPB + v];
+              a = at::vec::fmadd(Vec(xf[(r0 + r) * Kp + q * kInt8Quad + i]), wi, a);
+            }
           }
         }
     for (int n = 0; n < NB; ++n)
@@ -147,48 +139,58 @@ void tile_int8(const MatvecParams& p, const void* ctx, int64_t r0, int64_t n0) {
 }
 
 // The packed formats, each a tile of RB rows x NB blocks.
+// Registers a tile of RB rows x NB blocks needs: its accumulators (kAccSets per output vector),
+// kXRegs broadcasts of x per row and kWRegs weight vectors per block vector.
 struct F32 {
-  static constexpr int kAccSets = 1;
+  static constexpr int kAccSets = 1, kXRegs = 1, kWRegs = 1;
   template <int RB, int NB>
   static void tile(const MatvecParams& p, const void* ctx, int64_t r0, int64_t n0) {
     tile_f32<RB, NB>(p, ctx, r0, n0);
   }
 };
 struct BF16 {
-  static constexpr int kAccSets = 1;
+  static constexpr int kAccSets = 1, kXRegs = 2, kWRegs = 3;  // x[2p], x[2p+1]; pairs, even, odd
   template <int RB, int NB>
   static void tile(const MatvecParams& p, const void* ctx, int64_t r0, int64_t n0) {
     tile_bf16<RB, NB>(p, ctx, r0, n0);
   }
 };
 struct Int8 {
-  static constexpr int kAccSets = 2;  // the group's exact sums and the scaled totals
+  static constexpr int kAccSets = 2, kXRegs = 1, kWRegs = 2;  // group sums + totals; quad, widened
   template <int RB, int NB>
   static void tile(const MatvecParams& p, const void* ctx, int64_t r0, int64_t n0) {
     tile_int8<RB, NB>(p, ctx, r0, n0);
   }
 };
 
-// Blocks [b0, b1) for the rows [r0, r0 + RB): NB blocks per tile while they last (independent
-// accumulators hide FMA latency when there are few rows), then one at a time.
+template <typename Fmt>
+constexpr int tile_regs(int RB, int NB) {
+  return RB * NB * kVPB * Fmt::kAccSets + RB * Fmt::kXRegs + kVPB * Fmt::kWRegs;
+}
+
+// Blocks [b0, b1) for the rows [r0, r0 + RB): as many blocks per tile as the registers hold, up
+// to 4 (independent accumulators hide FMA latency when there are few rows), then one at a time.
 template <typename Fmt, int RB>
 void rows_tile(const MatvecParams& p, const void* ctx, int64_t r0, int64_t b0, int64_t b1) {
-  constexpr int NB = std::clamp(kAccRegs / (RB * kVPB * Fmt::kAccSets), 1, 4);
+  constexpr int NB = tile_regs<Fmt>(RB, 4) <= kRegs ? 4 : tile_regs<Fmt>(RB, 2) <= kRegs ? 2 : 1;
   int64_t n = b0;
   for (; n + NB <= b1; n += NB) Fmt::template tile<RB, NB>(p, ctx, r0, n);
   for (; n < b1; ++n) Fmt::template tile<RB, 1>(p, ctx, r0, n);
 }
 
 // Threads split the output blocks (each reads its own share of the weights once); within a
-// thread the rows go in tiles of kMaxRows, then 4, 2, 1.
+// thread the rows go in tiles of 8, 4, 2 and 1, the larger ones where the registers hold them:
+// each weight vector is loaded (and widened) once per tile, and spilled accumulators would turn
+// every FMA into a load and a store.
 template <typename Fmt>
 void matvec_impl(const MatvecParams& p, const void* ctx) {
   const int64_t nblk = (p.M + kPackBlock - 1) / kPackBlock;
   at::parallel_for(0, nblk, 4, [&](int64_t b0, int64_t b1) {
     int64_t r = 0;
-    if constexpr (kMaxRows == 8)
+    if constexpr (tile_regs<Fmt>(8, 1) <= kRegs)
       for (; r + 8 <= p.N; r += 8) rows_tile<Fmt, 8>(p, ctx, r, b0, b1);
-    for (; r + 4 <= p.N; r += 4) rows_tile<Fmt, 4>(p, ctx, r, b0, b1);
+    if constexpr (tile_regs<Fmt>(4, 1) <= kRegs)
+      for (; r + 4 <= p.N; r += 4) rows_tile<Fmt, 4>(p, ctx, r, b0, b1);
     for (; r + 2 <= p.N; r += 2) rows_tile<Fmt, 2>(p, ctx, r, b0, b1);
     for (; r < p.N; ++r) rows_tile<Fmt, 1>(p, ctx, r, b0, b1);
   });
