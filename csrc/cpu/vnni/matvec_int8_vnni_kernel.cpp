@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "gptmod/avx512_tile.h"
 #include "gptmod/decode_step.h"
 
 #if !defined(__AVX512VNNI__)
@@ -62,17 +63,7 @@ void tile(const MatvecParams& p, const QuantRows& xq, int64_t r0, int64_t n0) {
       }
     }
   }
-  for (int r = 0; r < RB; ++r) {
-    float* y = p.y + (r0 + r) * p.ldy;
-    for (int n = 0; n < NB; ++n) {
-      const int64_t j0 = (n0 + n) * kPackBlock;
-      const int64_t cnt = std::min<int64_t>(kPackBlock, p.M - j0);
-      const __mmask16 m = cnt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
-      __m512 v = acc[r][n];
-      if (p.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, y + j0));
-      _mm512_mask_storeu_ps(y + j0, m, v);
-    }
-  }
+  store_tile_avx512<RB, NB>(p, r0, n0, acc);
 }
 
 // NB shrinks as RB grows so the int32 and fp32 accumulators (2 x RB x NB), the RB broadcasts of
