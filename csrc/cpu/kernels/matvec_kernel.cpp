@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "gptmod/decode_step.h"
@@ -138,9 +139,73 @@ void tile_int8(const MatvecParams& p, const void* ctx, int64_t r0, int64_t n0) {
   store_tile<RB, NB>(p, r0, n0, acc);
 }
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// The int8 tile with AVX2 integer instructions (the AVX2 and AVX512 builds without VNNI): the same
+// integer sums as vpdpbusd, by the route of llama.cpp's AVX2 int8 dot products. vpmaddubsw
+// multiplies unsigned by signed bytes and adds pairs into int16 with saturation, so it gets |w|
+// (<= 127) and x with w's sign (vpsignb): a pair adds to at most 2 * 127 * 127 < 2^15, exact;
+// vpmaddwd by ones then adds the pairs of a lane's quad into int32. Each 256-bit vector is 8
+// outputs x one quad of inputs. The fp32 totals change once per group, so they live in memory.
+template <int RB, int NB>
+void tile_int8_avx2(const MatvecParams& p, const void* ctx, int64_t r0, int64_t n0) {
+  const QuantRows& xq = *static_cast<const std::pair<const QuantRows*, const float*>*>(ctx)->first;
+  const auto* w = static_cast<const int8_t*>(p.w);
+  const int64_t G = p.group, Kp = (p.K + G - 1) / G * G, Q = Kp / kInt8Quad, ng = Kp / G;
+  constexpr int kV = kPackBlock / 8;  // 256-bit vectors per block
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) float acc[RB][NB * kPackBlock] = {};
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256i s[RB][NB * kV];
+    for (auto& row : s)
+      for (auto& v : row) v = _mm256_setzero_si256();
+    for (int64_t q = g * G / kInt8Quad; q < (g + 1) * G / kInt8Quad; ++q) {
+      __m256i xb[RB];
+      for (int r = 0; r < RB; ++r) {
+        int32_t quad;
+        std::memcpy(&quad, xq.q + (r0 + r) * Kp + q * kInt8Quad, sizeof(quad));
+        xb[r] = _mm256_set1_epi32(quad);
+      }
+      for (int n = 0; n < NB; ++n)
+        for (int v = 0; v < kV; ++v) {
+          const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+              w + ((n0 + n) * Q + q) * kInt8Quad * kPackBlock + v * 32));
+          const __m256i aw = _mm256_abs_epi8(wv);
+          for (int r = 0; r < RB; ++r) {
+            const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xb[r], wv));
+            s[r][n * kV + v] = _mm256_add_epi32(s[r][n * kV + v], _mm256_madd_epi16(pairs, ones));
+          }
+        }
+    }
+    for (int n = 0; n < NB; ++n)
+      for (int v = 0; v < kV; ++v) {
+        const __m256 sw = _mm256_loadu_ps(p.scales + ((n0 + n) * ng + g) * kPackBlock + v * 8);
+        for (int r = 0; r < RB; ++r) {
+          float* a = acc[r] + n * kPackBlock + v * 8;
+          const __m256 d = _mm256_mul_ps(sw, _mm256_set1_ps(xq.scale[(r0 + r) * ng + g]));
+          _mm256_store_ps(a, _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s[r][n * kV + v]), _mm256_load_ps(a)));
+        }
+      }
+  }
+  for (int r = 0; r < RB; ++r) {
+    float* y = p.y + (r0 + r) * p.ldy;
+    for (int n = 0; n < NB; ++n) {
+      const int64_t j0 = (n0 + n) * kPackBlock;
+      const int64_t cnt = std::min<int64_t>(kPackBlock, p.M - j0);
+      for (int64_t j = 0; j < cnt; ++j)
+        y[j0 + j] = p.accumulate ? y[j0 + j] + acc[r][n * kPackBlock + j] : acc[r][n * kPackBlock + j];
+    }
+  }
+}
+constexpr bool kInt8Avx2 = true;
+#else
+constexpr bool kInt8Avx2 = false;
+#endif
+
 // The packed formats, each a tile of RB rows x NB blocks.
 // Registers a tile of RB rows x NB blocks needs: its accumulators (kAccSets per output vector),
-// kXRegs broadcasts of x per row and kWRegs weight vectors per block vector.
+// kXRegs broadcasts of x per row and kWRegs weight vectors per block vector. A broadcast the
+// compiler cannot keep is loaded again (cheap); an accumulator it cannot keep costs a store and
+// a load per FMA, so the budget is what counts.
 struct F32 {
   static constexpr int kAccSets = 1, kXRegs = 1, kWRegs = 1;
   template <int RB, int NB>
@@ -149,17 +214,23 @@ struct F32 {
   }
 };
 struct BF16 {
-  static constexpr int kAccSets = 1, kXRegs = 2, kWRegs = 3;  // x[2p], x[2p+1]; pairs, even, odd
+  static constexpr int kAccSets = 1, kXRegs = 1, kWRegs = 3;  // pairs, even, odd
   template <int RB, int NB>
   static void tile(const MatvecParams& p, const void* ctx, int64_t r0, int64_t n0) {
     tile_bf16<RB, NB>(p, ctx, r0, n0);
   }
 };
 struct Int8 {
-  static constexpr int kAccSets = 2, kXRegs = 1, kWRegs = 2;  // group sums + totals; quad, widened
+  // Portable: group sums + totals; quad, widened. AVX2: int32 group sums (the totals are in
+  // memory); weights, |weights|, and the signed x and products as temporaries.
+  static constexpr int kAccSets = kInt8Avx2 ? 1 : 2, kXRegs = 1, kWRegs = 2;
   template <int RB, int NB>
   static void tile(const MatvecParams& p, const void* ctx, int64_t r0, int64_t n0) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    tile_int8_avx2<RB, NB>(p, ctx, r0, n0);
+#else
     tile_int8<RB, NB>(p, ctx, r0, n0);
+#endif
   }
 };
 
@@ -178,21 +249,25 @@ void rows_tile(const MatvecParams& p, const void* ctx, int64_t r0, int64_t b0, i
   for (; n < b1; ++n) Fmt::template tile<RB, 1>(p, ctx, r0, n);
 }
 
-// Threads split the output blocks (each reads its own share of the weights once); within a
-// thread the rows go in tiles of 8, 4, 2 and 1, the larger ones where the registers hold them:
-// each weight vector is loaded (and widened) once per tile, and spilled accumulators would turn
-// every FMA into a load and a store.
+// Threads split the output blocks (each reads its own share of the weights once). A thread takes
+// its blocks 4 at a time and runs every row tile over them (tiles of 8, 4, 2 and 1 rows, the
+// larger ones where the registers hold them: spilled accumulators would turn every FMA into a
+// load and a store) before the next 4, so a second tile of rows finds the weights in L1/L2
+// instead of reading them from memory again.
 template <typename Fmt>
 void matvec_impl(const MatvecParams& p, const void* ctx) {
   const int64_t nblk = (p.M + kPackBlock - 1) / kPackBlock;
   at::parallel_for(0, nblk, 4, [&](int64_t b0, int64_t b1) {
-    int64_t r = 0;
-    if constexpr (tile_regs<Fmt>(8, 1) <= kRegs)
-      for (; r + 8 <= p.N; r += 8) rows_tile<Fmt, 8>(p, ctx, r, b0, b1);
-    if constexpr (tile_regs<Fmt>(4, 1) <= kRegs)
-      for (; r + 4 <= p.N; r += 4) rows_tile<Fmt, 4>(p, ctx, r, b0, b1);
-    for (; r + 2 <= p.N; r += 2) rows_tile<Fmt, 2>(p, ctx, r, b0, b1);
-    for (; r < p.N; ++r) rows_tile<Fmt, 1>(p, ctx, r, b0, b1);
+    for (int64_t c0 = b0; c0 < b1; c0 += 4) {
+      const int64_t c1 = std::min(c0 + 4, b1);
+      int64_t r = 0;
+      if constexpr (tile_regs<Fmt>(8, 1) <= kRegs)
+        for (; r + 8 <= p.N; r += 8) rows_tile<Fmt, 8>(p, ctx, r, c0, c1);
+      if constexpr (tile_regs<Fmt>(4, 1) <= kRegs)
+        for (; r + 4 <= p.N; r += 4) rows_tile<Fmt, 4>(p, ctx, r, c0, c1);
+      for (; r + 2 <= p.N; r += 2) rows_tile<Fmt, 2>(p, ctx, r, c0, c1);
+      for (; r < p.N; ++r) rows_tile<Fmt, 1>(p, ctx, r, c0, c1);
+    }
   });
 }
 
@@ -216,7 +291,7 @@ void matvec_int8_kernel(const MatvecParams& p) {
     }
   const QuantRows xq{q.data(), scale.data(), sum.data()};
   if (vnni_enabled()) return matvec_int8_vnni_kernel_ptr(p, xq);
-  const std::vector<float> xf(q.begin(), q.end());
+  const std::vector<float> xf = kInt8Avx2 ? std::vector<float>() : std::vector<float>(q.begin(), q.end());
   const std::pair<const QuantRows*, const float*> ctx{&xq, xf.data()};
   matvec_impl<Int8>(p, &ctx);
 }

@@ -78,11 +78,14 @@ void rows_tile(const MatvecParams& p, const QuantRows& xq, int64_t r0, int64_t b
 void matvec_int8_vnni_kernel(const MatvecParams& p, const QuantRows& xq) {
   const int64_t nblk = (p.M + kPackBlock - 1) / kPackBlock;
   at::parallel_for(0, nblk, 4, [&](int64_t b0, int64_t b1) {
-    int64_t r = 0;
-    for (; r + 8 <= p.N; r += 8) rows_tile<8, 1>(p, xq, r, b0, b1);
-    for (; r + 4 <= p.N; r += 4) rows_tile<4, 2>(p, xq, r, b0, b1);
-    for (; r + 2 <= p.N; r += 2) rows_tile<2, 4>(p, xq, r, b0, b1);
-    for (; r < p.N; ++r) rows_tile<1, 4>(p, xq, r, b0, b1);
+    for (int64_t c0 = b0; c0 < b1; c0 += 4) {  // every row tile over 4 blocks, then the next 4
+      const int64_t c1 = std::min(c0 + 4, b1);
+      int64_t r = 0;
+      for (; r + 8 <= p.N; r += 8) rows_tile<8, 1>(p, xq, r, c0, c1);
+      for (; r + 4 <= p.N; r += 4) rows_tile<4, 2>(p, xq, r, c0, c1);
+      for (; r + 2 <= p.N; r += 2) rows_tile<2, 4>(p, xq, r, c0, c1);
+      for (; r < p.N; ++r) rows_tile<1, 4>(p, xq, r, c0, c1);
+    }
   });
 }
 
