@@ -21,16 +21,17 @@ import torch
 
 import _paths  # noqa: F401  (python/ only when gptmod_ext is not installed)
 from gptmod_ext import ops  # noqa: E402
-from gptmod_ext.model import GPT, GPTConfig, FusedDecode  # noqa: E402
+from gptmod_ext.model import GPT, GPTConfig  # noqa: E402
 from common import round_ratios, time_round_robin  # noqa: E402
 
 
 def step_fn(model: GPT, fmt: str, B: int, context: int, group: int):
     """A closure running one decode_step of `model` with its Linears in format `fmt`."""
     c = model.config
-    params = FusedDecode._params(model)
-    norms = [p.detach() for p in params[:2 * c.n_layer + 1]]
-    weights = [p.detach() for p in params[2 * c.n_layer + 1:]]
+    norms = [n.weight.detach() for b in model.h for n in (b.ln_1, b.ln_2)] + [model.ln_f.weight.detach()]
+    weights = [lin.weight.detach() for b in model.h for lin in (b.attn.c_attn, b.attn.c_proj,
+                                                                 b.mlp.c_fc, b.mlp.c_proj)]
+    weights.append(model.lm_head.weight.detach())
     linears, scales = ops.pack_decode_linears(weights, "int8" if fmt == "int8" else None, group)
     kv = model.new_kv_cache(B, context + 8).buffer
     kv.copy_(torch.randn(kv.shape, generator=torch.Generator().manual_seed(B)))

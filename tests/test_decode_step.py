@@ -259,16 +259,22 @@ def test_linear_packed_int8_groups_and_bf16_rows(G):
     check_linear_packed_int8(5, 70, 300, G, torch.bfloat16)
 
 
+def decode_weights(m):
+    """m's norm weights [2L + 1] and Linear weights [4L + 1] in decode_step's order."""
+    norms = [n.weight for b in m.h for n in (b.ln_1, b.ln_2)] + [m.ln_f.weight]
+    linears = [lin.weight for b in m.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
+                                                     b.mlp.c_proj)] + [m.lm_head.weight]
+    return norms, linears
+
+
 def int8_linears(m, G):
     """decode_step's linears and scales for model m quantized with group G, and a copy of m whose
     Linear weights are the dequantized int8 weights (in m's dtype)."""
-    from gptmod_ext.model import FusedDecode
-    weights = FusedDecode._params(m)[2 * len(m.h) + 1:]
-    linears, scales = ops.pack_decode_linears([w.detach() for w in weights], "int8", G)
+    linears, scales = ops.pack_decode_linears([w.detach() for w in decode_weights(m)[1]], "int8", G)
     deq = copy.deepcopy(m)
     deq.backend = "torch"
     with torch.no_grad():
-        for w in FusedDecode._params(deq)[2 * len(m.h) + 1:]:
+        for w in decode_weights(deq)[1]:
             q, s = reference.quantize_int8(w, G)
             w.copy_(reference.dequantize_int8(q, s, G))
     return linears, scales, deq
@@ -278,11 +284,10 @@ def check_decode_step_int8(arch, dtype, G=32, B=3, prompt=5, steps=4):
     """The fused step over int8 weights against a float64 model of the dequantized weights: logits
     within the activations' int8 rounding, and the same greedy tokens (make_model gives clear
     winners)."""
-    from gptmod_ext.model import FusedDecode
     m = make_model(arch, dtype)
     linears, scales, deq = int8_linears(m, G)
     ref_model = copy.deepcopy(deq).double()
-    norms = FusedDecode(m).norms
+    norms = [n.detach() for n in decode_weights(m)[0]]
     c = m.config
     seq = torch.randint(0, 101, (B, prompt))
     cache = m.new_kv_cache(B, 16)
@@ -318,17 +323,15 @@ def test_decode_step_int8_matches_dequantized_float64(arch, dtype):
 
 def test_decode_step_mixed_int8_and_float_linears():
     # Each linear brings its own format: here only the MLP's are int8, the rest fp32.
-    from gptmod_ext.model import FusedDecode
     m = make_model("gqa", torch.float32)
-    fused = FusedDecode(m)
     linears, scales, _ = int8_linears(m, 64)
-    mixed = [q if i % 4 in (2, 3) and i < len(linears) - 1 else f
-             for i, (q, f) in enumerate(zip(linears, fused.linears))]
     args = list(decode_step_args())
-    args[2] = mixed
+    floats = args[2]
+    args[2] = [q if i % 4 in (2, 3) and i < len(linears) - 1 else f
+               for i, (q, f) in enumerate(zip(linears, floats))]
     with torch.inference_mode():
         got = torch.ops.gptmod.decode_step(*args, scales)
-        ref = torch.ops.gptmod.decode_step(*args[:2], fused.linears, *args[3:])
+        ref = torch.ops.gptmod.decode_step(*args[:2], floats, *args[3:])
     assert (got - ref).abs().max() <= 0.03 * ref.abs().max()
     assert not torch.equal(got, ref)
 

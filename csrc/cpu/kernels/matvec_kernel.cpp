@@ -201,8 +201,7 @@ constexpr bool kInt8Avx2 = true;
 constexpr bool kInt8Avx2 = false;
 #endif
 
-// The packed formats, each a tile of RB rows x NB blocks.
-// Registers a tile of RB rows x NB blocks needs: its accumulators (kAccSets per output vector),
+// The packed formats, each a tile of RB rows x NB blocks. The registers such a tile needs: its accumulators (kAccSets per output vector),
 // kXRegs broadcasts of x per row and kWRegs weight vectors per block vector. A broadcast the
 // compiler cannot keep is loaded again (cheap); an accumulator it cannot keep costs a store and
 // a load per FMA, so the budget is what counts.
@@ -275,7 +274,7 @@ void matvec_f32_kernel(const MatvecParams& p) { matvec_impl<F32>(p, nullptr); }
 void matvec_bf16_kernel(const MatvecParams& p) { matvec_impl<BF16>(p, nullptr); }
 
 // Quantizes x's rows group by group (gptmod/quant.h), then runs the VNNI kernel where the CPU has
-// it, else tile_int8.
+// it, else this build's tile (tile_int8_avx2, or tile_int8 in the DEFAULT build).
 void matvec_int8_kernel(const MatvecParams& p) {
   const int64_t G = p.group, Kp = (p.K + G - 1) / G * G, ng = Kp / G;
   std::vector<int8_t> q(p.N * Kp);
