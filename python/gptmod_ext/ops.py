@@ -136,13 +136,46 @@ def check_kv_cache_write_args(op, k_cache, v_cache, k_new, v_new, cache_seqlens)
            f"{op}: cache_seqlens is on {cache_seqlens.device} but k_cache is on {k_cache.device}")
 
 
-def packed_shape(out_features: int, in_features: int, dtype: torch.dtype) -> tuple:
+# The default group size of pack_linear_int8 (inputs per scale); README "int8 weights" has the
+# measurements behind it.
+INT8_GROUP = 64
+
+
+def packed_shape(out_features: int, in_features: int, dtype: torch.dtype, group_size: int = 0) -> tuple:
     """The shape pack_linear gives a [out_features, in_features] weight (csrc/include/gptmod/
-    decode_step.h): 16-output blocks, bf16 inputs in pairs."""
+    decode_step.h): 16-output blocks, bf16 inputs in pairs; for int8 (pack_linear_int8's first
+    result) inputs in quads, padded to a multiple of group_size."""
     blocks = -(-out_features // 16)
+    if dtype == torch.int8:
+        return (blocks, -(-in_features // group_size) * group_size // 4, 64)
     if dtype == torch.bfloat16:
         return (blocks, -(-in_features // 2), 32)
     return (blocks, in_features, 16)
+
+
+def int8_scales_shape(out_features: int, in_features: int, group_size: int) -> tuple:
+    """The shape of pack_linear_int8's scales: [blocks of 16 outputs, groups, 16] float32."""
+    return (-(-out_features // 16), -(-in_features // group_size), 16)
+
+
+def int8_group(op: str, name: str, packed, scales, out_features: int, in_features: int) -> int:
+    """The group size of an int8 pack (from its scales), checked as csrc/cpu/decode_step.cpp does."""
+    blocks = -(-out_features // 16)
+    _check(scales.dtype == torch.float32 and scales.dim() == 3 and scales.size(0) == blocks
+           and scales.size(1) > 0 and scales.size(2) == 16,
+           f"{op}: the scales of {name} must be the contiguous float32 CPU scales [{blocks}, groups, 16] "
+           f"of pack_linear_int8, got {scales.dtype} {tuple(scales.shape)}")
+    groups, P = scales.size(1), packed.size(1) if packed.dim() == 3 else 0
+    G = P * 4 // groups
+    _check(G > 0 and G * groups == P * 4 and G % 4 == 0 and -(-in_features // G) == groups,
+           f"{op}: {name} {tuple(packed.shape)} and its scales {tuple(scales.shape)} are not a "
+           f"pack_linear_int8() of a [{out_features}, {in_features}] weight")
+    return G
+
+
+def check_group_size(op: str, group_size: int) -> None:
+    _check(group_size > 0 and group_size % 4 == 0 and group_size <= 1024,
+           f"{op}: group_size must be a positive multiple of 4 and at most 1024, got {group_size}")
 
 
 if AVAILABLE:
@@ -191,21 +224,48 @@ if AVAILABLE:
             return weight.new_empty(packed_shape(*weight.shape, weight.dtype))
 
         @torch.library.register_fake("gptmod::linear_packed")
-        def _linear_packed_fake(x, packed, out_features):
-            _check(x.dim() == 2, f"linear_packed: x must be 2-D [N, in], got {x.dim()}-D")
-            want = packed_shape(out_features, x.size(1), packed.dtype)
-            _check(tuple(packed.shape) == want, f"linear_packed: packed must be a contiguous "
-                   f"pack_linear() of a [{out_features}, {x.size(1)}] weight, shape {want}, "
-                   f"got {tuple(packed.shape)}")
+        def _linear_packed_fake(x, packed, out_features, scales=None):
+            op = "linear_packed"
+            _check(x.dim() == 2, f"{op}: x must be 2-D [N, in], got {x.dim()}-D")
+            int8 = packed.dtype == torch.int8
+            _check(out_features > 0, f"{op}: out_features must be positive, got {out_features}")
+            _check(int8 or scales is None, f"{op}: scales are for int8 weights (pack_linear_int8), "
+                                           f"but packed is {packed.dtype}")
+            group = 0
+            if int8:
+                _check(scales is not None, f"{op}: packed is int8 (pack_linear_int8) but no scales were given")
+                group = int8_group(op, "packed", packed, scales, out_features, x.size(1))
+            want = packed_shape(out_features, x.size(1), packed.dtype, group)
+            _check(tuple(packed.shape) == want,
+                   f"{op}: packed must be a contiguous {'pack_linear_int8' if int8 else 'pack_linear'}() "
+                   f"of a [{out_features}, {x.size(1)}] weight, shape {want}, got {tuple(packed.shape)}")
             return x.new_empty((x.size(0), out_features))
+
+    if hasattr(torch.ops.gptmod, "pack_linear_int8"):
+
+        @torch.library.register_fake("gptmod::pack_linear_int8")
+        def _pack_linear_int8_fake(weight, group_size=INT8_GROUP):
+            op = "pack_linear_int8"
+            _check(weight.dim() == 2, f"{op}: weight must be 2-D [out, in], got {weight.dim()}-D")
+            _check(weight.dtype in (torch.float32, torch.bfloat16, torch.float16),
+                   f"{op}: weight must be float32, bfloat16 or float16, got {weight.dtype}")
+            check_group_size(op, group_size)
+            M, K = weight.shape
+            return (weight.new_empty(packed_shape(M, K, torch.int8, group_size), dtype=torch.int8),
+                    weight.new_empty(int8_scales_shape(M, K, group_size), dtype=torch.float32))
+
+    if hasattr(torch.ops.gptmod, "decode_step"):
 
         @torch.library.register_fake("gptmod::decode_step")
         def _decode_step_fake(x, norms, linears, kv, seqlens, cos, sin, n_head, n_kv_head,
-                              ffn_hidden, vocab, eps, softcap=0.0, interleaved=False):
+                              ffn_hidden, vocab, eps, softcap=0.0, interleaved=False, scales=None):
             _check(x.dim() == 2, f"decode_step: x must be [B, C], got {tuple(x.shape)}")
             _check(len(linears) == 4 * (len(norms) - 1) // 2 + 1 and len(norms) % 2 == 1,
                    f"decode_step: expected 4L + 1 linears and 2L + 1 norms, got {len(linears)} "
                    f"and {len(norms)}")
+            _check(scales is None or len(scales) == len(linears),
+                   f"decode_step: scales must hold one tensor per linear (4L + 1 = {len(linears)}), "
+                   f"got {len(scales) if scales is not None else 0}")
             _check(kv.dim() == 6 and kv.size(2) == x.size(0) and kv.dtype == x.dtype,
                    f"decode_step: kv must be [L, 2, B, S, Hkv, D] in x's dtype, got "
                    f"{tuple(kv.shape)} {kv.dtype}")
@@ -284,15 +344,42 @@ def pack_linear(weight):
     return torch.ops.gptmod.pack_linear(weight)
 
 
-def linear_packed(x, packed, out_features):
+def pack_linear_int8(weight, group_size=INT8_GROUP):
+    """(packed, scales): weight [out, in] quantized to int8 in groups of group_size inputs, one
+    fp32 scale per output and group (reference.quantize_int8 is the same rounding in PyTorch),
+    in the blocked layout of the int8 matvec. CPU."""
     _require()
-    return torch.ops.gptmod.linear_packed(x, packed, out_features)
+    return torch.ops.gptmod.pack_linear_int8(weight, group_size)
+
+
+def linear_packed(x, packed, out_features, scales=None):
+    """x [N, in] @ W^T for W = pack_linear(W), or W = pack_linear_int8(W) -> (packed, scales)."""
+    _require()
+    return torch.ops.gptmod.linear_packed(x, packed, out_features, scales)
+
+
+def pack_decode_linears(weights, quantize=None, group_size=INT8_GROUP):
+    """The `linears` (and `scales`) arguments of decode_step from the 4L + 1 Linear weights in
+    its order (c_attn, attn c_proj, c_fc, mlp c_proj per layer, then lm_head):
+    quantize=None packs them in their own dtype -> (linears, None); quantize="int8" quantizes
+    them -> (linears, scales), to pass as decode_step(..., scales=scales)."""
+    if quantize is None:
+        return [pack_linear(w) for w in weights], None
+    _check(quantize == "int8", f"pack_decode_linears: quantize must be None or 'int8', got {quantize!r}")
+    packs = [pack_linear_int8(w, group_size) for w in weights]
+    return [p for p, _ in packs], [s for _, s in packs]
 
 
 def cpu_bf16dp() -> bool:
     """Whether bf16 decode matvecs run on AVX512-BF16 (vdpbf16ps) on this CPU."""
     _require()
     return torch.ops.gptmod.cpu_bf16dp()
+
+
+def cpu_vnni() -> bool:
+    """Whether int8 decode matvecs run on AVX512-VNNI (vpdpbusd) on this CPU."""
+    _require()
+    return torch.ops.gptmod.cpu_vnni()
 
 
 def cpu_capability() -> str:

@@ -94,3 +94,24 @@ def kv_cache_write(k_cache, v_cache, k_new, v_new, cache_seqlens):
     batch = torch.arange(B, device=k_new.device)[:, None].expand(B, Tn)
     k_cache[batch, rows] = k_new
     v_cache[batch, rows] = v_new
+
+
+def quantize_int8(weight, group_size: int):
+    """(q [out, in] int8, scales [out, ceil(in / group_size)] fp32): the int8 weights of
+    pack_linear_int8 before its layout. Symmetric, per output and group of group_size inputs:
+    scale = max|w| / 127, q = round(w / scale) (half to even), 0 where a group is all zeros.
+    The activations of an int8 matvec are quantized by the same rule, per row."""
+    M, K = weight.shape
+    Kp = -(-K // group_size) * group_size
+    w = F.pad(weight.float(), (0, Kp - K)).view(M, Kp // group_size, group_size)
+    scales = w.abs().amax(-1) / 127
+    s = scales[..., None]
+    q = torch.where(s > 0, torch.round(w / torch.where(s > 0, s, 1)), 0)
+    return q.to(torch.int8).view(M, Kp)[:, :K], scales
+
+
+def dequantize_int8(q, scales, group_size: int):
+    """q * scale, in fp32: the weight an int8 Linear stands for."""
+    M, K = q.shape
+    return (q.float() * scales.repeat_interleave(group_size, dim=1)[:, :K])
+
