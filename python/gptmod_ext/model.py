@@ -614,13 +614,15 @@ class GPT(nn.Module):
                              f"(max_seq_len={cache.max_seq_len}, longest row {longest})")
         return self.decoder.bind(self)(idx, cache, rows, lengths, all_logits, longest == 0)
 
-    def compile_decode(self) -> "GPT":
+    def compile_decode(self, quantize: Optional[str] = None) -> "GPT":
         """Switches cached decoding (forward_cached, generate, the server's engine) to its
         fastest path on the current device: on CPUs with the ext backend the fused decode step
         (the default there already), elsewhere the cached step through torch.compile (our ops
-        through their fake kernels). See decode.py; greedy tokens stay those of the plain step,
-        and calling it again changes nothing."""
-        self.decoder.compile(self)
+        through their fake kernels). quantize='int8': the fused step reads int8 weights
+        (quantized once, here; a ValueError where it cannot run). See decode.py; greedy tokens
+        stay those of the plain step (of the int8-rounded weights with quantize), and calling it
+        again changes nothing."""
+        self.decoder.compile(self, quantize)
         return self
 
     def cached_step(self, idx, cache: KVCache, rows: slice, lengths=None, all_logits=False,
