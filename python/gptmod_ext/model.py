@@ -157,7 +157,13 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if (bias and kind == "layernorm") else None
 
-    def forward(self, x):
+    def forward(self, x, backend: str = "torch"):
+        if self.kind == "rmsnorm" and backend == "ext":
+            # One pass each way (gptmod::rms_norm); under autocast it writes the next matmul's
+            # dtype itself, so no cast follows it.
+            amp = torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32
+            out_dtype = torch.get_autocast_dtype(x.device.type) if amp else None
+            return torch.ops.gptmod.rms_norm(x, self.weight, self.eps, out_dtype)[0]
         if self.kind == "rmsnorm":
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
@@ -509,10 +515,10 @@ class Block(nn.Module):
 
     def forward(self, x, ctx: Context):
         if self.parallel:
-            h = self.ln_1(x)
+            h = self.ln_1(x, ctx.backend)
             return x + self.attn(h, ctx) + self.mlp(h, ctx)
-        x = x + self.attn(self.ln_1(x), ctx)
-        return x + self.mlp(self.ln_2(x), ctx)
+        x = x + self.attn(self.ln_1(x, ctx.backend), ctx)
+        return x + self.mlp(self.ln_2(x, ctx.backend), ctx)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -639,12 +645,12 @@ class GPT(nn.Module):
                              else positions)
         return _dropout(x.view(-1, x.size(-1)), self.config.dropout, self.training)
 
-    def _logits(self, x, ctx: Context):
-        logits = ctx.linear(self.ln_f(x), self.lm_head)
+    def _logits(self, x, ctx: Context, capped: bool = True):
+        logits = ctx.linear(self.ln_f(x, ctx.backend), self.lm_head)[..., :self.config.vocab_size]
         cap = self.config.logit_softcap
-        if cap > 0:  # the same cap in training, evaluation and generation
+        if cap > 0 and capped:  # the same cap in training, evaluation and generation
             logits = cap * torch.tanh(logits / cap)
-        return logits[..., :self.config.vocab_size]
+        return logits
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
         """idx [B, T] token ids -> (logits [B, T, vocab_size], loss or None).
@@ -660,6 +666,13 @@ class GPT(nn.Module):
         x = self._embed(idx)
         for block in self.h:
             x = block(x, ctx)
+        cap = self.config.logit_softcap
+        if targets is not None and self._backend == "ext":
+            # gptmod::cross_entropy caps the raw logits itself and keeps no [B·T, V] fp32 copy.
+            raw = self._logits(x, ctx, capped=False)
+            loss = torch.ops.gptmod.cross_entropy(raw, targets.reshape(-1), cap, -1)[0]
+            logits = raw if cap == 0 else cap * torch.tanh(raw / cap)
+            return logits.view(B, T, -1), loss
         logits = self._logits(x, ctx).view(B, T, -1)
         loss = None
         if targets is not None:
