@@ -2,6 +2,8 @@
 // per CPU capability. Chunked over tokens: at::parallel_for over rows, and a row (V logits) is
 // read twice in the forward (its max, then the sum of exponentials) and once in the backward,
 // which writes the gradient row; nothing of size [rows, V] is made besides that gradient.
+#include <limits>
+
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -74,8 +76,8 @@ acc_t<scalar_t> row_lse(const scalar_t* __restrict__ x, int64_t V_, acc_t<scalar
     s1 = s1 + vexp(b - mv);
   }
   acc s = lane_sum(s0 + s1);
-  for (; j < V_; ++j) s += std::exp(softcap_logit<acc>(acc(x[j]), cap) - mz);
-  return mz + std::log(s);
+  for (; j < V_; ++j) s += gptmod_exp(softcap_logit<acc>(acc(x[j]), cap) - mz);
+  return mz + gptmod_log(s);
 }
 
 template <typename scalar_t>
@@ -133,11 +135,11 @@ void cross_entropy_bwd_impl(const CrossEntropyParams& p) {
       }
       for (; j < V_; ++j) {
         const acc z = softcap_logit<acc>(acc(x[j]), cap);
-        g[j] = scalar_t(scale * std::exp(z - lse[r]) * softcap_grad<acc>(z, cap));
+        g[j] = scalar_t(scale * gptmod_exp(z - lse[r]) * softcap_grad<acc>(z, cap));
       }
       // The target's own term, recomputed whole so it is rounded once.
       const acc zt = softcap_logit<acc>(acc(x[t]), cap);
-      g[t] = scalar_t(scale * (std::exp(zt - lse[r]) - acc(1)) * softcap_grad<acc>(zt, cap));
+      g[t] = scalar_t(scale * (gptmod_exp(zt - lse[r]) - acc(1)) * softcap_grad<acc>(zt, cap));
     }
   });
 }

@@ -9,12 +9,12 @@
 // Gradient with respect to raw, scale = grad_loss / (rows counted):
 //   scale * (exp(z_j - lse) - [j == t]) * (cap > 0 ? 1 - (z_j / cap)^2 : 1); 0 on ignored rows.
 #pragma once
-#include <cmath>
 #include <cstdint>
 
 #include <c10/core/ScalarType.h>
 
 #include "gptmod/cpu_dispatch.h"
+#include "gptmod/elementwise_math.h"
 #include "gptmod/macros.h"
 #include "gptmod/row_layout.h"
 
@@ -38,7 +38,7 @@ struct CrossEntropyParams {
 // The soft-capped logit and the derivative of the cap, shared by both backends' scalar paths.
 template <typename acc_t>
 GPTMOD_HD acc_t softcap_logit(acc_t raw, acc_t cap) {
-  return cap > acc_t(0) ? cap * std::tanh(raw / cap) : raw;
+  return cap > acc_t(0) ? cap * gptmod_tanh(raw / cap) : raw;
 }
 template <typename acc_t>
 GPTMOD_HD acc_t softcap_grad(acc_t z, acc_t cap) {

@@ -8,12 +8,12 @@
 //   dx = rstd * g - s * rstd^3 * sum(g * s) / C  (+ grad_res, the residual stream's own gradient),
 //   dweight = sum over rows of grad_out * s * rstd.
 #pragma once
-#include <cmath>
 #include <cstdint>
 
 #include <c10/core/ScalarType.h>
 
 #include "gptmod/cpu_dispatch.h"
+#include "gptmod/elementwise_math.h"
 #include "gptmod/macros.h"
 #include "gptmod/row_layout.h"
 
@@ -59,7 +59,7 @@ constexpr int64_t kRmsNormBwdBlocks = 32;
 
 template <typename acc_t>
 GPTMOD_HD acc_t rms_rstd(acc_t sum_sq, int64_t C, double eps) {
-  return acc_t(1) / std::sqrt(sum_sq / acc_t(C) + acc_t(eps));
+  return acc_t(1) / gptmod_sqrt(sum_sq / acc_t(C) + acc_t(eps));
 }
 
 using RmsNormFn = void (*)(const RmsNormParams&);
