@@ -32,7 +32,9 @@ def sync(device) -> None:
 
 
 def _summary(samples: list[float]) -> dict:
-    return {"median_s": statistics.median(samples), "min_s": min(samples), "n": len(samples)}
+    # samples: every call's time in round order, for ratios taken round by round.
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "n": len(samples),
+            "samples": samples}
 
 
 def time_round_robin(fns: dict, device="cpu", warmup: int = 3, budget_s: float = 1.0,
