@@ -161,12 +161,26 @@ class Norm(nn.Module):
         if self.kind == "rmsnorm" and backend == "ext":
             # One pass each way (gptmod::rms_norm); under autocast it writes the next matmul's
             # dtype itself, so no cast follows it.
-            amp = torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32
-            out_dtype = torch.get_autocast_dtype(x.device.type) if amp else None
-            return torch.ops.gptmod.rms_norm(x, self.weight, self.eps, out_dtype)[0]
+            return torch.ops.gptmod.rms_norm(x, self.weight, self.eps, self._out_dtype(x))[0]
         if self.kind == "rmsnorm":
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+    def add_forward(self, x, h, backend: str = "torch"):
+        """(norm(x + h), x + h): the residual add and this norm in one pass (gptmod::add_rms_norm)
+        for RMSNorm on the ext backend when x and h share a dtype (not under autocast, where h
+        comes out of a bf16 matmul)."""
+        if self.kind == "rmsnorm" and backend == "ext" and h.dtype == x.dtype:
+            out, s, _ = torch.ops.gptmod.add_rms_norm(x, h, self.weight, self.eps,
+                                                      self._out_dtype(x))
+            return out, s
+        s = x + h
+        return self(s, backend), s
+
+    @staticmethod
+    def _out_dtype(x):
+        amp = torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32
+        return torch.get_autocast_dtype(x.device.type) if amp else None
 
 
 def _dropout(x, p: float, training: bool):
@@ -517,8 +531,8 @@ class Block(nn.Module):
         if self.parallel:
             h = self.ln_1(x, ctx.backend)
             return x + self.attn(h, ctx) + self.mlp(h, ctx)
-        x = x + self.attn(self.ln_1(x, ctx.backend), ctx)
-        return x + self.mlp(self.ln_2(x, ctx.backend), ctx)
+        h, x = self.ln_2.add_forward(x, self.attn(self.ln_1(x, ctx.backend), ctx), ctx.backend)
+        return x + self.mlp(h, ctx)
 
 
 # -----------------------------------------------------------------------------------------------
