@@ -441,15 +441,18 @@ class CausalSelfAttention(nn.Module):
         qkv = ctx.linear(x, self.c_attn)
         if ctx.pack is not None:
             qkv = ctx.to_grid(qkv)
-        v = qkv[..., (Hq + Hkv) * D:].view(B, T, Hkv, D)
+        # One split, not two slices: its backward is one concatenation, where each slice's
+        # backward zero-fills a whole [B·T, (Hq + 2·Hkv)·D] gradient and copies into it.
+        qk, v = qkv.split([(Hq + Hkv) * D, Hkv * D], dim=-1)
+        v = v.view(B, T, Hkv, D)
         if self.q_norm is not None:
-            q = self.q_norm(qkv[..., :Hq * D].view(B, T, Hq, D))
-            k = self.k_norm(qkv[..., Hq * D:(Hq + Hkv) * D].view(B, T, Hkv, D))
+            q = self.q_norm(qk[..., :Hq * D].view(B, T, Hq, D))
+            k = self.k_norm(qk[..., Hq * D:].view(B, T, Hkv, D))
             if self.use_rope:
                 q, k = self._rope(q, ctx), self._rope(k, ctx)
         else:
             # q and k heads side by side, [B, T, Hq + Hkv, D]: one RoPE call rotates both.
-            qk = qkv[..., :(Hq + Hkv) * D].view(B, T, Hq + Hkv, D)
+            qk = qk.view(B, T, Hq + Hkv, D)
             if self.use_rope:
                 qk = self._rope(qk, ctx)
             q, k = qk.split([Hq, Hkv], dim=2)
@@ -660,7 +663,9 @@ class GPT(nn.Module):
         return _dropout(x.view(-1, x.size(-1)), self.config.dropout, self.training)
 
     def _logits(self, x, ctx: Context, capped: bool = True):
-        logits = ctx.linear(self.ln_f(x, ctx.backend), self.lm_head)[..., :self.config.vocab_size]
+        logits = ctx.linear(self.ln_f(x, ctx.backend), self.lm_head)
+        if logits.size(-1) != self.config.vocab_size:  # a slice's backward zero-fills [B·T, V]
+            logits = logits[..., :self.config.vocab_size]
         cap = self.config.logit_softcap
         if cap > 0 and capped:  # the same cap in training, evaluation and generation
             logits = cap * torch.tanh(logits / cap)

@@ -26,24 +26,6 @@ inline V vcap(const V& raw, const V& cap, const V& inv_cap) {
   return cap * (raw * inv_cap).tanh();
 }
 
-template <typename V>
-inline typename V::value_type lane_max(const V& v) {
-  typename V::value_type buf[V::size()];
-  v.store(buf);
-  typename V::value_type m = buf[0];
-  for (int i = 1; i < V::size(); ++i) m = std::max(m, buf[i]);
-  return m;
-}
-
-template <typename V>
-inline typename V::value_type lane_sum(const V& v) {
-  typename V::value_type buf[V::size()];
-  v.store(buf);
-  typename V::value_type s = 0;
-  for (int i = 0; i < V::size(); ++i) s += buf[i];
-  return s;
-}
-
 // One row: returns lse. The cap is monotonic, so the max of z is the cap of the max of raw.
 template <typename scalar_t>
 acc_t<scalar_t> row_lse(const scalar_t* __restrict__ x, int64_t V_, acc_t<scalar_t> cap) {

@@ -15,16 +15,6 @@ using namespace gptmod::vec;
 
 inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)); }
 
-// Sum of a vector's lanes in lane order (the same order every time: reproducible results).
-template <typename V>
-inline typename V::value_type lane_sum(const V& v) {
-  typename V::value_type buf[V::size()];
-  v.store(buf);
-  typename V::value_type s = 0;
-  for (int i = 0; i < V::size(); ++i) s += buf[i];
-  return s;
-}
-
 // One row: s = x (+ res, rounded to x_t and written to sum), rstd, out = s * rstd * w.
 template <typename x_t, typename o_t>
 void norm_row(const x_t* __restrict__ x, const x_t* __restrict__ res, x_t* __restrict__ sum,
