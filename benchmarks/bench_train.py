@@ -185,8 +185,8 @@ def main():
     pct = lambda v: f"{100 * v:.1f}%" if v else "-"  # noqa: E731
     ratio = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
     for r in rows:
-        print(f"{r['engine']:<18}{r['dtype']:>10}{r['tokens_per_s']:>11,.0f}{r['ms_per_step']:>10.1f}"
-              f"{pct(r['peak_frac']):>9}{pct(r['mfu']):>7}{ratio(r['vs_hf_fp32']):>12}"
+        print(f"{r['engine']:<18}{r['dtype']:>10}{r['tokens_per_s']:>11,.0f}"
+              f"{r['ms_per_step']:>10.1f}{pct(r['peak_frac']):>9}{pct(r['mfu']):>7}{ratio(r['vs_hf_fp32']):>12}"
               f"{ratio(r['vs_hf_bf16']):>12}  {r['note']} (peak {r['peak_GFLOPs']:,.0f} GFLOP/s)")
 
 

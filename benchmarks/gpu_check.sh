@@ -83,8 +83,9 @@ fi
 PYTEST=("$PY" -m pytest -p no:cacheprovider --rootdir .. -q)
 step pytest-cuda 240 env -C tests "${PYTEST[@]}" -m cuda -ra .
 step memcheck 240 env -C tests PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck \
-  --error-exitcode 1 --leak-check no "${PYTEST[@]}" -m cuda -k "$REDUCED or rope or swiglu or rms_norm or cross_entropy" \
-  test_decode_attention.py test_rope.py test_swiglu.py test_rms_norm.py test_cross_entropy.py
+  --error-exitcode 1 --leak-check no "${PYTEST[@]}" -m cuda \
+  -k "$REDUCED or rope or swiglu or rms_norm or cross_entropy" test_decode_attention.py \
+  test_rope.py test_swiglu.py test_rms_norm.py test_cross_entropy.py
 step racecheck 240 env -C tests "$SANITIZER" --tool racecheck --error-exitcode 1 \
   "${PYTEST[@]}" -m cuda -k "$REDUCED" test_decode_attention.py
 step synccheck 240 env -C tests "$SANITIZER" --tool synccheck --error-exitcode 1 \

@@ -46,8 +46,8 @@ SUITES = {
     "ops": ("bench_ops", "rope and swiglu (fwd, fwd+bwd) vs eager HF-style and torch.compile"),
     "decode": ("bench_decode_attention", "decode_attention vs SDPA enable_gqa, repeat+SDPA, compile"),
     "generate": ("bench_generate", "generate tok/s and TTFT: ext, torch, no-cache, HF generate"),
-    "train": ("bench_train", "train tokens/s: the default command vs HF Llama fp32 / bf16 autocast; "
-                             "share of the matmul peak, MFU on GPU"),
+    "train": ("bench_train", "train tokens/s: the default command vs HF Llama fp32 / bf16 "
+                             "autocast; share of the matmul peak, MFU on GPU"),
     "serve": ("bench_serve", "serving throughput and latency vs concurrent clients"),
 }
 DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16,float32"}

@@ -243,4 +243,5 @@ def test_cross_entropy_opcheck_cuda():
 @pytest.mark.cuda
 def test_cross_entropy_device_mismatch_cuda():
     with pytest.raises(RuntimeError, match="targets is on cpu but logits is on cuda"):
-        torch.ops.gptmod.cross_entropy(torch.randn(3, 4, device="cuda"), torch.zeros(3, dtype=torch.long))
+        torch.ops.gptmod.cross_entropy(torch.randn(3, 4, device="cuda"),
+                                       torch.zeros(3, dtype=torch.long))

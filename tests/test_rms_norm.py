@@ -175,13 +175,19 @@ def test_rms_norm_compile_fullgraph(backend):
         torch.testing.assert_close(g.double(), rg, rtol=1e-4, atol=1e-4)
 
 
-BAD = [
-    ("0-D", lambda: (torch.tensor(1.0), torch.ones(1), None), "rms_norm: x must have at least 1 dim"),
-    ("int", lambda: (torch.ones(3, 4, dtype=torch.int64), torch.ones(4), None), "rms_norm: x must be float32"),
-    ("weight shape", lambda: (torch.randn(3, 4), torch.ones(5), None), r"rms_norm: weight must be \[C\] = \[4\]"),
-    ("weight dtype", lambda: (torch.randn(3, 4), torch.ones(4).double(), None), "rms_norm: weight must be float32 or x's dtype"),
-    ("last stride", lambda: (torch.randn(4, 3).t(), torch.ones(4), None), "rms_norm: x must have stride 1"),
-    ("out dtype", lambda: (torch.randn(3, 4).bfloat16(), torch.ones(4), torch.float32), "rms_norm: out_dtype must be x's dtype"),
+BAD = [  # (name, (x, weight, out_dtype), message)
+    ("0-D", lambda: (torch.tensor(1.0), torch.ones(1), None),
+     "rms_norm: x must have at least 1 dim"),
+    ("int", lambda: (torch.ones(3, 4, dtype=torch.int64), torch.ones(4), None),
+     "rms_norm: x must be float32"),
+    ("weight shape", lambda: (torch.randn(3, 4), torch.ones(5), None),
+     r"rms_norm: weight must be \[C\] = \[4\]"),
+    ("weight dtype", lambda: (torch.randn(3, 4), torch.ones(4).double(), None),
+     "rms_norm: weight must be float32 or x's dtype"),
+    ("last stride", lambda: (torch.randn(4, 3).t(), torch.ones(4), None),
+     "rms_norm: x must have stride 1"),
+    ("out dtype", lambda: (torch.randn(3, 4).bfloat16(), torch.ones(4), torch.float32),
+     "rms_norm: out_dtype must be x's dtype"),
 ]
 
 
@@ -196,16 +202,20 @@ def test_rms_norm_bad_input(name, build, match):
             torch.ops.gptmod.rms_norm(fx, fw, EPS, out_dtype)
 
 
+_add = torch.ops.gptmod.add_rms_norm
+_bwd = torch.ops.gptmod.rms_norm_backward
+_x, _w = (lambda: torch.randn(3, 4)), (lambda: torch.ones(4))
 BAD_ADD_BWD = [
-    ("residual shape", lambda: torch.ops.gptmod.add_rms_norm(torch.randn(3, 4), torch.randn(2, 4), torch.ones(4), EPS),
+    ("residual shape", lambda: _add(_x(), torch.randn(2, 4), _w(), EPS),
      r"add_rms_norm: residual must be"),
-    ("residual dtype", lambda: torch.ops.gptmod.add_rms_norm(torch.randn(3, 4), torch.randn(3, 4).bfloat16(), torch.ones(4), EPS),
+    ("residual dtype", lambda: _add(_x(), _x().bfloat16(), _w(), EPS),
      "add_rms_norm: residual dtype"),
-    ("rstd dtype", lambda: torch.ops.gptmod.rms_norm_backward(torch.randn(3, 4), torch.randn(3, 4), torch.ones(4), torch.ones(3).double()),
+    ("rstd dtype", lambda: _bwd(_x(), _x(), _w(), torch.ones(3).double()),
      "rms_norm_backward: rstd must be"),
-    ("grad_out shape", lambda: torch.ops.gptmod.rms_norm_backward(torch.randn(3, 5), torch.randn(3, 4), torch.ones(4), torch.ones(3)),
+    ("grad_out shape", lambda: _bwd(torch.randn(3, 5), _x(), _w(), torch.ones(3)),
      "rms_norm_backward: grad_out must be"),
-    ("grad_res last stride", lambda: torch.ops.gptmod.rms_norm_backward(torch.randn(4, 4), torch.randn(4, 4), torch.ones(4), torch.ones(4), torch.randn(4, 4).t()),
+    ("grad_res last stride",
+     lambda: _bwd(torch.randn(4, 4), torch.randn(4, 4), _w(), torch.ones(4), torch.randn(4, 4).t()),
      "rms_norm_backward: grad_res must have stride 1"),
 ]
 

@@ -113,7 +113,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& logits,
     const at::Tensor lg = with_row_layout(logits, lrows);
     const at::Tensor t = targets.contiguous();
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lg.scalar_type(), "cross_entropy_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lg.scalar_type(),
+                                    "cross_entropy_cuda", [&] {
       cross_entropy_fwd_kernel<scalar_t><<<row_blocks(rows), kThreads, 0, stream>>>(
           lg.const_data_ptr<scalar_t>(), lrows, t.const_data_ptr<int64_t>(),
           lse.mutable_data_ptr<acc_t<scalar_t>>(), row_loss.mutable_data_ptr<acc_t<scalar_t>>(),

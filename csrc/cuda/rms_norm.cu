@@ -29,7 +29,7 @@ __global__ void rms_norm_fwd_kernel(const x_t* __restrict__ x,    // [rows, C] b
                                     const RowLayout res_rows,
                                     const acc_t<x_t>* __restrict__ w,  // [C]
                                     o_t* __restrict__ out,             // [rows, C] contiguous
-                                    x_t* __restrict__ sum,             // [rows, C] contiguous, or null
+                                    x_t* __restrict__ sum,  // [rows, C] contiguous, or null
                                     acc_t<x_t>* __restrict__ rstd,     // [rows]
                                     const int64_t rows, const int64_t C, const double eps) {
   using acc = acc_t<x_t>;
@@ -105,8 +105,10 @@ void dispatch_pair(c10::ScalarType x, c10::ScalarType o, const char* op, F&& f) 
   if (x == ScalarType::Float && o == ScalarType::Float) return f.template operator()<float, float>();
   if (x == ScalarType::Float && o == ScalarType::BFloat16)
     return f.template operator()<float, c10::BFloat16>();
-  if (x == ScalarType::Float && o == ScalarType::Half) return f.template operator()<float, c10::Half>();
-  if (x == ScalarType::BFloat16 && o == x) return f.template operator()<c10::BFloat16, c10::BFloat16>();
+  if (x == ScalarType::Float && o == ScalarType::Half)
+    return f.template operator()<float, c10::Half>();
+  if (x == ScalarType::BFloat16 && o == x)
+    return f.template operator()<c10::BFloat16, c10::BFloat16>();
   if (x == ScalarType::Half && o == x) return f.template operator()<c10::Half, c10::Half>();
   if (x == ScalarType::Double && o == x) return f.template operator()<double, double>();
   TORCH_CHECK(false, op, ": unsupported dtypes ", x, " -> ", o);

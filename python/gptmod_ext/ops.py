@@ -149,7 +149,8 @@ def _rms_out_dtype_ok(x_dtype, out_dtype) -> bool:
 
 def check_rms_norm_args(op, x, weight, eps):
     _check(x.dim() >= 1, f"{op}: x must have at least 1 dim")
-    _check(x.dtype in _FLOATS, f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    _check(x.dtype in _FLOATS,
+           f"{op}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     _check(weight.dim() == 1 and weight.size(0) == x.size(-1),
            f"{op}: weight must be [C] = [{x.size(-1)}], got {tuple(weight.shape)}")
     _check(weight.dtype in (x.dtype, torch.float32),
@@ -161,7 +162,8 @@ def check_rms_norm_args(op, x, weight, eps):
 
 
 def check_rms_like_x(op, name, t, x, any_out_dtype):
-    _check(t.shape == x.shape, f"{op}: {name} must be {tuple(x.shape)} like x, got {tuple(t.shape)}")
+    _check(t.shape == x.shape,
+           f"{op}: {name} must be {tuple(x.shape)} like x, got {tuple(t.shape)}")
     ok = _rms_out_dtype_ok(x.dtype, t.dtype) if any_out_dtype else t.dtype == x.dtype
     _check(ok, f"{op}: {name} dtype {t.dtype} does not go with x's {x.dtype}")
     _check(t.device == x.device, f"{op}: {name} is on {t.device} but x is on {x.device}")
@@ -205,13 +207,16 @@ def check_cross_entropy_backward_args(grad_loss, logits, targets, lse, softcap):
     op = "cross_entropy_backward"
     check_cross_entropy_args(op, logits, targets, softcap)
     _check(grad_loss.dim() == 0 and grad_loss.dtype in _FLOATS,
-           f"{op}: grad_loss must be a 0-d float tensor, got {grad_loss.dtype} {tuple(grad_loss.shape)}")
+           f"{op}: grad_loss must be a 0-d float tensor, got {grad_loss.dtype} "
+           f"{tuple(grad_loss.shape)}")
     _check(grad_loss.device == logits.device,
            f"{op}: grad_loss is on {grad_loss.device} but logits is on {logits.device}")
     want = acc_dtype(logits.dtype)
     _check(lse.shape == logits.shape[:-1] and lse.dtype == want,
-           f"{op}: lse must be {want} {tuple(logits.shape[:-1])}, got {lse.dtype} {tuple(lse.shape)}")
-    _check(lse.device == logits.device, f"{op}: lse is on {lse.device} but logits is on {logits.device}")
+           f"{op}: lse must be {want} {tuple(logits.shape[:-1])}, got {lse.dtype} "
+           f"{tuple(lse.shape)}")
+    _check(lse.device == logits.device,
+           f"{op}: lse is on {lse.device} but logits is on {logits.device}")
 
 
 def packed_shape(out_features: int, in_features: int, dtype: torch.dtype) -> tuple:
@@ -348,7 +353,8 @@ if AVAILABLE:
         def _rms_norm_fake(x, weight, eps, out_dtype=None):
             check_rms_norm_args("rms_norm", x, weight, eps)
             out = rms_out_dtype("rms_norm", x, out_dtype)
-            return x.new_empty(x.shape, dtype=out), x.new_empty(x.shape[:-1], dtype=acc_dtype(x.dtype))
+            rstd = x.new_empty(x.shape[:-1], dtype=acc_dtype(x.dtype))
+            return x.new_empty(x.shape, dtype=out), rstd
 
         @torch.library.register_fake("gptmod::add_rms_norm")
         def _add_rms_norm_fake(x, residual, weight, eps, out_dtype=None):

@@ -121,5 +121,6 @@ def cross_entropy(logits, targets, softcap=0.0, ignore_index=-1):
     if softcap > 0:
         z = softcap * torch.tanh(z / softcap)
     lse = torch.logsumexp(z, dim=-1)
-    loss = F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+    loss = F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1),
+                           ignore_index=ignore_index)
     return loss, lse

@@ -15,7 +15,9 @@ namespace {
 
 using namespace gptmod::vec;
 
-inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, V)); }
+inline int64_t row_grain(int64_t V) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, V));
+}
 
 inline at::vec::Vectorized<float> vexp(const at::vec::Vectorized<float>& v) { return exp_fp32(v); }
 inline at::vec::Vectorized<double> vexp(const at::vec::Vectorized<double>& v) { return v.exp(); }

@@ -13,7 +13,9 @@ namespace {
 
 using namespace gptmod::vec;
 
-inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)); }
+inline int64_t row_grain(int64_t C) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C));
+}
 
 // One row: s = x (+ res, rounded to x_t and written to sum), rstd, out = s * rstd * w.
 template <typename x_t, typename o_t>
