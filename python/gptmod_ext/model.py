@@ -11,8 +11,9 @@ Two backends run the same weights and can be switched at any time with `model.ba
   'torch'  pure PyTorch, the readable reference: reference.rope, F.silu(g) * u,
            F.scaled_dot_product_attention for training/evaluation, reference.decode_attention and
            an indexed copy for cached generation. Works without the compiled extension.
-  'ext'    our ops: torch.ops.gptmod.rope and .swiglu (with autograd) in training and prefill,
-           .kv_cache_write and .decode_attention in cached generation. Attention in the
+  'ext'    our ops: torch.ops.gptmod.rope, .swiglu, .rms_norm / .add_rms_norm (with autograd)
+           in training and prefill, .cross_entropy for the training loss, .kv_cache_write and
+           .decode_attention in cached generation. Attention in the
            uncached (training) forward is SDPA in both backends: decode_attention has no backward.
 
 Generation keeps a static KV cache (KVCache, written in place) and is tuned for the CPU case,
