@@ -57,7 +57,7 @@ def run(batches: list[int], groups: list[int], context: int, budget_s: float, cl
         fns[f"bf16 B={B}"] = step_fn(models["bfloat16"], "bf16", B, context, 0)
         for g in groups:
             fns[f"int8 g{g} B={B}"] = step_fn(models["float32"], "int8", B, context, g)
-    times = time_round_robin(fns, budget_s=budget_s, min_repeats=20, keep_samples=True, clock=clock)
+    times = time_round_robin(fns, budget_s=budget_s, min_repeats=20, clock=clock)
     rows = []
     for name, t in times.items():
         fmt, B = name.rsplit(" B=", 1)

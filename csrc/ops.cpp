@@ -25,6 +25,27 @@ TORCH_LIBRARY(gptmod, m) {
   m.def("swiglu(Tensor gate_up) -> Tensor");
   // Gradient of swiglu with respect to gate_up, recomputing sigmoid(gate): -> [..., 2F].
   m.def("swiglu_backward(Tensor grad_out, Tensor gate_up) -> Tensor");
+  // RMSNorm of x [..., C] by weight [C] (fp32, or x's dtype): out = x * rstd * weight in out_dtype
+  // (x's by default; bf16/fp16 for an fp32 x, the next matmul's autocast dtype), and rstd [...]
+  // fp32 (fp64 for fp64 x) = 1 / sqrt(mean(x^2) + eps), saved for the backward.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, ScalarType? out_dtype=None) "
+        "-> (Tensor, Tensor)");
+  // The residual add and the norm in one pass: sum = x + residual (x's dtype), out = rms_norm(sum)
+  // -> (out, sum, rstd).
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, "
+        "ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)");
+  // Gradients of rms_norm at x (the sum, for add_rms_norm) -> (dx [..., C] in x's dtype, plus
+  // grad_res when given: the residual stream's own gradient; dweight [C] in weight's dtype).
+  m.def("rms_norm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor rstd, "
+        "Tensor? grad_res=None) -> (Tensor, Tensor)");
+  // Mean cross-entropy of logits [..., V] (raw; soft-capped inside when softcap > 0) against
+  // int64 targets [...], skipping targets equal to ignore_index -> (loss 0-d, lse [...]), both
+  // fp32 (fp64 for fp64 logits). Chunked over rows: no [rows, V] buffer is made.
+  m.def("cross_entropy(Tensor logits, Tensor targets, float softcap=0.0, int ignore_index=-1) "
+        "-> (Tensor, Tensor)");
+  // Gradient of cross_entropy with respect to the raw logits -> [..., V] in logits' dtype.
+  m.def("cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor targets, Tensor lse, "
+        "float softcap=0.0, int ignore_index=-1) -> Tensor");
   // Causal GQA attention of q [B, Tq, Hq, D] over caches [B, S_max, Hkv, D] holding
   // cache_seqlens[b] valid rows (the Tq new ones included; rows past them are never read).
   // num_splits=0 picks a split-KV count, > 0 forces one (for tests of the split/merge path).

@@ -115,3 +115,32 @@ def dequantize_int8(q, scales, group_size: int):
     M, K = q.shape
     return (q.float() * scales.repeat_interleave(group_size, dim=1)[:, :K])
 
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_norm(x, weight, eps, out_dtype=None):
+    """(out, rstd) as gptmod::rms_norm: math in fp32 (fp64 for fp64), out in out_dtype."""
+    xa = x.to(_acc(x.dtype))
+    rstd = torch.rsqrt(xa.pow(2).mean(-1) + eps)
+    out = xa * rstd[..., None] * weight.to(xa.dtype)
+    return out.to(out_dtype or x.dtype), rstd
+
+
+def add_rms_norm(x, residual, weight, eps, out_dtype=None):
+    """(out, sum, rstd) as gptmod::add_rms_norm: the sum rounded to x's dtype, then normalized."""
+    s = x + residual
+    out, rstd = rms_norm(s, weight, eps, out_dtype)
+    return out, s, rstd
+
+
+def cross_entropy(logits, targets, softcap=0.0, ignore_index=-1):
+    """(mean loss, lse) as gptmod::cross_entropy: soft-cap, then log-softmax in fp32 (fp64)."""
+    z = logits.to(_acc(logits.dtype))
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z, dim=-1)
+    loss = F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1),
+                           ignore_index=ignore_index)
+    return loss, lse
