@@ -838,7 +838,11 @@ def print_banner(run: Run, defaulted_accum: bool) -> None:
     cfg, m = run.cfg, run.raw_model
     if not run.env.is_main:
         return
-    run.log.print(f"model: {cfg.preset} {m.num_params() / 1e6:.2f}M params, backend "
+    what = cfg.preset if cfg.init_from is None else f"from {cfg.init_from}"
+    if cfg.lora_rank:
+        trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        what += f" + LoRA rank {cfg.lora_rank} ({trained / 1e6:.3f}M trained)"
+    run.log.print(f"model: {what} {m.num_params() / 1e6:.2f}M params, backend "
                   f"{m.backend}, {cfg.device} {cfg.dtype}{', compiled' if cfg.compile else ''}; "
                   f"data {cfg.data}: {len(run.dataset.train):,} train tokens, tokenizer "
                   f"{run.tok.name}")
