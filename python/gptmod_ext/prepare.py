@@ -13,7 +13,13 @@ Split: documents are assigned to train/val by a seeded random choice of round(n 
 of them (at least one each way). A corpus with fewer than 20 documents (one long text file,
 say) is split by position instead: the last val_fraction of each document goes to val.
 
-Output (see data.py): train.bin, val.bin, meta.json, tokenizer.json.
+Chat: .jsonl files whose rows are {"messages": [{"role", "content"}, ...]} make a chat data set
+instead (prepare_chat): whole conversations, split by a seeded draw, tokenized through the
+tokenizer's chat template (chat.py; ours is added when it has none), with the mask of the
+tokens trained on.
+
+Output (see data.py): train.bin, val.bin, meta.json, tokenizer.json (chat: also the masks and
+conversation starts; a Hugging Face tokenizer: hf_tokenizer/ instead of tokenizer.json).
 """
 from __future__ import annotations
 

@@ -33,6 +33,10 @@ builds everything a run needs (a Run), `fit` is the loop, `train_step` one optim
 - Exact resume: train_state.pt (checkpoint.TrainState) holds the optimizer, every RNG and the
   data sampler state; evaluation and samples draw from their own generators, so stopping at
   step k and resuming gives the same weights as never stopping (bitwise on the CPU in fp32).
+- --init-from SRC starts from a trained model (finetune.py: its weights, architecture and
+  tokenizer) with fine-tuning defaults (optimizer_defaults); --lora-rank trains LoRA adapters
+  on its frozen weights (lora.py). A chat data set (data.py) is read as whole conversations,
+  its loss on the answers only; the loop is the same.
 
 Launching data-parallel runs (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; only rank 0 prints
 and writes files):
