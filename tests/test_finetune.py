@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_train import metrics, one_error_line
 
 from gptmod_ext import GPT, GPTConfig, checkpoint, hf, sample
 from gptmod_ext import tokenizer as tokenizer_mod
@@ -37,18 +38,6 @@ def run_train(capsys, *args):
     capsys.readouterr()
     rc = TR.main([*COMMON, *[str(a) for a in args]])
     return rc, capsys.readouterr().err
-
-
-def one_error_line(err, *fragments):
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.startswith(f"{TR.PROG}: error: ")]
-    assert len(lines) == 1, err
-    for f in fragments:
-        assert f in lines[0], lines[0]
-
-
-def metrics(out):
-    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # -----------------------------------------------------------------------------------------------

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
-from typing import Iterator
 
 from .common import UserError, first_line
 
@@ -162,7 +160,7 @@ def conversation_ids(tok, messages: list[dict]) -> tuple[list[int], list[bool]]:
     return ids, trained
 
 
-# -- chat data: .jsonl files of {"messages": [...]} ----------------------------------------------
+# -- chat data: {"messages": [...]} rows (prepare.py reads the files) ----------------------------
 def check_messages(row, where: str) -> list[dict]:
     """The messages of one chat row ({"messages": [{"role", "content"}, ...]}, the OpenAI /
     transformers chat format), as plain {"role", "content"} dicts; ChatError naming `where`
@@ -183,37 +181,3 @@ def check_messages(row, where: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in out):
         raise ChatError(f"{where}: no assistant turn (nothing to train on)")
     return out
-
-
-def read_conversations(path: Path, errors: str = "strict") -> Iterator[tuple[str, list[dict]]]:
-    """(where, messages) for every non-empty line of a chat .jsonl file, where = 'file:line'."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8", errors=errors)
-            except UnicodeDecodeError as e:
-                raise ChatError(f"{where}: invalid UTF-8 at byte {e.start} of the line (fix the "
-                                "file or pass --errors replace)") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ChatError(f"{where}: not valid JSON ({e.msg})") from None
-            yield where, check_messages(row, where)
-
-
-def is_chat_file(path: Path) -> bool:
-    """A .jsonl file whose first row has "messages": a chat data set."""
-    if Path(path).suffix != ".jsonl":
-        return False
-    try:
-        with open(path, "rb") as f:
-            for raw in f:
-                if raw.strip():
-                    row = json.loads(raw)
-                    return isinstance(row, dict) and "messages" in row
-    except (OSError, ValueError):
-        return False
-    return False

@@ -150,7 +150,8 @@ def read_text_documents(path: Path, errors: str = "strict") -> Iterator[str]:
         yield doc
 
 
-def read_jsonl_documents(path: Path, field: str, errors: str = "strict") -> Iterator[str]:
+def jsonl_rows(path: Path, errors: str = "strict") -> Iterator[tuple[str, object]]:
+    """(where, row) for every non-empty line of a .jsonl file, where = 'file:line'."""
     try:
         with open(path, "rb") as f:
             offset = 0
@@ -163,16 +164,44 @@ def read_jsonl_documents(path: Path, field: str, errors: str = "strict") -> Iter
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise PrepareError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or field not in row:
-                    raise PrepareError(f"{path}:{lineno}: no field {field!r} "
-                                       "(choose it with --jsonl-field)")
-                text = row[field]
-                if not isinstance(text, str):
-                    raise PrepareError(f"{path}:{lineno}: field {field!r} is not a string")
-                if text:
-                    yield text
+                yield f"{path}:{lineno}", row
     except OSError as e:
         raise PrepareError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def read_jsonl_documents(path: Path, field: str, errors: str = "strict") -> Iterator[str]:
+    for where, row in jsonl_rows(path, errors):
+        if not isinstance(row, dict) or field not in row:
+            raise PrepareError(f"{where}: no field {field!r} (choose it with --jsonl-field)")
+        text = row[field]
+        if not isinstance(text, str):
+            raise PrepareError(f"{where}: field {field!r} is not a string")
+        if text:
+            yield text
+
+
+def read_conversations(path: Path, errors: str = "strict") -> Iterator[tuple[str, list]]:
+    """(where, messages) of every row of a chat .jsonl file (chat.check_messages)."""
+    for where, row in jsonl_rows(path, errors):
+        try:
+            yield where, chat_mod.check_messages(row, where)
+        except chat_mod.ChatError as e:
+            raise PrepareError(str(e)) from None
+
+
+def is_chat_file(path: Path) -> bool:
+    """A .jsonl file whose first row has "messages": a chat data set."""
+    if Path(path).suffix != ".jsonl":
+        return False
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    row = json.loads(raw)
+                    return isinstance(row, dict) and "messages" in row
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def iter_documents(files: list[Path], jsonl_field: str = "text", errors: str = "strict",
@@ -296,7 +325,7 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str
     if not 0 < val_fraction < 1:
         raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     files, sources = _input_files(inputs, max_bytes)
-    chats = [f for f in files if chat_mod.is_chat_file(f)]
+    chats = [f for f in files if is_chat_file(f)]
     if chats:
         if len(chats) != len(files):
             raise PrepareError(f"{chats[0]} is a chat data set ({{\"messages\": [...]}} rows) "
@@ -312,11 +341,8 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str
     if n_docs == 0:
         raise PrepareError("the corpus is empty (no non-empty document in "
                            f"{len(files)} file{'s' if len(files) != 1 else ''})")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / data_mod.META).unlink(missing_ok=True)  # incomplete until meta.json is back
+    out = _open_output(out_dir)
     written = _write_splits(docs, tok, out, n_docs, val_fraction, seed)
-    tok.save(out)
     meta = {
         "format": data_mod.FORMAT,
         "dtype": written["dtype"],
@@ -329,6 +355,20 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str
                  "tokenizer_path": tokenizer_path, "jsonl_field": jsonl_field,
                  "errors": errors, "max_bytes": max_bytes},
     }
+    return _close_output(out, tok, meta)
+
+
+def _open_output(out_dir) -> Path:
+    """The output directory, made, and not a data directory until _close_output."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / data_mod.META).unlink(missing_ok=True)  # incomplete until meta.json is back
+    return out
+
+
+def _close_output(out: Path, tok, meta: dict) -> dict:
+    """The tokenizer, then meta.json, which makes the directory a data directory."""
+    tok.save(out)
     with atomic_write(out / data_mod.META) as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     return meta
@@ -336,17 +376,12 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str
 
 # -- chat data sets ------------------------------------------------------------------------------
 def _conversations(files: list[Path], errors: str, progress: bool, desc: str):
-    """(where, messages) of every conversation of the chat files (chat.read_conversations)."""
+    """(where, messages) of every conversation of the chat files (read_conversations)."""
     total = sum(f.stat().st_size for f in files)
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress,
               file=sys.stderr) as bar:
         for f in files:
-            try:
-                yield from chat_mod.read_conversations(f, errors)
-            except OSError as e:
-                raise PrepareError(f"cannot read {f}: {e.strerror or e}") from None
-            except chat_mod.ChatError as e:
-                raise PrepareError(str(e)) from None
+            yield from read_conversations(f, errors)
             bar.update(f.stat().st_size)
 
 
@@ -421,19 +456,14 @@ def prepare_chat(files: list[Path], out_dir, tok, tok_args: dict, val_fraction: 
     if n < 2:
         raise PrepareError(f"a chat data set needs at least 2 conversations (one goes to val), "
                            f"found {n}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / data_mod.META).unlink(missing_ok=True)  # incomplete until meta.json is back
+    out = _open_output(out_dir)
     written = _write_chat(convs, tok, out, n, val_fraction, seed)
-    tok.save(out)
-    meta = {"format": data_mod.FORMAT, "kind": "chat", "dtype": written["dtype"],
-            "train": written["train"], "val": written["val"], "tokenizer": tok.describe(),
-            "sources": [str(f) for f in files],
-            "split": {"by": "conversation", "val_fraction": val_fraction, "seed": seed},
-            "args": tok_args}
-    with atomic_write(out / data_mod.META) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2))
-    return meta
+    return _close_output(out, tok, {
+        "format": data_mod.FORMAT, "kind": "chat", "dtype": written["dtype"],
+        "train": written["train"], "val": written["val"], "tokenizer": tok.describe(),
+        "sources": [str(f) for f in files],
+        "split": {"by": "conversation", "val_fraction": val_fraction, "seed": seed},
+        "args": tok_args})
 
 
 def summary(meta: dict, out_dir) -> str:
