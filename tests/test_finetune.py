@@ -481,3 +481,47 @@ def test_bad_init_from_options(chat_src, tmp_path, capsys, monkeypatch, args, wo
     assert rc == 1
     one_error_line(err, words)
     assert not (tmp_path / "out").exists()
+
+
+HF_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}"
+               "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.mark.parametrize("template", [HF_TEMPLATE, HF_TEMPLATE.replace("{{ eos_token }}", "\n")])
+def test_a_folders_own_template_is_used(sources, tmp_path, capsys, monkeypatch, template):
+    # A Hugging Face folder with a chat template keeps it (nothing added to its vocabulary);
+    # the answers and their eos are trained, the ids are transformers' own. A template whose
+    # answers do not end with the eos (where everything stops) is refused, naming the row.
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "llama"
+    for f in sources["llama"].iterdir():
+        (folder / f.name).parent.mkdir(exist_ok=True)
+        (folder / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    chats = phrase_chats(20, 3)
+    data = write_chats(tmp_path / "c.jsonl", [c + [{"role": "user", "content": "ok"},
+                                                   {"role": "assistant", "content": "yes"}]
+                                              for c in chats])
+    rc, err = run_train(capsys, "--init-from", folder, "--data", data, "--out-dir", "out",
+                        "--max-iters", 1, "--sample-tokens", 0)
+    if "eos_token" not in template:  # no eos after an answer
+        assert rc == 1
+        one_error_line(err, f"{data}:1: the chat template does not end an assistant turn")
+        return
+    assert rc == 0, err
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    data_dir = next((tmp_path / "data").iterdir())
+    ids = np.fromfile(data_dir / "train.bin", dtype=np.uint16).tolist()
+    mask = np.fromfile(data_dir / "train.mask.bin", dtype=np.uint8).tolist()
+    starts = np.fromfile(data_dir / "train.idx.bin", dtype=np.int64).tolist()
+    conv, trained = ids[:starts[1]], mask[:starts[1]]
+    full = [hf_tok.apply_chat_template(json.loads(row)["messages"], return_dict=False)
+            for row in data.read_text().splitlines()]
+    assert conv in [[int(t) for t in f] for f in full]
+    eos = hf_tok.eos_token_id
+    answers = [hf_tok.encode(t, add_special_tokens=False) + [eos] for t in (PHRASE, "yes")]
+    assert [t for t, m in zip(conv, trained) if m] == answers[0] + answers[1]
+    assert tokenizer_mod.load(tmp_path / "out").chat_template == template
+    assert tokenizer_mod.load(tmp_path / "out").vocab_size == len(hf_tok)  # nothing added

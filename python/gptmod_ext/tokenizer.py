@@ -341,7 +341,9 @@ class HFTokenizer:
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """A prompt's ids: the tokenizer's own special tokens added (a BOS, for most), and its
         special tokens' text recognized unless allow_special is False."""
-        return self.hf.encode(text, add_special_tokens=True, split_special_tokens=not allow_special)
+        if allow_special:
+            return self.hf.encode(text, add_special_tokens=True)
+        return self.hf.encode(text, add_special_tokens=True, split_special_tokens=True)
 
     def encode_ordinary(self, text: str) -> list[int]:
         """A document's ids, as prepare writes them: the tokenizer's own BOS where it adds one,
