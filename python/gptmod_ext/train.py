@@ -714,15 +714,15 @@ def _check_sizes(cfg: Config, model, dataset, vocab_size: int) -> None:
 def _read_source(args, resumed) -> finetune.Source | None:
     """--init-from's model and tokenizer (finetune.load_source): for a new run, and for a LoRA
     run's --resume (its frozen base, which must be the one the run started from)."""
+    if resumed is not None:
+        _check_resume_options(args, resumed.config)
     if args.init_from is None:
         if args.lora_rank:
             raise TrainError("--lora-rank needs --init-from: LoRA adapts a trained model")
         return None
     finetune.check_options(args, vars(parse_args([])))
-    if resumed is not None:
-        _check_resume_options(args, resumed.config)
-        if not args.lora_rank:
-            return None  # the run directory holds every weight
+    if resumed is not None and not args.lora_rank:
+        return None  # the run directory holds every weight
     source = finetune.load_source(args.init_from, args.tokenizer_path)
     if resumed is not None and source.record["sha1"] != resumed.config["init_from"]["sha1"]:
         raise TrainError(f"--resume: the weights of {args.init_from} changed since the run in "
@@ -731,15 +731,16 @@ def _read_source(args, resumed) -> finetune.Source | None:
 
 
 def _check_resume_options(args, config: dict) -> None:
-    """A fine-tune resumes with the options it started with (the model is rebuilt from them)."""
+    """A LoRA run resumes with the options it started with (its model is rebuilt from SRC and
+    them); any other run's directory holds every weight it needs."""
     was = config.get("train", {})
-    record = config.get("init_from") or {}
-    now = {"init_from": str(Path(args.init_from).resolve()), "lora_rank": args.lora_rank,
-           "lora_alpha": optimizer_defaults(args)["lora_alpha"],
-           "lora_targets": args.lora_targets if args.lora_rank else was.get("lora_targets")}
-    before = {"init_from": record.get("path"), "lora_rank": was.get("lora_rank", 0),
-              "lora_alpha": was.get("lora_alpha"), "lora_targets": was.get("lora_targets")}
-    for key in now:
+    now = {"lora_rank": args.lora_rank, "lora_alpha": optimizer_defaults(args)["lora_alpha"],
+           "lora_targets": args.lora_targets,
+           "init_from": args.init_from and str(Path(args.init_from).resolve())}
+    before = {"lora_rank": was.get("lora_rank", 0), "lora_alpha": was.get("lora_alpha"),
+              "lora_targets": was.get("lora_targets"),
+              "init_from": (config.get("init_from") or {}).get("path")}
+    for key in now if (now["lora_rank"] or before["lora_rank"]) else ["lora_rank"]:
         if now[key] != before[key]:
             raise TrainError(f"--resume: the run in {args.out_dir} was trained with "
                              f"--{key.replace('_', '-')} {before[key]}, not {now[key]}; resume "
