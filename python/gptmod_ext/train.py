@@ -346,9 +346,9 @@ def resolve_data(data: str | None, tok_args: dict, env: Env, progress: bool,
             finetune.check_data(Path(data), tok)
         return Path(data)
     recipe = tok_args if tok is None else {"tokenizer_sha1": tok.describe()["sha1"]}
-    if data is None:
-        out, inputs = Path(DEFAULT_DATA + ("" if tok is None else "-" + recipe[
-            "tokenizer_sha1"][:8])), None
+    if data is None:  # the default corpus; with a source's tokenizer, a directory of its own
+        suffix = "" if tok is None else "-" + recipe["tokenizer_sha1"][:8]
+        out, inputs = Path(DEFAULT_DATA + suffix), None
     else:
         p = Path(data)
         if not p.exists() and not any(ch in data for ch in "*?["):
