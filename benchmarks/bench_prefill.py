@@ -28,7 +28,7 @@ import torch
 
 import _paths  # noqa: E402,F401  (python/ only when gptmod_ext is not installed)
 from gptmod_ext import _ext  # noqa: E402
-from gptmod_ext.model import GPT, DecodeWeights, GPTConfig  # noqa: E402
+from gptmod_ext.model import GPT, GPTConfig  # noqa: E402
 import common  # noqa: E402
 from common import fmt, md_table, time_round_robin  # noqa: E402
 
@@ -39,7 +39,6 @@ BAR = 1.3  # cached prefill time / plain forward time, at most (CPU)
 def _cases(model: GPT, idx: torch.Tensor, backend: str) -> dict:
     model.backend = backend
     cache = model.new_kv_cache(idx.size(0), idx.size(1))
-    weights = DecodeWeights.of(model)
 
     def plain():
         with torch.inference_mode():
@@ -55,7 +54,7 @@ def _cases(model: GPT, idx: torch.Tensor, backend: str) -> dict:
             cache.reset()
             # fresh=False: the layers read the (empty) cache through decode_attention, Tq = T.
             with torch.inference_mode():
-                model._forward_cached(idx, cache, slice(None), None, weights, False, False)
+                model.cached_step(idx, cache, slice(None), None, False, False)
         fns["decode-kernel"] = decode_kernel
     return fns
 

@@ -31,6 +31,34 @@ def test_dtype_auto_rule(monkeypatch):
         devices.pick_dtype("float8")
 
 
+
+def test_training_dtype_auto_on_cpus(monkeypatch):
+    # The rule: bf16 autocast only where a bf16 matrix product measured BF16_MIN_SPEEDUP faster.
+    assert not devices.cpu_trains_faster_in_bf16(None)  # no native bf16: never measured
+    assert not devices.cpu_trains_faster_in_bf16(0.3)   # emulated bf16 (AVX2): slower
+    assert not devices.cpu_trains_faster_in_bf16(devices.BF16_MIN_SPEEDUP - 0.01)
+    assert devices.cpu_trains_faster_in_bf16(2.7)       # AVX512-BF16: ~400 vs ~100 GFLOP/s
+    monkeypatch.setattr(devices, "cpu_bf16_matmul_speedup", lambda threads=None: 2.7)
+    assert devices.pick_dtype("auto", "cpu", training=True) == torch.bfloat16
+    assert devices.pick_dtype("auto", "cpu") == torch.float32  # inference weights stay fp32
+    assert devices.pick_dtype("float32", "cpu", training=True) == torch.float32
+    monkeypatch.setattr(devices, "cpu_bf16_matmul_speedup", lambda threads=None: None)
+    assert devices.pick_dtype("auto", "cpu", training=True) == torch.float32
+
+
+def test_cpu_bf16_probe_on_this_machine():
+    # cpuid flags decide whether the child-process probe runs at all; when it runs, it returns a
+    # measured ratio. Either way the answer is the same on every call (cached per process).
+    devices.cpu_bf16_matmul_speedup.cache_clear()
+    speedup = devices.cpu_bf16_matmul_speedup(1)
+    flags = devices.cpu_bf16_flags()
+    if not flags:
+        assert speedup is None
+        assert devices.pick_dtype("auto", "cpu", training=True) == torch.float32
+    else:
+        assert speedup is None or speedup > 0
+    assert devices.cpu_bf16_matmul_speedup(1) == speedup
+
 def test_device_names():
     assert devices.pick_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
@@ -66,6 +94,36 @@ def test_resolve_backend_cuda_needs_the_cuda_library(monkeypatch):
     assert name == "torch" and "mps" in reason
     monkeypatch.setattr(_ext, "CUDA_LOADED", True)
     assert _ext.resolve_backend("ext", "cuda") == ("ext", None)
+
+
+@pytest.mark.parametrize("archs,capability,fits", [
+    ("80,86,89,90", (7, 5), False), ("80,86,89,90", (8, 0), True), ("80,86,89,90", (12, 0), True),
+    ("90", (8, 9), False), ("86-real", (8, 9), True), ("86-real", (9, 0), False),
+    ("80-virtual", (9, 0), True), ("90a", (9, 0), True), ("90a", (10, 0), False),
+    ("native", (7, 0), True), ("75,80-real", (7, 5), True),
+])
+def test_cuda_archs_fit(archs, capability, fits):
+    assert _ext.cuda_archs_fit(capability, archs) is fits
+
+
+def test_auto_backend_falls_back_on_a_gpu_outside_the_built_architectures(monkeypatch):
+    # A Colab T4 (sm_75) with the default build (sm 80..90): auto picks torch and says why; an
+    # explicit ext is left to the first op's own error (with the rebuild command). No GPU needed:
+    # the capability and the built list are stubbed.
+    monkeypatch.setattr(_ext, "AVAILABLE", True)
+    monkeypatch.setattr(_ext, "LOAD_ERROR", None)
+    monkeypatch.setattr(_ext, "CUDA_LOADED", True)
+    monkeypatch.setattr(_ext, "CUDA_ARCHS", "80,86,89,90")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    name, reason = _ext.resolve_backend("auto", "cuda:0")
+    assert name == "torch"
+    for words in ("cuda:0 (Tesla T4) is sm_75", "built for sm 80,86,89,90",
+                  'CMAKE_CUDA_ARCHITECTURES="75"'):
+        assert words in reason
+    assert _ext.resolve_backend("ext", "cuda:0") == ("ext", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert _ext.resolve_backend("auto", "cuda:0") == ("ext", None)
 
 
 def test_model_backend_setter_asks_resolve_backend(monkeypatch):

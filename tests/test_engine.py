@@ -10,7 +10,7 @@ import torch
 from gptmod_ext import GPT, GPTConfig
 from gptmod_ext import tokenizer as tokenizer_mod
 from gptmod_ext.engine import Engine, QueueFull, SamplingParams
-from helpers import needs_ext
+from helpers import assert_greedy_agrees, float64_next_logits, needs_ext
 from serve_util import expected_text
 
 
@@ -188,17 +188,35 @@ def test_cancel_mid_generation(model, tok):
     assert not any(ev.kind == "done" for ev in events)
 
 
-@pytest.mark.parametrize("prompt,params,match", [
-    ([], SamplingParams(), "empty"),
-    ([1] * 90, SamplingParams(max_tokens=7), "context"),
-    ([1], SamplingParams(max_tokens=0), "max_tokens"),
-    ([1], SamplingParams(n=5), "n must be"),
-    ([999], SamplingParams(), "token ids"),
+@pytest.mark.parametrize("prompt,settings,match", [
+    ([], {}, "empty"),
+    ([1] * 90, dict(max_tokens=7), "context"),
+    ([1], dict(max_tokens=0), "max_tokens"),
+    ([1], dict(n=5), "n must be"),
+    ([999], {}, "token ids"),
+    ([1], dict(logit_bias={10**6: 1.0}), "logit_bias"),
 ])
-def test_invalid_requests_are_refused(model, tok, prompt, params, match):
+def test_invalid_requests_are_refused(model, tok, prompt, settings, match):
+    # A setting out of its range never gets this far (SamplingParams refuses it, below); the
+    # engine refuses what does not fit this model: the context, max_batch, the vocabulary.
     engine = Engine(model, tok, max_batch=4)
     with pytest.raises(ValueError, match=match):
-        engine.submit(prompt, params, lambda ev: None)
+        engine.submit(prompt, SamplingParams(**settings), lambda ev: None)
+
+
+@pytest.mark.parametrize("settings", [dict(max_tokens=0), dict(temperature=-0.1),
+                                      dict(top_p=0.0), dict(top_k=-2), dict(min_p=1.5),
+                                      dict(n=0), dict(logprobs=21), dict(stop=["a", ""]),
+                                      dict(presence_penalty=2.5), dict(repetition_penalty=0),
+                                      dict(logit_bias={3: 101}), dict(seed=2**63),
+                                      dict(timeout=-1)])
+def test_sampling_params_check_their_ranges(settings):
+    field = next(iter(settings))
+    with pytest.raises(ValueError, match=f"^{field} ") as e:
+        SamplingParams(**settings)
+    assert e.value.field == field
+    with pytest.raises(Exception):  # checked once: a record cannot be changed afterwards
+        SamplingParams().temperature = -1
 
 
 # -- the model API the engine relies on ------------------------------------------------------------
@@ -267,19 +285,17 @@ def test_a_later_short_prompt_does_not_pass_an_earlier_long_one(model, tok):
     # Shortest first holds among requests admitted together only: a long prompt already being
     # prefilled in chunks keeps its place ahead of short prompts that arrive later.
     engine = Engine(model, tok, max_batch=4, prefill_budget=16)
-    engine.runner.start()
     params = SamplingParams(max_tokens=30, temperature=0)
-    with torch.inference_mode():
-        engine.submit(tok.encode("decoding"), params, lambda ev: None)
-        engine._step()  # prefilled alone; decodes from now on
-        long = engine.submit(tok.encode("z" * 40), params, lambda ev: None)
-        engine._step()
-        assert long.prefilled == 16
-        short = engine.submit(tok.encode("abc"), params, lambda ev: None)
-        engine._step()
-        assert (long.prefilled, short.prefilled) == (32, 0)
-        engine._step()
-        assert long.decoding and short.decoding
+    engine.submit(tok.encode("decoding"), params, lambda ev: None)
+    engine.step()  # prefilled alone; decodes from now on (step() drives the engine by hand)
+    long = engine.submit(tok.encode("z" * 40), params, lambda ev: None)
+    engine.step()
+    assert long.prefilled == 16
+    short = engine.submit(tok.encode("abc"), params, lambda ev: None)
+    engine.step()
+    assert (long.prefilled, short.prefilled) == (32, 0)
+    engine.step()
+    assert long.decoding and short.decoding
 
 
 @needs_ext
@@ -292,7 +308,8 @@ def test_compiled_decode_in_the_engine(tok, monkeypatch):
                     n_embd=64)
     plain = GPT(cfg, backend="ext").eval()
     fast = copy.deepcopy(plain).compile_decode()
-    from gptmod_ext.model import FusedDecode
+    plain.decoder.fused = False  # the reference: the layers' own cached forward
+    from gptmod_ext.decode import FusedDecode
     calls = []
     real = FusedDecode.step
 
@@ -310,7 +327,8 @@ def test_compiled_decode_in_the_engine(tok, monkeypatch):
     assert [1, 0, 1] in calls  # "gone soon" (slot 1) left a hole between the other two
     for (prompt, params), events in zip(jobs, results):
         ids = [t for ev in events if ev.kind == "text" for t in ev.token_ids]
-        assert ids == reference(plain, tok, prompt, params.max_tokens, temperature=0)
+        want = reference(plain, tok, prompt, params.max_tokens, temperature=0)
+        assert_greedy_agrees(ids, want, prompt, float64_next_logits(plain))
 
 
 def test_long_prompt_prefilled_in_chunks_while_others_decode(model, tok):

@@ -28,7 +28,7 @@ import pytest
 import torch
 from helpers import CORPUS, PKG_PARENT, PROMPTS, TEXTS, assert_export_error, llama_cpp_tool
 
-from gptmod_ext import GPT, GPTConfig, checkpoint, export, gguf_export, sample, tokenizer
+from gptmod_ext import GPT, GPTConfig, chat, checkpoint, export, gguf_export, sample, tokenizer
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -241,17 +241,25 @@ def test_interleaved_rope_is_written_as_it_is(runs, files, ours, tmp_path):
         assert np.array_equal(np.array(got[k].data), np.array(want[k].data)), k
 
 
-def test_chat_template_goes_into_the_file(runs, tmp_path):
+def test_chat_template_goes_into_the_file(ours, tmp_path):
+    # A tokenizer made for chat (chat.with_template: <|im_start|> added, ChatML-style template),
+    # as a chat fine-tuning run keeps it; a model with a row for the added token.
+    tok = chat.with_template(ours["bpe"][1])
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2,
+                          n_embd=32))
     run = tmp_path / "run"
-    run.mkdir()
-    for f in runs["bpe"].iterdir():
-        (run / f.name).write_bytes(f.read_bytes())
-    config = json.loads((run / "config.json").read_text())
-    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-    (run / "config.json").write_text(json.dumps({**config, "chat_template": template}))
+    checkpoint.save_model(run, model, tok)
     assert export.main(["--ckpt", str(run), "--out", str(tmp_path / "c.gguf"),
                         "--format", "gguf"]) == 0
-    assert read(tmp_path / "c.gguf")[0]["tokenizer.chat_template"] == template
+    meta, _ = read(tmp_path / "c.gguf")
+    assert meta["tokenizer.chat_template"] == tok.chat_template == chat.CHAT_TEMPLATE
+    i = tok.special_tokens[chat.IM_START]
+    assert meta["tokenizer.ggml.tokens"][i] == chat.IM_START
+    assert meta["tokenizer.ggml.token_type"][i] == 3  # CONTROL, as <|endoftext|>
+    # llama.cpp reads the rendered turns into our ids.
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, it's me"}]
+    text = chat.render(tok, messages, add_generation_prompt=True)
+    assert llama_ids(tmp_path / "c.gguf", text, tmp_path) == chat.prompt_ids(tok, messages)
 
 
 # -- llama.cpp's own tools --------------------------------------------------------------------

@@ -102,6 +102,33 @@ def test_to_hf_round_trip(preset, tmp_path):
         assert torch.equal(again.state_dict()[k], v), k
 
 
+def test_nanogpt_architecture_exports_to_gpt2_with_exact_gelu_and_zero_biases():
+    # nanoGPT: GPT-2's layout with nn.GELU() (HF's activation "gelu") and, by default, no biases
+    # (the same function as GPT-2 with zero biases).
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("gpt2", vocab_size=101, n_layer=2, n_embd=64, n_head=4,
+                                block_size=64, gelu_approx="none", bias=False)
+    ours = GPT(cfg).eval()
+    with torch.no_grad():  # O(1) activations and logits: tanh and erf GELU differ visibly
+        for name, p in ours.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 if "wte" in name or "wpe" in name else 2 * p.size(1) ** -0.5)
+    theirs = hf.to_hf(ours)
+    assert theirs.config.activation_function == "gelu"
+    assert theirs.transformer.h[0].attn.c_attn.bias.abs().max() == 0
+    idx = torch.randint(0, 101, (2, 13))
+    with torch.no_grad():
+        want = theirs(idx).logits
+        torch.testing.assert_close(ours(idx)[0], want, rtol=1e-4, atol=1e-4)
+        tanh = GPT(dataclasses.replace(cfg, gelu_approx="tanh")).eval()
+        tanh.load_state_dict(ours.state_dict())
+        # The tolerance tells the two GELUs apart: the exact form is what HF computes.
+        assert not torch.allclose(tanh(idx)[0], want, rtol=1e-4, atol=1e-4)
+        back = hf.from_hf(theirs)
+        assert back.config.gelu_approx == "none" and back.config.bias
+        torch.testing.assert_close(back(idx)[0], want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("change,words", [
     (dict(logit_softcap=30.0), "soft-cap"), (dict(parallel_block=True), "parallel"),
     (dict(qk_norm=True), "QK-norm"), (dict(bias=True), "biases"),

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptmod_ext import _ext
 from gptmod_ext.model import GPT, GPTConfig, PRESETS
@@ -28,6 +29,13 @@ ARCHS = {
     "learned_rms_gelu_parallel": dict(vocab_size=100, block_size=64, n_layer=2, n_head=4,
                                       n_embd=64, pos_emb="learned", mlp="gelu",
                                       parallel_block=True),
+    # GPT-NeoX / nanoGPT-moderno's parallel block with two norms, exact GELU, an odd FFN width,
+    # Linear biases but LayerNorms without, a soft-cap left out of the loss.
+    "neox_two_norms": dict(vocab_size=100, block_size=64, n_layer=2, n_head=4, n_embd=64,
+                           norm="layernorm", norm_bias=False, bias=True, mlp="gelu",
+                           gelu_approx="none", ffn_hidden=170, parallel_block=True,
+                           parallel_norms=2, logit_softcap=0.3, softcap_in_loss=False,
+                           rope_interleaved=True),
 }
 
 
@@ -84,7 +92,9 @@ def naive_logits(model, idx):
 
     def mlp(h, p):
         u = linear(h, p + "mlp.c_fc")
-        if c.mlp == "gelu":
+        if c.mlp == "gelu" and c.gelu_approx == "none":
+            u = 0.5 * u * (1 + torch.erf(u / math.sqrt(2)))
+        elif c.mlp == "gelu":
             u = 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))
         else:
             g, v = u[..., :c.ffn_hidden], u[..., c.ffn_hidden:]
@@ -114,7 +124,7 @@ def naive_logits(model, idx):
             heads.append(s.softmax(-1) @ v[:, :, kv])
         a = linear(torch.cat(heads, dim=-1), p + "attn.c_proj")
         if c.parallel_block:
-            x = x + a + mlp(h, p)
+            x = x + a + mlp(h if c.parallel_norms == 1 else norm(x, p + "ln_2"), p)
         else:
             x = x + a
             x = x + mlp(norm(x, p + "ln_2"), p)
@@ -160,7 +170,8 @@ def test_modern_preset_is_the_default_architecture():
 
 @pytest.mark.parametrize("bad", [dict(n_head=4, n_kv_head=3), dict(pos_emb="alibi"),
                                  dict(norm="batchnorm"), dict(mlp="relu"), dict(n_embd=65, n_head=4),
-                                 dict(logit_softcap=-1.0)])
+                                 dict(logit_softcap=-1.0), dict(gelu_approx="erf"),
+                                 dict(parallel_norms=3)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         GPTConfig(**{**dict(n_embd=64, n_head=4), **bad})
@@ -229,6 +240,31 @@ def test_softcap_bounds_logits_in_forward():
     assert raw.abs().max() > 1.5 * m.config.logit_softcap  # the cap really is active here
     cap = m.config.logit_softcap
     torch.testing.assert_close(capped, cap * torch.tanh(raw / cap))
+
+
+def test_softcap_in_loss_false_caps_only_logits_returned_without_targets():
+    m = make_model("neox_two_norms")
+    idx = torch.randint(0, 100, (2, 9))
+    targets = torch.randint(0, 100, (2, 9))
+    capped, _ = m(idx)
+    raw, loss = m(idx, targets)
+    cap = m.config.logit_softcap
+    assert raw.abs().max() > 1.5 * cap  # the cap is active here
+    torch.testing.assert_close(capped, cap * torch.tanh(raw / cap))
+    want = F.cross_entropy(raw.double().reshape(-1, 100), targets.reshape(-1))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    cache = m.new_kv_cache(2, 9)  # generation sees the capped logits
+    torch.testing.assert_close(m.forward_cached(idx, cache), capped[:, -1])
+
+
+def test_old_configs_keep_their_meaning():
+    # config.json of runs saved before gelu_approx / parallel_norms / norm_bias /
+    # softcap_in_loss: tanh GELU, one shared norm, LayerNorm biases as `bias`, cap in the loss.
+    old = {k: v for k, v in ARCHS["exotic"].items()}
+    cfg = GPTConfig.from_dict(old)
+    assert (cfg.gelu_approx, cfg.parallel_norms, cfg.layernorm_bias, cfg.softcap_in_loss) == \
+        ("tanh", 1, True, True)
+    assert GPT(cfg).h[0].ln_2 is None
 
 
 def test_sequence_longer_than_block_size_is_refused():

@@ -1,10 +1,10 @@
-"""Penalties and logit bias in GPT.generate and the sampler CLI (sampling.Penalties), against
+"""Penalties and logit bias in GPT.generate and the sampler CLI (sampling.SamplingParams), against
 the rule written out here in float64 over the plain (uncached, torch backend) forward."""
 import pytest
 import torch
 
 from gptmod_ext import GPT, GPTConfig, sample
-from gptmod_ext.sampling import Penalties
+from gptmod_ext.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,7 +20,7 @@ def model():
     return m
 
 
-def reference_greedy(model, prompt, steps, p: Penalties):
+def reference_greedy(model, prompt, steps, p: SamplingParams):
     seq, counts = list(prompt), torch.zeros(model.config.vocab_size, dtype=torch.float64)
     for _ in range(steps):
         with torch.no_grad():
@@ -29,9 +29,10 @@ def reference_greedy(model, prompt, steps, p: Penalties):
             logits[t] += b
         seen = counts > 0
         seen[list(prompt)] = True
-        logits = torch.where(seen, torch.where(logits > 0, logits / p.repetition,
-                                               logits * p.repetition), logits)
-        logits = logits - p.frequency * counts - p.presence * (counts > 0).double()
+        logits = torch.where(seen, torch.where(logits > 0, logits / p.repetition_penalty,
+                                               logits * p.repetition_penalty), logits)
+        logits = (logits - p.frequency_penalty * counts
+                  - p.presence_penalty * (counts > 0).double())
         nxt = int(logits.argmax())
         counts[nxt] += 1
         seq.append(nxt)
@@ -39,9 +40,11 @@ def reference_greedy(model, prompt, steps, p: Penalties):
 
 
 # Each alone (small enough that it changes some greedy choices, not all), then all together.
-PENALTIES = [Penalties(frequency=0.4), Penalties(presence=0.5), Penalties(repetition=1.3),
-             Penalties(logit_bias={5: -100.0, 9: 2.5}),
-             Penalties(presence=0.3, frequency=0.7, repetition=1.5, logit_bias={5: -100.0})]
+PENALTIES = [SamplingParams(frequency_penalty=0.4), SamplingParams(presence_penalty=0.5),
+             SamplingParams(repetition_penalty=1.3),
+             SamplingParams(logit_bias={5: -100.0, 9: 2.5}),
+             SamplingParams(presence_penalty=0.3, frequency_penalty=0.7, repetition_penalty=1.5,
+                            logit_bias={5: -100.0})]
 
 
 @pytest.mark.parametrize("p", PENALTIES, ids=["frequency", "presence", "repetition", "bias", "all"])
@@ -51,7 +54,7 @@ def test_generate_with_penalties_matches_float64_reference(model, backend, use_c
     model.backend = backend
     prompts = [[1, 2, 3, 1, 2], [7, 7]]  # ragged: the padding after row 1 is not "seen"
     plain = model.generate(prompts, 20, temperature=0, use_cache=use_cache)
-    got = model.generate(prompts, 20, temperature=0, use_cache=use_cache, penalties=p)
+    got = model.generate(prompts, 20, p, temperature=0, use_cache=use_cache)
     want = [reference_greedy(model, pr, 20, p) for pr in prompts]
     model.backend = "torch"
     assert got == want
@@ -62,21 +65,23 @@ def test_generate_with_penalties_matches_float64_reference(model, backend, use_c
 
 def test_off_penalties_change_nothing(model):
     plain = model.generate([[4, 5, 6]], 15, temperature=0)
-    assert model.generate([[4, 5, 6]], 15, temperature=0, penalties=Penalties()) == plain
+    assert model.generate([[4, 5, 6]], 15, SamplingParams(), temperature=0) == plain
 
 
 def test_frequency_penalty_reduces_repeats(model):
     plain = model.generate([[3]], 30, temperature=0)[0][1:]
-    penalized = model.generate([[3]], 30, temperature=0, penalties=Penalties(frequency=2.0))[0][1:]
+    penalized = model.generate([[3]], 30, temperature=0, frequency_penalty=2.0)[0][1:]
     assert len(set(penalized)) > len(set(plain))
 
 
-def test_sampler_options_parse_into_penalties():
+def test_sampler_options_parse_into_sampling_params():
     args = sample.parse_args(["--presence-penalty", "0.5", "--frequency-penalty", "-1",
                               "--repetition-penalty", "1.2", "--logit-bias", "3=-100",
                               "--logit-bias", "4=1.5"])
-    assert args.penalties == Penalties(0.5, -1.0, 1.2, {3: -100.0, 4: 1.5})
-    assert not sample.parse_args([]).penalties.active
+    p = args.params
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.logit_bias) == \
+        (0.5, -1.0, 1.2, {3: -100.0, 4: 1.5})
+    assert not sample.parse_args([]).params.penalized
 
 
 @pytest.mark.parametrize("argv", [["--logit-bias", "3"], ["--logit-bias", "x=1"],
@@ -93,6 +98,6 @@ def test_repetition_penalty_covers_the_prompt(model):
     # The prompt is the model's own greedy continuation, so the prompt tokens are exactly the
     # ones it would repeat: a penalty that forgot the prompt would pick them again.
     prompt = model.generate([[3]], 6, temperature=0)[0]
-    p = Penalties(repetition=3.0)
-    assert model.generate([prompt], 12, temperature=0, penalties=p) == \
+    p = SamplingParams(repetition_penalty=3.0)
+    assert model.generate([prompt], 12, p, temperature=0) == \
         [reference_greedy(model, prompt, 12, p)]

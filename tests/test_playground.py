@@ -101,3 +101,39 @@ def test_page_shows_errors(server):
             assert "401" in page.inner_text("#status")
         finally:
             browser.close()
+
+
+def test_page_has_no_canned_prompt_and_knows_the_document_start(server):
+    # The prompt box starts empty (a run may be trained on anything: a fairy-tale opening made
+    # no sense for a model of Python code); an empty prompt starts a new document with the
+    # tokenizer's own start token, which the server writes into the page.
+    import httpx
+    import re
+
+    html = httpx.get(server + "/").text
+    assert "Once upon a time" not in html
+    assert re.search(r'<textarea id="prompt"[^>]*></textarea>', html)
+    tok = __import__("gptmod_ext").tokenizer.byte_tokenizer()  # make_tiny_run's tokenizer
+    assert f'data-doc-start="{tok.eot_id}"' in html
+
+
+@needs_browser
+def test_empty_prompt_starts_a_new_document(server):
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            bodies = []
+            page.on("request", lambda r: bodies.append(r.post_data) if r.method == "POST" else None)
+            page.goto(server + "/")
+            page.fill("#api_key", API_KEY)
+            page.fill("#max_tokens", "8")
+            page.click("#generate")
+            page.wait_for_selector("#output[data-done='1']", timeout=60_000)
+            assert "error" not in (page.get_attribute("#status", "class") or "")
+            assert "8 tokens" in page.inner_text("#status")
+            sent = __import__("json").loads(bodies[-1])
+            start = int(page.evaluate("document.body.dataset.docStart"))
+            assert sent["prompt"] == [start]
+        finally:
+            browser.close()

@@ -40,7 +40,7 @@ def assert_one_line_error(proc, *fragments):
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("python -m gptmod_ext.prepare: error: "), proc.stderr
     for f in fragments:
         assert f in lines[0], lines[0]
 

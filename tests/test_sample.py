@@ -222,8 +222,23 @@ def test_compile_uses_the_models_fast_decode_path(run_dir, loaded, capsys, monke
     code, out, err = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "the", "--compile",
                               "--temperature", "0", "--max-new-tokens", "20", "--backend", "torch")
     assert code == 0, err
-    assert len(calls) == 1 and ", compiled" in err
+    assert len(calls) == 1 and "decode: plain" in err
     assert out == "the" + reference(loaded, "the", 20, temperature=0)[0] + "\n"
+
+
+def test_fused_decode_is_the_default_and_no_fused_turns_it_off(run_dir, loaded, capsys):
+    # No speed flag: the fused CPU step decodes; --no-fused: the layers' own step. The same
+    # greedy text either way, the torch backend's (a trained model: no near ties to break).
+    if _ext.ext_unavailable_reason("cpu"):
+        pytest.skip("the compiled ops are not built for the CPU")
+    want = "the c" + reference(loaded, "the c", 40, temperature=0)[0] + "\n"
+    for flags, words in (((), "decode: fused CPU decode step"),
+                         (("--no-fused",), "decode: plain (the fused decode step is turned off")):
+        code, out, err = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "the c",
+                                  "--temperature", "0", "--max-new-tokens", "40", "--backend",
+                                  "ext", *flags)
+        assert code == 0 and words in err, err
+        assert out == want
 
 
 def test_max_new_tokens_reduced_to_the_context(run_dir, loaded, capsys):
@@ -394,7 +409,7 @@ def test_ctrl_c_outside_interactive(run_dir, capsys, monkeypatch):
 
 USAGE_ERRORS = [
     ["--temperature", "-0.5"], ["--top-p", "0"], ["--top-p", "1.5"], ["--min-p", "-0.1"],
-    ["--min-p", "1.01"], ["--top-k", "0"], ["--max-new-tokens", "0"], ["--num-samples", "0"],
+    ["--min-p", "1.01"], ["--top-k", "-3"], ["--max-new-tokens", "0"], ["--num-samples", "0"],
     ["--bogus"], ["--dtype", "float8"], ["--backend", "cuda"], ["--temperature", "hot"],
     ["--stop", ""], ["--prompt", "a", "--prompt-file", "f"], ["--interactive", "--prompt", "a"],
 ]
@@ -414,7 +429,7 @@ def test_stop_escapes_and_non_ascii():
 
 
 def test_usage_error_subprocess():
-    r = cli("--top-k", "0")
+    r = cli("--top-k", "-2")
     assert r.returncode == 2
     assert_one_line_error(r.stderr, "--top-k")
 
@@ -487,15 +502,13 @@ def test_hf_folder_without_tokenizer(hf_dirs, tmp_path, capsys):
 
 def test_penalty_options_match_generate(run_dir, loaded, capsys):
     # The CLI's --frequency-penalty / --logit-bias give model.generate's text with the same
-    # sampling.Penalties (whose rule test_penalties.py checks against float64).
-    from gptmod_ext.sampling import Penalties
-
+    # settings (whose rule test_penalties.py checks against float64).
     _, tok = loaded
     plain = reference(loaded, "the c", 60, temperature=0)[0]
     banned = tok.encode("a")[0]
     assert "a" in plain
-    p = Penalties(frequency=1.0, logit_bias={banned: -100.0})
-    expected = reference(loaded, "the c", 60, temperature=0, penalties=p)[0]
+    expected = reference(loaded, "the c", 60, temperature=0, frequency_penalty=1.0,
+                         logit_bias={banned: -100.0})[0]
     assert "a" not in expected and expected != plain
     code, out, _ = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "the c",
                             "--temperature", "0", "--max-new-tokens", "60",

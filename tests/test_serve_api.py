@@ -230,7 +230,7 @@ def test_compiled_decode_server(run_dir, ref):
     import concurrent.futures
 
     with live_server(run_dir, "--max-batch", "4", "--compile") as url:
-        assert "compiled decode" in url.proc.stdout.readline()
+        assert "decode: fused CPU decode step" in url.proc.stdout.readline()
         client = openai_client(url, timeout=60)
         jobs = [("the first", 24), ("short", 2), ("a third prompt", 24)]
 

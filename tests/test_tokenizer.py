@@ -165,3 +165,67 @@ def test_build_rejects_unknown_kind():
         T.build("sentencepiece")
     with pytest.raises(T.TokenizerError, match="at least 257"):
         T.train_bpe(CORPUS, vocab_size=100)
+
+
+# -- char vocabularies (nanoGPT's meta.pkl) -----------------------------------------------------
+
+def write_meta(path, chars):
+    # As nanoGPT's data/shakespeare_char/prepare.py writes it.
+    import pickle
+
+    with open(path, "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    return path
+
+
+def test_char_tokenizer_from_meta_pkl_saves_and_loads(tmp_path):
+    chars = sorted(set("héllo wörld, naïve café\n日本🎉!"))
+    tok = T.from_meta_pkl(write_meta(tmp_path / "meta.pkl", chars))
+    assert (tok.kind, tok.vocab_size, tok.eot_id) == ("char", len(chars), None)
+    text = "café wörld\n日本🎉!"
+    ids = tok.encode(text)
+    assert ids == [chars.index(c) for c in text]
+    assert tok.decode(ids) == text and tok.decode_bytes(ids) == text.encode("utf-8")
+    assert not any(tok.is_special(i) for i in ids)
+    tok.save(tmp_path)
+    back = T.load(tmp_path)
+    assert type(back) is T.CharTokenizer and back.chars == chars and back.name == tok.name
+    assert back.describe() == tok.describe() and back.describe()["kind"] == "char"
+    with pytest.raises(T.TokenizerError, match="'x' is not in the"):
+        tok.encode("x")
+    with pytest.raises(T.TokenizerError, match="outside"):
+        tok.decode([len(chars)])
+
+
+@pytest.mark.parametrize("meta", [
+    {"vocab_size": 2, "itos": {0: "a", 1: "b"}, "stoi": {"a": 0, "b": 2}},   # disagree
+    {"vocab_size": 3, "itos": {0: "a", 1: "b"}, "stoi": {"a": 0, "b": 1}},   # wrong size
+    {"vocab_size": 2, "itos": {0: "ab", 1: "c"}, "stoi": {"ab": 0, "c": 1}},  # not characters
+    {"vocab_size": 2, "stoi": {"a": 0, "b": 1}},                              # no itos
+    ["a", "b"],
+])
+def test_meta_pkl_that_is_not_a_char_vocabulary_is_refused(tmp_path, meta):
+    import pickle
+
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps(meta))
+    with pytest.raises(T.TokenizerError, match="char"):
+        T.from_meta_pkl(tmp_path / "meta.pkl")
+
+
+def test_meta_pkl_never_runs_code(tmp_path):
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('x')",)
+
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 1, "stoi": Exploit()}))
+    with pytest.raises(T.TokenizerError, match="builtins.exec"):
+        T.from_meta_pkl(tmp_path / "meta.pkl")
+    assert not marker.exists()
+    (tmp_path / "meta.pkl").write_bytes(b"\x80\x04not a pickle")
+    with pytest.raises(T.TokenizerError, match="not a nanoGPT meta.pkl"):
+        T.from_meta_pkl(tmp_path / "meta.pkl")

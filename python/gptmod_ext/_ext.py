@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from .common import UserError
+
 # Build isolation would compile against a fresh torch 2.13 and the runtime pin would then replace
 # the user's torch; --no-deps keeps their torch, and the build tools must be there first.
 REBUILD_COMMAND = ('pip install scikit-build-core ninja "cmake>=3.26" && '
@@ -27,7 +29,7 @@ REBUILD_HINT = (f"rebuild it against the torch you have, from the gptmod_ext sou
                 f"`{REBUILD_COMMAND}`")
 
 
-class ExtensionNotAvailable(ImportError):
+class ExtensionNotAvailable(UserError, ImportError):
     """The compiled ops cannot be used; the message says why and how to fix it."""
 
 
@@ -88,6 +90,41 @@ LIB_DIR, CUDA_LOADED, LOAD_ERROR = _load()
 AVAILABLE = LOAD_ERROR is None
 
 
+def _built_cuda_archs() -> str:
+    info = LIB_DIR / "_build_info.json" if LIB_DIR is not None else None
+    if info is None or not info.exists():
+        return ""
+    return json.loads(info.read_text()).get("cuda_archs", "")
+
+
+# CMAKE_CUDA_ARCHITECTURES of the CUDA library, comma separated ("80,86,89,90"); "" without one.
+CUDA_ARCHS = _built_cuda_archs()
+
+
+def cuda_archs_fit(capability: tuple[int, int], archs: str) -> bool:
+    """Whether a library built for `archs` (CMake's list: "80", "90a", "86-real", "80-virtual",
+    comma separated) holds a kernel image a GPU of compute capability (major, minor) runs:
+    a plain entry is machine code plus PTX, so any GPU at least that new runs it (newer ones
+    compile the PTX at first use); "-real" is machine code alone (same major, minor at least
+    that); "-virtual" PTX alone; "90a"-style entries fit that exact GPU. An entry CMake
+    expands itself ("native", "all") counts as fitting."""
+    major, minor = capability
+    for entry in filter(None, (a.strip() for a in archs.split(","))):
+        arch, _, kind = entry.partition("-")
+        if not arch[:2].isdigit():
+            return True
+        need = (int(arch[:-1]), int(arch[-1])) if arch[-1].isdigit() else None
+        if need is None:  # an arch-specific entry such as 90a
+            if (major, minor) == (int(arch[:-2]), int(arch[-2])):
+                return True
+        elif kind == "real":
+            if major == need[0] and minor >= need[1]:
+                return True
+        elif (major, minor) >= need:
+            return True
+    return False
+
+
 def require() -> None:
     """Raises ExtensionNotAvailable with the reason when the compiled ops cannot be used."""
     if not AVAILABLE:
@@ -107,11 +144,25 @@ def ext_unavailable_reason(device: torch.device | str) -> str | None:
     if kind == "cpu":
         return None
     if kind == "cuda":
-        if CUDA_LOADED:
-            return None
-        return (f"this gptmod_ext build has no CUDA kernels (no libgptmod_cuda.so loaded from "
-                f"{LIB_DIR}); build it with CUDA or use the torch backend")
+        if not CUDA_LOADED:
+            return (f"this gptmod_ext build has no CUDA kernels (no libgptmod_cuda.so loaded "
+                    f"from {LIB_DIR}); build it with CUDA or use the torch backend")
+        return _cuda_arch_reason(torch.device(device))
     return f"gptmod_ext has no kernels for {kind} devices; use the torch backend"
+
+
+def _cuda_arch_reason(device: torch.device) -> str | None:
+    """Why the CUDA kernels cannot run on this GPU (built for other architectures), or None."""
+    if not CUDA_ARCHS:
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if cuda_archs_fit(capability, CUDA_ARCHS):
+        return None
+    major, minor = capability
+    return (f"{device} ({torch.cuda.get_device_name(device)}) is sm_{major}{minor} but the CUDA "
+            f"kernels were built for sm {CUDA_ARCHS}; rebuild for it with "
+            f"`pip install --no-build-isolation --no-deps . "
+            f"-Ccmake.define.CMAKE_CUDA_ARCHITECTURES=\"{major}{minor}\"`")
 
 
 class Backend(NamedTuple):
@@ -135,4 +186,8 @@ def resolve_backend(requested: str = "auto", device: torch.device | str = "cpu")
         return Backend("ext", None)
     if requested == "auto":
         return Backend("torch", reason)
+    if CUDA_LOADED and torch.device(device).type == "cuda":
+        # An explicit ext on a GPU outside the built list: the first op says so, with the
+        # rebuild command (gptmod/cuda_utils.cuh), as it always has.
+        return Backend("ext", None)
     raise ExtensionNotAvailable(f"backend 'ext' cannot run on {torch.device(device)}: {reason}")

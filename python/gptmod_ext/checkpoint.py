@@ -4,32 +4,37 @@ A run directory (out/ by default) holds
     model.safetensors  the weights only (no pickle), fp32 as trained; tied weights stored once
     config.json        {"model": GPTConfig fields, "tokenizer": description, "train": the
                         training arguments, "step": ..., "val_loss": ...}
-    tokenizer.json     the tokenizer the model was trained with (see tokenizer.py)
+    tokenizer.json     the tokenizer the model was trained with (see tokenizer.py); a run
+                        fine-tuned from a Hugging Face folder keeps that folder's tokenizer
+                        as hf_tokenizer/ (save_pretrained) instead
+    lora.safetensors   a LoRA run's adapters (lora.py); model.safetensors holds the merged
+                        weights, so nothing else needs LoRA code
     train_state.pt     TrainState: optimizer, step, RNG states, data sampler state, best val
                         loss (for exact --resume), loaded with torch.load(weights_only=True)
     metrics.jsonl, loss.png   written by the trainer
-Every file is written through atomic_write (a temporary name, then os.replace), so a crash
+Every file is written through common.atomic_write (a temporary name, then os.replace), so a crash
 mid-save leaves the previous file whole (docs/design.md §4). The trainer writes a checkpoint
 with save_run and continues one with load_for_resume.
 
-For the sampler and server, one loader for run directories and Hugging Face folders:
+For the sampler, server, exporter and trainer, one loader for run directories, Hugging Face
+folders and nanoGPT / nanoGPT-moderno checkpoints (nanogpt.py):
     model, tok, info = checkpoint.load_model("out/", device="auto", dtype="auto", backend="auto")
 raises CheckpointError (a one-line message) for a missing directory, a directory without a
-model, corrupt or truncated weights, and a config that does not match the weights.
+model, corrupt or truncated weights, a config that does not match the weights, and a foreign
+.pt file.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import glob
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from . import tokenizer as tokenizer_mod
+from .common import UserError, atomic_write, first_line
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -37,72 +42,11 @@ STATE_FILE = "train_state.pt"
 FORMAT = "gptmod_ext.run/1"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A run directory cannot be used; the message is one line that says why."""
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def first_line(e: BaseException) -> str:
-    """The first line of an error's message (its type when it has none), for one-line reports."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """`with atomic_write(path) as tmp:` write tmp; it is renamed over path when the block ends
-    without an error, removed otherwise (path keeps its old content). The one atomic write of
-    the package: checkpoints, metrics, plots, tokenizers and prepared data all go through it.
-
-    tmp is `.NAME.tmpPID` next to path. A process killed mid-write (SIGKILL, a lost machine)
-    leaves its tmp behind; the next write of the same path removes those whose process is gone.
-    """
-    path = Path(path)
-    _remove_stale_temporaries(path)
-    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def check_writable_parent(target: str | os.PathLike) -> None:
-    """Raises, before anything is written, when target cannot be created: its nearest existing
-    ancestor folder must be a writable directory (missing folders below it can be made)."""
-    base = Path(target).absolute().parent
-    while not base.exists():
-        base = base.parent
-    if not base.is_dir():
-        raise NotADirectoryError(f"cannot write {target}: {base} is not a directory")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {target}: {base} is not writable")
-
-
-def _tmp_prefix(path: Path) -> str:
-    return f".{path.name}.tmp"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    prefix = _tmp_prefix(path)
-    for old in path.parent.glob(glob.escape(prefix) + "*"):
-        pid = old.name[len(prefix):]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
-            old.unlink(missing_ok=True)
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DDP (.module) and torch.compile (._orig_mod) wrappers, so saved
     keys never carry their prefixes."""
@@ -132,14 +76,16 @@ def model_config_dict(model: torch.nn.Module) -> dict:
 # -- saving -----------------------------------------------------------------------------------
 def save_model(run_dir: str | os.PathLike, model: torch.nn.Module,
                tokenizer: tokenizer_mod.Tokenizer, train_args: dict | None = None,
-               extra: dict | None = None) -> None:
-    """Writes model.safetensors, config.json and tokenizer.json into run_dir."""
+               extra: dict | None = None, state: dict | None = None) -> None:
+    """Writes model.safetensors, config.json and the tokenizer (tokenizer.json, or a Hugging
+    Face tokenizer's folder) into run_dir. state: the weights to write, by their plain names
+    (a LoRA run's merged weights, lora.merged_state_dict); default: the model's state_dict."""
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     module = unwrap(model)
-    state = module.state_dict()
+    state = module.state_dict() if state is None else state
     # safetensors refuses tensors that share memory; a tied weight is stored under its first
     # name only, and loading puts it back into every name of the group.
     tied = {}
@@ -195,15 +141,18 @@ class TrainState:
 
 def save_run(run_dir: str | os.PathLike, model: torch.nn.Module,
              tokenizer: tokenizer_mod.Tokenizer, state: TrainState,
-             train_args: dict | None = None, extra: dict | None = None) -> None:
-    """A training checkpoint: train_state.pt, then the weights, config.json (whose "step" is
-    state.step) and the tokenizer. Each file is atomic; load_for_resume refuses a directory
-    whose weights and state disagree (a crash between the two files)."""
+             train_args: dict | None = None, extra: dict | None = None,
+             weights: dict | None = None) -> None:
+    """A training checkpoint: train_state.pt, then the weights (`weights`, else the model's
+    state_dict: see save_model), config.json (whose "step" is state.step) and the tokenizer.
+    Each file is atomic; load_for_resume refuses a directory whose weights and state disagree
+    (a crash between the two files)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(run_dir / STATE_FILE) as tmp:
         torch.save(state.to_dict(), str(tmp))
-    save_model(run_dir, model, tokenizer, train_args, {**(extra or {}), "step": state.step})
+    save_model(run_dir, model, tokenizer, train_args, {**(extra or {}), "step": state.step},
+               state=weights)
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -308,15 +257,17 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """What load_model read, besides the model and the tokenizer."""
-    kind: str                   # 'run' (a run directory) or 'hf' (a Hugging Face folder)
-    path: Path
-    config: dict                # the folder's config.json as read
+    kind: str                   # 'run' (a run directory), 'hf' (a Hugging Face folder),
+    #                             'nanogpt' or 'moderno' (their .pt checkpoints)
+    path: Path                  # the directory, or the .pt file read
+    config: dict                # the folder's config.json as read; for a .pt, its model_args,
+    #                             step, val_loss and the source's own config (nanogpt.read)
     backend_note: str | None    # why backend='auto' chose torch; None when nothing was given up
 
 
 class LoadedModel(NamedTuple):
     model: Any       # GPT in eval mode, on the device and dtype asked for, backend set
-    tokenizer: Any   # tokenizer.Tokenizer for a run, hf.HFTokenizer for a Hugging Face folder
+    tokenizer: Any   # tokenizer.Tokenizer / CharTokenizer (runs, .pt files), hf.HFTokenizer
     info: ModelInfo
 
 
@@ -349,15 +300,55 @@ def _load_run_dir(path: Path):
     return model, tok, config
 
 
+def _load_pt(path: Path, tokenizer_path):
+    """A nanoGPT / nanoGPT-moderno checkpoint file: (model, tokenizer, source info, kind)."""
+    from . import nanogpt
+    from .model import GPT
+
+    try:
+        ck = nanogpt.read(path)
+        tok = nanogpt.find_tokenizer(ck, tokenizer_path)
+    except ValueError as e:
+        raise CheckpointError(first_line(e)) from None
+    model = GPT(ck.config)
+    load_weights(model, ck.weights, {}, f" in {path}")
+    return model, tok, ck.source, ck.kind
+
+
+def _source_kind(path: Path) -> tuple[str, Path]:
+    """('hf' | 'run' | 'pt', the path to read): a .pt file, or a directory that holds one
+    and no run, is a nanoGPT / moderno checkpoint; anything else is read as a run directory
+    (whose reader says what is missing)."""
+    if path.is_file():
+        return "pt", path
+    if path.is_dir():
+        if is_hf_dir(path):
+            return "hf", path
+        if not (path / MODEL_FILE).is_file():
+            from .nanogpt import find_file
+
+            found = find_file(path)
+            if found is not None:
+                return "pt", found
+    return "run", path
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, backend: str = "auto") -> LoadedModel:
-    """The one model loader: a run directory or a Hugging Face folder (Llama, GPT-2).
+               dtype: str | torch.dtype | None = None, backend: str = "auto",
+               tokenizer_path: str | os.PathLike | None = None,
+               quantize: str | None = None) -> LoadedModel:
+    """The one model loader: a run directory, a Hugging Face folder (Llama, GPT-2), or a
+    nanoGPT ckpt.pt / nanoGPT-moderno model_XXXXX.pt (the file or its directory).
 
     device and dtype go through devices.pick_device / pick_dtype (None means 'auto': a GPU
     when there is one, bfloat16 there, float32 on the CPU), backend through
-    _ext.resolve_backend ('auto': ext where it can run). Returns (model, tokenizer, info);
-    every problem with the folder, the device or the backend is a one-line CheckpointError
-    (transformers missing stays an ImportError).
+    _ext.resolve_backend ('auto': ext where it can run). tokenizer_path: for a .pt checkpoint
+    only, the tokenizer's files (a meta.pkl, or GPT-2's, see nanogpt.find_tokenizer); runs
+    and Hugging Face folders carry their own. quantize='int8': the fused CPU decode step reads
+    int8 weights, quantized once here (model.compile_decode(quantize='int8'); prefill keeps the
+    float weights). Returns (model, tokenizer, info); every problem
+    with the folder, the device or the backend is a one-line CheckpointError (transformers
+    missing stays an ImportError).
     """
     from . import _ext
     from .devices import pick_device, pick_dtype
@@ -369,14 +360,27 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         backend, note = _ext.resolve_backend(backend, device)
     except (_ext.ExtensionNotAvailable, ValueError) as e:
         raise CheckpointError(str(e)) from None
-    kind = "hf" if path.is_dir() and is_hf_dir(path) else "run"
-    model, tok, config = (_load_hf if kind == "hf" else _load_run_dir)(path)
+    kind, path = _source_kind(path)
+    if kind == "pt":
+        model, tok, config, kind = _load_pt(path, tokenizer_path)
+    elif tokenizer_path is not None:
+        if kind == "run":
+            read_config(path)  # a missing or empty directory says so first
+        raise CheckpointError(f"a tokenizer path is for nanoGPT checkpoints; {path} holds its "
+                              "own tokenizer")
+    else:
+        model, tok, config = (_load_hf if kind == "hf" else _load_run_dir)(path)
     try:
         model.to(device=device, dtype=dtype)
     except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device on a CPU-only torch
         raise CheckpointError(f"cannot put the model on {device}: {first_line(e)}") from None
     model.backend = backend
     model.eval()
+    if quantize is not None:
+        try:
+            model.compile_decode(quantize=quantize)
+        except ValueError as e:
+            raise CheckpointError(f"--quantize {quantize}: {e}") from None
     return LoadedModel(model, tok, ModelInfo(kind, path, config, note))
 
 

@@ -11,7 +11,8 @@ tokenizer, path).
 
 What it does, in the terms of the flags:
 - --ckpt: a run directory written by `python -m gptmod_ext.train` (model.safetensors,
-  config.json, tokenizer.json). Its weights are read on the CPU.
+  config.json, tokenizer.json), or a nanoGPT ckpt.pt (with --tokenizer-path where its
+  tokenizer is not found by itself; see checkpoint.load_model). Its weights are read on the CPU.
 - --format: hf (the default) or gguf.
 - --out: the folder (hf) or file (gguf) to create. It is written under a temporary name next
   to it and renamed into place at the end, so an error leaves nothing behind. An existing
@@ -20,9 +21,8 @@ What it does, in the terms of the flags:
   bf16 or q8_0 (llama.cpp's 8-bit blocks) for gguf.
 - The architecture follows the model: RoPE models become LlamaForCausalLM (llama.cpp's llama),
   learned positions GPT2LMHeadModel (llama.cpp's gpt2); a feature the target does not express
-  (soft-cap, QK-norm, parallel blocks, ...) is refused with its name.
-- gguf: the run's chat template, where it has one (a `chat_template` key in config.json or on
-  its tokenizer), goes into the file as tokenizer.chat_template.
+  (soft-cap, QK-norm, parallel blocks, ...) is refused with its name. Both carry the
+  tokenizer's chat template, where it has one (chat.py).
 - stdout: one line saying what was written. Errors: one line on stderr,
   `python -m gptmod_ext.export: error: ...`, exit 1 (2 for usage errors); GPTMOD_DEBUG=1 shows
   tracebacks.
@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-from typing import Optional
 
-from .sample import _first_line, _Parser  # one-line usage errors and messages, as sample's
+from .common import Parser, run_cli
 
 PROG = "python -m gptmod_ext.export"
 # The dtypes each format writes.
@@ -44,11 +42,14 @@ FORMATS = {"hf": ("fp32", "bf16", "fp16"), "gguf": ("fp32", "bf16", "q8_0")}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Write a gptmod_ext run directory as a Hugging Face "
-                "folder (config.json, model.safetensors, generation_config.json, tokenizer.json, "
-                "tokenizer_config.json) that transformers loads without gptmod_ext, or as one "
-                "GGUF file (--format gguf) that llama.cpp, ollama and LM Studio run.")
-    p.add_argument("--ckpt", default="out", help="run directory (default: out)")
+    p = Parser(prog=PROG, description="Write a gptmod_ext run directory as a Hugging Face "
+               "folder (config.json, model.safetensors, generation_config.json, tokenizer.json, "
+               "tokenizer_config.json) that transformers loads without gptmod_ext, or as one "
+               "GGUF file (--format gguf) that llama.cpp, ollama and LM Studio run.")
+    p.add_argument("--ckpt", default="out", help="run directory, or nanoGPT ckpt.pt / "
+                   "nanoGPT-moderno model_XXXXX.pt (or its directory) (default: out)")
+    p.add_argument("--tokenizer-path", default=None, metavar="PATH",
+                   help="for a nanoGPT checkpoint: its meta.pkl, or GPT-2's tokenizer files")
     p.add_argument("--out", required=True,
                    help="the Hugging Face folder (or, with --format gguf, the .gguf file) to write")
     p.add_argument("--format", default="hf", choices=FORMATS,
@@ -62,14 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def chat_template_of(config: dict, tok) -> Optional[str]:
-    """The run's chat template (a Jinja string) where it keeps one: a `chat_template` key in its
-    config.json or a `chat_template` attribute of its tokenizer; None otherwise."""
-    return config.get("chat_template") or getattr(tok, "chat_template", None) or None
-
-
-def export(ckpt, out, dtype: str = "fp32", force: bool = False, fmt: str = "hf") -> str:
-    """Exports run directory ckpt to out; returns a one-line description of what was written."""
+def export(ckpt, out, dtype: str = "fp32", force: bool = False, tokenizer_path=None,
+           fmt: str = "hf") -> str:
+    """Exports run directory (or nanoGPT checkpoint) ckpt to out as fmt ('hf' or 'gguf');
+    returns a one-line description of what was written."""
     from . import checkpoint
 
     if dtype not in FORMATS[fmt]:
@@ -80,12 +77,12 @@ def export(ckpt, out, dtype: str = "fp32", force: bool = False, fmt: str = "hf")
         raise ValueError(f"--out {out} would replace the run directory {ckpt}; choose another")
     if checkpoint.is_hf_dir(ckpt):
         raise ValueError(f"{ckpt} is already a Hugging Face folder (export reads run directories)")
-    model, tok, info = checkpoint.load_model(ckpt, device="cpu", dtype="float32", backend="torch")
+    model, tok, _ = checkpoint.load_model(ckpt, device="cpu", dtype="float32", backend="torch",
+                                          tokenizer_path=tokenizer_path)
     if fmt == "gguf":
         from . import gguf_export
 
-        path = gguf_export.save_gguf(model, tok, out, dtype=dtype, overwrite=force,
-                                     chat_template=chat_template_of(info.config, tok))
+        path = gguf_export.save_gguf(model, tok, out, dtype=dtype, overwrite=force)
         arch = f"llama.cpp {gguf_export.gguf_arch(model.config)}"
     else:
         from . import hf
@@ -99,28 +96,17 @@ def export(ckpt, out, dtype: str = "fp32", force: bool = False, fmt: str = "hf")
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    debug = os.environ.get("GPTMOD_DEBUG") == "1"
-    try:
-        if args.format == "hf":
-            from .hf import _transformers
 
-            _transformers().utils.logging.disable_progress_bar()  # stderr is for errors only
-        print(export(args.ckpt, args.out, args.dtype, args.force, args.format), flush=True)
+    def run() -> int:
+        if args.format == "hf":
+            from .common import transformers_module
+
+            transformers_module().utils.logging.disable_progress_bar()  # stderr: errors only
+        print(export(args.ckpt, args.out, args.dtype, args.force, args.tokenizer_path,
+                     args.format), flush=True)
         return 0
-    except KeyboardInterrupt:  # save_hf / save_gguf removed their temporaries on the way out
-        if debug:
-            raise
-        print(f"{PROG}: error: interrupted", file=sys.stderr, flush=True)
-        return 130
-    except Exception as e:  # every failure, ours or the libraries', is one line
-        if debug:
-            raise
-        if isinstance(e, OSError) and e.strerror and e.filename:
-            msg = f"{e.filename}: {e.strerror}"
-        else:
-            msg = _first_line(e)
-        print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
-        return 1
+    # Ctrl-C mid-export: save_hf and save_gguf have removed their temporaries on the way out.
+    return run_cli(PROG, run)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """GGUF export: a GPT and our tokenizer as one file that llama.cpp, ollama and LM Studio run.
 
-  save_gguf(model, tok, path, dtype="fp32"|"bf16"|"q8_0", chat_template=None, overwrite=False)
+  save_gguf(model, tok, path, dtype="fp32"|"bf16"|"q8_0", overwrite=False)
   (what `python -m gptmod_ext.export --format gguf` writes)
 
 The file is written by the `gguf` package (llama.cpp's own writer, from PyPI). Architectures:
@@ -10,7 +10,8 @@ The file is written by the `gguf` package (llama.cpp's own writer, from PyPI). A
   each q and k head are reordered to put pair partners next to each other (the permutation
   llama.cpp's convert_hf_to_gguf.py applies to Hugging Face Llamas); a model trained with
   interleaved RoPE is already in llama.cpp's order and is written as it is;
-- the GPT-2 one (learned positions, LayerNorm, GELU, biases) becomes llama.cpp's `gpt2`;
+- the GPT-2 one (learned positions, LayerNorm, the tanh GELU) becomes llama.cpp's `gpt2`, with
+  zero biases where the model has none (nanoGPT's bias=False);
 - anything else (a logit soft-cap, parallel blocks, QK-norm, ...) is a ValueError naming it.
 Rows of the embedding and lm_head past the vocabulary (our padding to a multiple of 64) are
 dropped. dtype: fp32 as trained; bf16; q8_0 in llama.cpp's block format (32 weights, one fp16
@@ -35,7 +36,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import atomic_write, check_writable_parent
+from .chat import template_of
+from .common import atomic_write, check_writable_parent
 from .model import GPT, GPTConfig
 from .tokenizer import BYTES_PATTERN, EOT, GPT2_PATTERN, GPT4_PATTERN
 
@@ -66,7 +68,8 @@ def gguf_arch(c: GPTConfig) -> str:
         arch, checks = "gpt2", [
             (c.norm == "layernorm", "RMSNorm (llama.cpp's gpt2 uses LayerNorm)"),
             (c.mlp == "gelu", "SwiGLU (llama.cpp's gpt2 uses a GELU MLP)"),
-            (c.bias, "no biases (llama.cpp's gpt2 has them)"),
+            (c.mlp != "gelu" or c.gelu_approx == "tanh",
+             "the exact (erf) GELU (llama.cpp's gpt2 uses the tanh one)"),
             (c.head_dim * c.n_head == c.n_embd, "head_dim * n_head != n_embd")]
     else:
         arch, checks = "llama", [
@@ -90,6 +93,12 @@ def rope_rows_to_adjacent(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, d // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def _bias(sd: dict, name: str) -> torch.Tensor:
+    """sd's bias of layer `name`, or zeros where the model has none (nanoGPT's bias=False):
+    llama.cpp's gpt2 requires every bias, and zeros compute the same function."""
+    return sd.get(name + ".bias", torch.zeros(sd[name + ".weight"].shape[0]))
+
+
 def _tensors(model: GPT, arch: str) -> dict[str, torch.Tensor]:
     """Our state dict under llama.cpp's tensor names (llama-arch.cpp), vocabulary rows only."""
     c, V = model.config, model.config.vocab_size
@@ -99,7 +108,7 @@ def _tensors(model: GPT, arch: str) -> dict[str, torch.Tensor]:
         out["output.weight"] = sd["lm_head.weight"][:V]
     if arch == "gpt2":
         out["position_embd.weight"] = sd["wpe.weight"]
-        out["output_norm.bias"] = sd["ln_f.bias"]
+        out["output_norm.bias"] = _bias(sd, "ln_f")
     Hq, Hkv, D = c.n_head, c.n_kv_head, c.head_dim
     for i in range(c.n_layer):
         p, b = f"h.{i}.", f"blk.{i}."
@@ -109,7 +118,7 @@ def _tensors(model: GPT, arch: str) -> dict[str, torch.Tensor]:
             w.update(attn_qkv=p + "attn.c_attn", ffn_up=p + "mlp.c_fc")
             for name, ours in w.items():
                 out[f"{b}{name}.weight"] = sd[ours + ".weight"]
-                out[f"{b}{name}.bias"] = sd[ours + ".bias"]
+                out[f"{b}{name}.bias"] = _bias(sd, ours)
             continue
         for name, ours in w.items():
             out[f"{b}{name}.weight"] = sd[ours + ".weight"]
@@ -200,7 +209,11 @@ def vocab_and_merges(tok) -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def _add_tokenizer(w, gguf, tok, n_vocab: int, chat_template: Optional[str]) -> None:
+def _add_tokenizer(w, gguf, tok, n_vocab: int) -> None:
+    if getattr(tok, "mergeable_ranks", None) is None:
+        raise ValueError(f"GGUF: the tokenizer {getattr(tok, 'name', '')!r} "
+                         f"({type(tok).__name__}) is not one of our byte-level BPEs (bpe, bytes, "
+                         "gpt2), which are what the file can carry")
     pre = PRE_TOKENIZERS.get(tok.pattern)
     if pre is None:
         raise ValueError(f"GGUF: llama.cpp has no pre-tokenizer for the split pattern of "
@@ -224,23 +237,22 @@ def _add_tokenizer(w, gguf, tok, n_vocab: int, chat_template: Optional[str]) -> 
     w.add_eos_token_id(eot)
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
-    if chat_template:
-        w.add_chat_template(chat_template)
+    if template_of(tok):
+        w.add_chat_template(template_of(tok))
 
 
 # -----------------------------------------------------------------------------------------------
 # The file
 
 
-def save_gguf(model: GPT, tokenizer, path, dtype: str = "fp32", chat_template: Optional[str] = None,
-              overwrite: bool = False, name: Optional[str] = None) -> Path:
+def save_gguf(model: GPT, tokenizer, path, dtype: str = "fp32", overwrite: bool = False,
+              name: Optional[str] = None) -> Path:
     """Writes `model` and `tokenizer` (ours) as one GGUF file llama.cpp runs on its own; returns
     its path.
 
-    dtype: 'fp32', 'bf16' or 'q8_0'. chat_template: a Jinja chat template stored as
-    `tokenizer.chat_template` (llama.cpp, ollama and LM Studio format chats with it); the
-    export command passes the run's own (a `chat_template` key in its config.json or on its
-    tokenizer), none by default. name: `general.name` (default: the file's stem).
+    dtype: 'fp32', 'bf16' or 'q8_0'. The tokenizer's chat template (chat.py), where it has one,
+    is stored as `tokenizer.chat_template` (llama.cpp, ollama and LM Studio format chats with
+    it). name: `general.name` (default: the file's stem).
     The file is written to a temporary name next to `path` and renamed into place, so a failure
     leaves nothing behind; an existing `path` is a FileExistsError unless overwrite=True."""
     gguf = _gguf()
@@ -262,7 +274,7 @@ def save_gguf(model: GPT, tokenizer, path, dtype: str = "fp32", chat_template: O
         w.add_file_type(int(file_type))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_hparams(w, c, arch)
-        _add_tokenizer(w, gguf, tokenizer, c.vocab_size, chat_template)
+        _add_tokenizer(w, gguf, tokenizer, c.vocab_size)
         for tname, t in _tensors(model, arch).items():
             _add_tensor(w, gguf, tname, t, dtype)
         w.write_header_to_file()

@@ -8,7 +8,7 @@
   save_hf(model, tok, dir)            both as a folder transformers loads on its own (what
                                       `python -m gptmod_ext.export` writes)
   HFTokenizer(path)                   a folder's transformers tokenizer behind our tokenizer
-                                      interface (checkpoint.load_model uses it)
+                                      interface (defined in tokenizer.py, with the other kinds)
 
 The modern architecture maps onto Llama one to one: RoPE with HF's half-split convention
 (rotate_half, same as ours), RMSNorm, SwiGLU (HF's separate gate/up projections become our fused
@@ -32,16 +32,9 @@ from typing import Optional
 import torch
 
 from . import devices
+from .common import check_writable_parent, transformers_module
 from .model import GPT, GPTConfig
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError("gptmod_ext.hf needs the optional dependency `transformers`: "
-                          "pip install 'gptmod_ext[hf]' (or pip install transformers)") from e
-    return transformers
+from .tokenizer import EOT, HFTokenizer  # noqa: F401  (HFTokenizer: part of this module's API)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -81,10 +74,15 @@ def _llama_to_config(c, block_size: Optional[int]) -> GPTConfig:
         logit_softcap=0.0, qk_norm=False, dropout=0.0)
 
 
+# GPT-2's activation_function names for the two GELUs we have (gelu_fast is the tanh form too).
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
 def _gpt2_to_config(c, block_size: Optional[int]) -> GPTConfig:
     problems = []
-    if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        problems.append(f"activation_function={c.activation_function!r} (only the tanh GELU)")
+    if c.activation_function not in (*_GELU_TANH, "gelu"):
+        problems.append(f"activation_function={c.activation_function!r} (only the GELUs: "
+                        "tanh, or exact 'gelu')")
     if not getattr(c, "scale_attn_weights", True):
         problems.append("scale_attn_weights=False")
     if getattr(c, "scale_attn_by_inverse_layer_idx", False):
@@ -97,7 +95,7 @@ def _gpt2_to_config(c, block_size: Optional[int]) -> GPTConfig:
         vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head,
         n_kv_head=c.n_head, n_embd=c.n_embd, ffn_hidden=c.n_inner or 4 * c.n_embd,
         pos_emb="learned", norm="layernorm", norm_eps=c.layer_norm_epsilon, mlp="gelu",
-        parallel_block=False, bias=True, tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
+        gelu_approx="none" if c.activation_function == "gelu" else "tanh", parallel_block=False, bias=True, tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)),
         logit_softcap=0.0, qk_norm=False, dropout=0.0)
 
 
@@ -156,7 +154,7 @@ def _gpt2_weights(sd: dict, cfg: GPTConfig) -> dict:
 
 def _load_dir(path: Path):
     """(hf config, state dict) of a local checkpoint directory, without downloading anything."""
-    transformers = _transformers()
+    transformers = transformers_module()
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"from_hf: {path} has no config.json")
     hf_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -205,86 +203,6 @@ def from_hf(model_or_path, block_size: Optional[int] = None, dtype: Optional[tor
     return model.to(dtype or src_dtype).eval()
 
 
-class HFTokenizer:
-    """A transformers tokenizer of a local folder behind the encode/decode/eot_id interface of
-    ours (checkpoint.load_model returns it for Hugging Face folders). It has no decode_bytes,
-    so streaming.TextStreamer streams it by re-decoding."""
-
-    FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        if not any((path / f).is_file() for f in self.FILES):
-            raise ValueError(f"{path} holds no tokenizer files ({', '.join(self.FILES)}); "
-                             "save one there with tokenizer.save_pretrained()")
-        transformers = _transformers()
-        transformers.logging.set_verbosity_error()
-        try:
-            self.hf = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except Exception as e:  # transformers raises many types for unusable files
-            from .checkpoint import first_line
-            raise ValueError(f"cannot load the tokenizer in {path}: {first_line(e)}") from None
-        self.eot_id = self.hf.eos_token_id
-        self.bos_id = self.hf.bos_token_id
-        self.vocab_size = len(self.hf)
-        self._special_ids = frozenset(self.hf.all_special_ids)
-        self._token_bytes = _byte_level_tokens(self.hf, self._special_ids)
-        # A byte-level BPE (GPT-2's, Llama 3's, every folder `export` writes) streams through
-        # decode_bytes exactly as our own tokenizers do; others are re-decoded as whole texts.
-        self.byte_level = self._token_bytes is not None
-
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=True)
-
-    def is_special(self, token_id: int) -> bool:
-        return int(token_id) in self._special_ids
-
-    def decode(self, ids) -> str:
-        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
-
-    def decode_bytes(self, ids) -> bytes:
-        """The raw bytes of ids (special tokens skipped, as decode does); byte-level
-        tokenizers only."""
-        if self._token_bytes is None:
-            raise TypeError("decode_bytes: this tokenizer is not a byte-level BPE")
-        return b"".join(self._token_bytes[int(i)] for i in ids)
-
-
-def _gpt2_byte_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level BPE writes each byte as one printable character: the printable
-    Latin-1 bytes as themselves, the other 68 as chr(256 + n) in byte order. char -> byte."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    others = [b for b in range(256) if b not in printable]
-    table = {chr(b): b for b in printable}
-    table.update({chr(256 + n): b for n, b in enumerate(others)})
-    return table
-
-
-def _byte_level_tokens(hf_tok, special_ids) -> Optional[list[bytes]]:
-    """Each id's bytes when the tokenizer is a plain byte-level BPE (its decoder is ByteLevel
-    and every ordinary token is spelled in the byte alphabet), else None. Special tokens
-    decode to nothing; other added tokens to their UTF-8 text."""
-    backend = getattr(hf_tok, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
-    if decoder.get("type") != "ByteLevel":
-        return None
-    alphabet = _gpt2_byte_alphabet()
-    added = {i: t.content for i, t in hf_tok.added_tokens_decoder.items()}
-    out = []
-    for i, piece in enumerate(hf_tok.convert_ids_to_tokens(list(range(len(hf_tok))))):
-        if i in special_ids:
-            out.append(b"")
-        elif i in added:
-            out.append(added[i].encode("utf-8"))
-        elif piece is not None and all(ch in alphabet for ch in piece):
-            out.append(bytes(alphabet[ch] for ch in piece))
-        else:
-            return None
-    return out
-
-
 # -----------------------------------------------------------------------------------------------
 # Ours -> HF
 
@@ -308,7 +226,6 @@ def _gpt2_problems(c: GPTConfig) -> list[str]:
         (c.pos_emb == "learned", "RoPE (GPT-2 uses learned positions)"),
         (c.norm == "layernorm", "RMSNorm (GPT-2 uses LayerNorm)"),
         (c.mlp == "gelu", "SwiGLU (GPT-2 uses a GELU MLP)"),
-        (c.bias, "no biases (GPT-2 has them)"),
         (c.tie_embeddings, "untied embeddings (GPT-2 ties them)"),
         (c.n_kv_head == c.n_head, "grouped KV heads (GPT-2 is multi-head)"),
         (c.head_dim * c.n_head == c.n_embd, "head_dim * n_head != n_embd"),
@@ -317,6 +234,25 @@ def _gpt2_problems(c: GPTConfig) -> list[str]:
         (not c.qk_norm, "QK-norm"),
     ]
     return [msg for ok, msg in checks if not ok]
+
+
+def _gpt2_hf_weights(sd: dict, c: GPTConfig, expected: dict) -> dict:
+    """Our GPT-2-shaped state dict in GPT2LMHeadModel's names (Conv1D weights [in, out]).
+    A model without biases (nanoGPT's bias=False) gets zero biases: the same function."""
+    V = c.vocab_size
+    hf = {"transformer.wte.weight": sd["wte.weight"][:V], "lm_head.weight": sd["wte.weight"][:V],
+          "transformer.wpe.weight": sd["wpe.weight"], "transformer.ln_f.weight": sd["ln_f.weight"]}
+    if "ln_f.bias" in sd:
+        hf["transformer.ln_f.bias"] = sd["ln_f.bias"]
+    for i in range(c.n_layer):
+        p = f"h.{i}."
+        for k, v in sd.items():
+            if k.startswith(p):
+                hf["transformer." + k] = v.t() if k[len(p):] in _CONV1D else v
+    for k, t in expected.items():
+        if k not in hf and k.endswith(".bias"):
+            hf[k] = torch.zeros_like(t)
+    return hf
 
 
 def to_hf(model: GPT, arch: Optional[str] = None, **config_overrides):
@@ -328,7 +264,7 @@ def to_hf(model: GPT, arch: Optional[str] = None, **config_overrides):
     generate would otherwise stop at Llama's default eos id 2). Returns the model in eval mode,
     on the same device and in the same dtype as `model`.
     """
-    transformers = _transformers()
+    transformers = transformers_module()
     c = model.config
     arch = arch or ("gpt2" if c.pos_emb == "learned" else "llama")
     problems = {"llama": _llama_problems, "gpt2": _gpt2_problems}[arch](c)
@@ -363,19 +299,14 @@ def to_hf(model: GPT, arch: Optional[str] = None, **config_overrides):
     else:
         hf_config = transformers.GPT2Config(
             vocab_size=V, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-            n_head=c.n_head, n_inner=c.ffn_hidden, activation_function="gelu_new",
+            n_head=c.n_head, n_inner=c.ffn_hidden,
+            activation_function="gelu_new" if c.gelu_approx == "tanh" else "gelu",
             layer_norm_epsilon=c.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             tie_word_embeddings=True, **{**ids, **config_overrides})
-        hf = {"transformer.wte.weight": sd["wte.weight"][:V], "transformer.wpe.weight": sd["wpe.weight"],
-              "transformer.ln_f.weight": sd["ln_f.weight"], "transformer.ln_f.bias": sd["ln_f.bias"],
-              "lm_head.weight": sd["wte.weight"][:V]}
-        for i in range(c.n_layer):
-            p = f"h.{i}."
-            for k, v in sd.items():
-                if k.startswith(p):
-                    hf["transformer." + k] = v.t() if k[len(p):] in _CONV1D else v
         cls = transformers.GPT2LMHeadModel
     hf_model = cls(hf_config)
+    if arch == "gpt2":
+        hf = _gpt2_hf_weights(sd, c, hf_model.state_dict())
     hf_model.load_state_dict({k: v.contiguous() for k, v in hf.items()}, strict=True)
     return hf_model.to(device=model.device, dtype=model.dtype).eval()
 
@@ -400,22 +331,41 @@ def _ranks_converter():
     return RanksConverter
 
 
+def _char_tokenizer(tok, extra: dict):
+    """A CharTokenizer as a `tokenizers` word-level vocabulary over single characters: the
+    pre-tokenizer cuts the text into characters, each character is its id, and the Fuse
+    decoder joins them back without spaces. No special tokens (nanoGPT's have none); a
+    character outside the vocabulary fails to encode there as it does here."""
+    transformers = transformers_module()
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    fast = Tokenizer(models.WordLevel(vocab=dict(tok.stoi), unk_token=None))
+    fast.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    fast.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=fast, clean_up_tokenization_spaces=False, **extra)
+
+
 def to_hf_tokenizer(tok, model_max_length: Optional[int] = None):
-    """Our tokenizer (a tokenizer.Tokenizer: bpe, bytes or gpt2) as a transformers
-    PreTrainedTokenizerFast that gives the same ids for every text, special tokens included;
-    an HFTokenizer (a model loaded from a Hugging Face folder) gives back its own tokenizer.
+    """Our tokenizer (a tokenizer.Tokenizer: bpe, bytes or gpt2; or a CharTokenizer) as a
+    transformers PreTrainedTokenizerFast that gives the same ids for every text, special
+    tokens included; an HFTokenizer (a model loaded from a Hugging Face folder) gives back its
+    own tokenizer.
 
     The ranks become a byte-level BPE through transformers' own tiktoken converter, split by our
     pattern; <|endoftext|> is the eos (and bos: it starts every document, as in GPT-2). Nothing
-    is cleaned up on decode, so decode(encode(s)) == s."""
+    is cleaned up on decode, so decode(encode(s)) == s. A char vocabulary becomes a word-level
+    one over single characters, with no eos (see _char_tokenizer)."""
     if isinstance(tok, HFTokenizer):
         hf_tok = copy.deepcopy(tok.hf)  # the caller's tokenizer keeps its own settings
         if model_max_length is not None:
             hf_tok.model_max_length = model_max_length
             hf_tok.init_kwargs["model_max_length"] = model_max_length
         return hf_tok
-    transformers = _transformers()
-    from .tokenizer import EOT
+    transformers = transformers_module()
+    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    if tok.kind == "char":
+        return _char_tokenizer(tok, extra)
 
     specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
     fast = _ranks_converter()(tok.mergeable_ranks, pattern=tok.pattern,
@@ -426,23 +376,26 @@ def to_hf_tokenizer(tok, model_max_length: Optional[int] = None):
     if fast.get_vocab_size() != tok.vocab_size or wrong:
         raise ValueError(f"tokenizer {tok.name!r}: the converted ids differ from ours "
                          f"({', '.join(wrong) or 'vocabulary size'})")
-    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
-    return transformers.PreTrainedTokenizerFast(
+    hf_tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=fast, bos_token=EOT, eos_token=EOT, clean_up_tokenization_spaces=False,
         **extra)
+    hf_tok.chat_template = tok.chat_template  # chat.py's template (None for a base model)
+    return hf_tok
 
 
 def save_hf(model: GPT, tokenizer, directory, dtype=None, overwrite: bool = False) -> Path:
     """Writes `model` and `tokenizer` (ours) as a Hugging Face folder that transformers loads
     with no gptmod_ext code: config.json, model.safetensors, generation_config.json (eos =
-    <|endoftext|>), tokenizer.json and tokenizer_config.json. Returns the folder's path.
+    <|endoftext|>; none for a char vocabulary, which has no end-of-text token), tokenizer.json
+    and tokenizer_config.json (with the tokenizer's chat template, when it has one, as
+    chat_template). Returns the folder's path.
 
     The architecture is to_hf's (Llama or GPT-2; what neither can express is a ValueError).
     dtype: 'fp32', 'bf16', 'fp16' or a torch dtype; by default the model's. The folder is
     written next to `directory` under a temporary name and renamed into place, so a failure
     leaves nothing behind; an existing non-empty `directory` is a FileExistsError unless
     overwrite=True (then it is replaced whole)."""
-    transformers = _transformers()
+    transformers = transformers_module()
     target = Path(directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -475,11 +428,16 @@ def _edit_json(path: Path, **entries) -> None:
 def _for_older_readers(folder: Path, c: GPTConfig) -> None:
     """Keys that transformers 5 no longer writes but earlier releases (and the tools pinned to
     them) read: the tokenizer class by its long-standing name (5 writes its new alias,
-    TokenizersBackend), and Llama's rope_theta at the top level (5 nests it in
-    rope_parameters; a reader that looks only at the top would fall back to 10000)."""
+    TokenizersBackend), the chat template as tokenizer_config.json's chat_template (5 writes
+    chat_template.jinja; it reads either, the same string), and Llama's rope_theta at the top
+    level (5 nests it in rope_parameters; a reader that looks only at the top would fall back
+    to 10000)."""
     tok_config = folder / "tokenizer_config.json"
     if json.loads(tok_config.read_text()).get("tokenizer_class") == "TokenizersBackend":
         _edit_json(tok_config, tokenizer_class="PreTrainedTokenizerFast")
+    template = folder / "chat_template.jinja"
+    if template.is_file():
+        _edit_json(tok_config, chat_template=template.read_text())
     if c.pos_emb == "rope":
         _edit_json(folder / "config.json", rope_theta=c.rope_base)
 
@@ -490,8 +448,6 @@ def _check_target(target: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty (overwrite it with --force)")
-    from .checkpoint import check_writable_parent
-
     check_writable_parent(target)
 
 

@@ -4,24 +4,24 @@ Read top to bottom, as nanoGPT's model.py: GPTConfig and PRESETS, the building b
 attention, MLP, block), GPT (forward, the cached forward the server drives), then generation.
 
 Every architectural choice is a config flag, so one class covers GPT-2 (learned positions,
-LayerNorm, tanh-GELU, biases, tied embeddings) and a modern decoder (RoPE, RMSNorm, SwiGLU,
-grouped-query attention, no biases, optional logit soft-cap and QK-norm).
+LayerNorm, tanh-GELU, biases, tied embeddings), nanoGPT (the same with exact GELU, biases
+optional), a modern decoder (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases,
+optional logit soft-cap and QK-norm) and nanoGPT-moderno (parallel blocks with two norms).
 
 Two backends run the same weights and can be switched at any time with `model.backend = ...`:
   'torch'  pure PyTorch, the readable reference: reference.rope, F.silu(g) * u,
            F.scaled_dot_product_attention for training/evaluation, reference.decode_attention and
            an indexed copy for cached generation. Works without the compiled extension.
-  'ext'    our ops: torch.ops.gptmod.rope and .swiglu (with autograd) in training and prefill,
-           .kv_cache_write and .decode_attention in cached generation. Attention in the
+  'ext'    our ops: torch.ops.gptmod.rope, .swiglu, .rms_norm / .add_rms_norm (with autograd)
+           in training and prefill, .cross_entropy for the training loss, .kv_cache_write and
+           .decode_attention in cached generation. Attention in the
            uncached (training) forward is SDPA in both backends: decode_attention has no backward.
 
-Generation keeps a static KV cache (KVCache, written in place) and is tuned for the CPU case,
-where decoding one token is bound by per-op overhead and weight reads: the residual stream is
-kept 2-D [B·T, C] (plain matmuls), and the cached forward on CPUs multiplies by [in, out] copies
-of the weights (DecodeWeights), which PyTorch's matrix-vector product streams about twice as
-fast. Every layer's forward takes x and one Context (sizes, backend, RoPE tables, and for the
-cached forward the cache rows and lengths). GPT.compile_decode() switches the cached step to the
-fastest path on the device.
+Generation keeps a static KV cache (KVCache, written in place); the residual stream is kept
+2-D [B·T, C] (plain matmuls). Every layer's forward takes x and one Context (sizes, backend, RoPE
+tables, and for the cached forward the cache rows and lengths). How a cached forward runs (the
+fused CPU decode step, torch.compile, or these layers) is not the model's business: decode.py
+decides it (`model.decoder`), and GPT.cached_step is the plain step it falls back to.
 
 Ideas from nanoGPT (init, layout), litgpt (config flags), gpt-fast (static KV cache) and Hugging
 Face's modeling_llama (RoPE convention, GQA head mapping); no code is copied.
@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _ext, reference, sampling
+from . import _ext, decode, reference, sampling
 
 # -----------------------------------------------------------------------------------------------
 # Config and presets
@@ -59,11 +59,15 @@ class GPTConfig:
     rope_interleaved: bool = False  # False: half-split pairs (i, i + D/2) as Llama/HF; True: (2i, 2i+1)
     norm: str = "rmsnorm"           # 'rmsnorm' | 'layernorm'
     norm_eps: float = 1e-5
-    mlp: str = "swiglu"             # 'swiglu' (one fused gate|up projection) | 'gelu' (tanh approx.)
+    norm_bias: Optional[bool] = None  # LayerNorm biases; None = as `bias` (RMSNorm has none)
+    mlp: str = "swiglu"             # 'swiglu' (one fused gate|up projection) | 'gelu'
+    gelu_approx: str = "tanh"       # the GELU: 'tanh' (GPT-2, HF gelu_new) | 'none' (exact erf, nanoGPT)
     parallel_block: bool = False    # x + attn(norm(x)) + mlp(norm(x)) with one shared norm (GPT-J, PaLM)
-    bias: bool = False              # biases in every Linear and LayerNorm
+    parallel_norms: int = 1         # 2: x + attn(ln_1(x)) + mlp(ln_2(x)) (GPT-NeoX, nanoGPT-moderno)
+    bias: bool = False              # biases in every Linear (and LayerNorm, unless norm_bias says)
     tie_embeddings: bool = False    # lm_head shares the token embedding matrix
     logit_softcap: float = 0.0      # > 0: logits = cap·tanh(logits / cap) (Gemma 2); 0 = off
+    softcap_in_loss: bool = True    # False: the loss (forward with targets) sees uncapped logits
     qk_norm: bool = False           # RMSNorm of each query/key head before RoPE (OLMo 2, Qwen 3)
     dropout: float = 0.0
     pad_vocab_multiple: int = 64    # embedding / lm_head rows padded up to a multiple of this
@@ -85,6 +89,9 @@ class GPTConfig:
             (self.pos_emb in ("rope", "learned"), f"pos_emb must be 'rope' or 'learned', got {self.pos_emb!r}"),
             (self.norm in ("rmsnorm", "layernorm"), f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}"),
             (self.mlp in ("swiglu", "gelu"), f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}"),
+            (self.gelu_approx in ("tanh", "none"),
+             f"gelu_approx must be 'tanh' or 'none', got {self.gelu_approx!r}"),
+            (self.parallel_norms in (1, 2), f"parallel_norms must be 1 or 2, got {self.parallel_norms}"),
             (self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,
              f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"),
             (self.pos_emb != "rope" or self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}"),
@@ -95,6 +102,11 @@ class GPTConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"GPTConfig: {msg}")
+
+    @property
+    def layernorm_bias(self) -> bool:
+        """Whether LayerNorms have a bias: norm_bias, or `bias` when that is None."""
+        return self.bias if self.norm_bias is None else self.norm_bias
 
     @property
     def padded_vocab_size(self) -> int:
@@ -157,10 +169,30 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if (bias and kind == "layernorm") else None
 
-    def forward(self, x):
+    def forward(self, x, backend: str = "torch"):
+        if self.kind == "rmsnorm" and backend == "ext":
+            # One pass each way (gptmod::rms_norm); under autocast it writes the next matmul's
+            # dtype itself, so no cast follows it.
+            return torch.ops.gptmod.rms_norm(x, self.weight, self.eps, self._out_dtype(x))[0]
         if self.kind == "rmsnorm":
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+    def add_forward(self, x, h, backend: str = "torch"):
+        """(norm(x + h), x + h): the residual add and this norm in one pass (gptmod::add_rms_norm)
+        for RMSNorm on the ext backend when x and h share a dtype (not under autocast, where h
+        comes out of a bf16 matmul)."""
+        if self.kind == "rmsnorm" and backend == "ext" and h.dtype == x.dtype:
+            out, s, _ = torch.ops.gptmod.add_rms_norm(x, h, self.weight, self.eps,
+                                                      self._out_dtype(x))
+            return out, s
+        s = x + h
+        return self(s, backend), s
+
+    @staticmethod
+    def _out_dtype(x):
+        amp = torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32
+        return torch.get_autocast_dtype(x.device.type) if amp else None
 
 
 def _dropout(x, p: float, training: bool):
@@ -228,117 +260,6 @@ def _packing(lengths: Optional[torch.Tensor], T: int, device) -> Optional[torch.
     return None if pack.numel() in (0, real.numel()) else pack
 
 
-def _weights_key(params) -> tuple:
-    # Changes whenever a tensor is replaced, updated in place or cast: derived layouts are stale.
-    return tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-
-
-class DecodeWeights:
-    """[in, out] copies of a model's Linear weights, the CPU cached forward's fast path.
-
-    PyTorch's CPU matrix-vector product streams a row-major [out, in] weight at about 10 GB/s
-    but an [in, out] one at over 20 GB/s (measured on the benchmark machine), and decoding one
-    token is bound by those weight reads. `DecodeWeights.of(model)` makes them on first use and
-    remakes them when a weight changes (data pointer, in-place version counter or dtype), e.g.
-    after training steps; they take as much memory as the Linear weights themselves.
-    """
-
-    def __init__(self, layers: list[nn.Linear]):
-        self.key = self._key(layers)
-        with torch.no_grad():
-            self.t = {id(lin): lin.weight.detach().t().contiguous() for lin in layers}
-
-    @staticmethod
-    def _key(layers):
-        return _weights_key(lin.weight for lin in layers)
-
-    @classmethod
-    def of(cls, model: "GPT") -> Optional["DecodeWeights"]:
-        """model's up-to-date copies (cached on model._decode_weights), or None off the CPU or
-        with model.cpu_decode_copies = False (GPU matmuls do not care)."""
-        if model.device.type != "cpu" or not model.cpu_decode_copies:
-            model._decode_weights = None
-            return None
-        layers = [lin for b in model.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
-                                                     b.mlp.c_proj)] + [model.lm_head]
-        cur = model._decode_weights
-        if cur is None or cur.key != cls._key(layers):
-            model._decode_weights = cur = cls(layers)
-        return cur
-
-    def linear(self, x, layer: nn.Linear):
-        wt = self.t[id(layer)]
-        return torch.mm(x, wt) if layer.bias is None else torch.addmm(layer.bias, x, wt)
-
-
-class FusedDecode:
-    """The CPU decode step as one op (torch.ops.gptmod.decode_step), every layer in one call,
-    with the weights packed once into the blocked layout of its matrix-vector kernel.
-
-    Eager PyTorch spends ~570 dispatches per token on the benchmark model, more time than the
-    weight reads themselves; the op does the norms, RoPE, the KV write, attention, SwiGLU and the
-    residual adds between its matrix-vector products itself. It covers the modern architecture
-    (RMSNorm, RoPE, SwiGLU, no biases, sequential blocks, no QK-norm) in fp32 and bf16; the
-    layers' own forward stays the readable reference it is tested against. Packed weights are
-    remade when a weight changes, like DecodeWeights.
-    """
-
-    def __init__(self, model: "GPT"):
-        params = self._params(model)
-        self.key = _weights_key(params)
-        with torch.no_grad():
-            self.norms = [b_.detach().contiguous() for b_ in params[:2 * len(model.h) + 1]]
-            self.linears = [torch.ops.gptmod.pack_linear(w.detach())
-                            for w in params[2 * len(model.h) + 1:]]
-
-    @staticmethod
-    def _params(model):
-        h = model.h
-        norms = [n.weight for b in h for n in (b.ln_1, b.ln_2)] + [model.ln_f.weight]
-        linears = [lin.weight for b in h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
-                                                    b.mlp.c_proj)] + [model.lm_head.weight]
-        return norms + linears
-
-    @staticmethod
-    def unsupported(model: "GPT") -> Optional[str]:
-        """Why the fused step cannot run this model here, or None when it can."""
-        c = model.config
-        if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
-            return f"the fused decode step is for float32/bfloat16 on CPUs, not {model.dtype} on {model.device}"
-        if not (c.norm == "rmsnorm" and c.pos_emb == "rope" and c.mlp == "swiglu" and not c.bias
-                and not c.parallel_block and not c.qk_norm):
-            return "the fused decode step covers RMSNorm/RoPE/SwiGLU sequential blocks without biases or QK-norm"
-        if not (_ext.AVAILABLE and hasattr(torch.ops.gptmod, "decode_step")):
-            return "the compiled library has no decode_step op (rebuild it)"
-        return None
-
-    @classmethod
-    def of(cls, model: "GPT") -> "FusedDecode":
-        cur = model._fused
-        if not isinstance(cur, FusedDecode) or cur.key != _weights_key(cls._params(model)):
-            model._fused = cur = cls(model)
-        return cur
-
-    # Its blocked matrix-vector kernel beats the GEMMs of the plain step up to about 16 rows
-    # (small preset, 2-core Xeon: 2.0 vs 3.7 ms at 1 row, 6.0 vs 6.9 at 16, 13.2 vs 9.5 at 32).
-    MAX_ROWS = 16
-
-    def step(self, model: "GPT", idx, cache: "KVCache", rows: slice, lengths=None):
-        """forward_cached for one token per row (idx [b, 1]) -> logits [b, vocab_size].
-        lengths: None, or int [b] of 1s and 0s: rows of 0 ride along (the server's free and
-        prefilling slots): their K/V write is a throw-away row and their length stays."""
-        c = model.config
-        whole = rows == slice(None)
-        lens = cache.seqlens if whole else cache.seqlens[rows]
-        kv = cache.buffer if whole else cache.buffer[:, :, rows]
-        logits = torch.ops.gptmod.decode_step(
-            model.wte(idx.view(-1)), self.norms, self.linears, kv, lens, model.rope_cos,
-            model.rope_sin, c.n_head, c.n_kv_head, c.ffn_hidden, c.padded_vocab_size, c.norm_eps,
-            c.logit_softcap, c.rope_interleaved)
-        lens.add_(1 if lengths is None else lengths.to(lens))
-        return logits[:, :c.vocab_size]
-
-
 @dataclass
 class Context:
     """What the layers of one forward pass share besides the residual stream x [B·T, C]
@@ -358,7 +279,7 @@ class Context:
     rows: slice = dataclasses.field(default_factory=lambda: slice(None))  # their cache rows
     lens_before: Optional[torch.Tensor] = None  # int32 [B]: cached rows before this forward
     lens_after: Optional[torch.Tensor] = None   # lens_before + T
-    weights: Optional[DecodeWeights] = None  # CPU cached forward: the faster weight layout
+    weights: Optional["decode.DecodeWeights"] = None  # CPU plain decode: [in, out] weight copies
     fresh: bool = False                      # every row was empty before: nothing cached to read
     # Ragged prefill: x holds only the real tokens, rows `pack` [N] of the padded B·T grid
     # (see _packing); attention alone works on the grid.
@@ -421,15 +342,18 @@ class CausalSelfAttention(nn.Module):
         qkv = ctx.linear(x, self.c_attn)
         if ctx.pack is not None:
             qkv = ctx.to_grid(qkv)
-        v = qkv[..., (Hq + Hkv) * D:].view(B, T, Hkv, D)
+        # One split, not two slices: its backward is one concatenation, where each slice's
+        # backward zero-fills a whole [B·T, (Hq + 2·Hkv)·D] gradient and copies into it.
+        qk, v = qkv.split([(Hq + Hkv) * D, Hkv * D], dim=-1)
+        v = v.view(B, T, Hkv, D)
         if self.q_norm is not None:
-            q = self.q_norm(qkv[..., :Hq * D].view(B, T, Hq, D))
-            k = self.k_norm(qkv[..., Hq * D:(Hq + Hkv) * D].view(B, T, Hkv, D))
+            q = self.q_norm(qk[..., :Hq * D].view(B, T, Hq, D))
+            k = self.k_norm(qk[..., Hq * D:].view(B, T, Hkv, D))
             if self.use_rope:
                 q, k = self._rope(q, ctx), self._rope(k, ctx)
         else:
             # q and k heads side by side, [B, T, Hq + Hkv, D]: one RoPE call rotates both.
-            qk = qkv[..., :(Hq + Hkv) * D].view(B, T, Hq + Hkv, D)
+            qk = qk.view(B, T, Hq + Hkv, D)
             if self.use_rope:
                 qk = self._rope(qk, ctx)
             q, k = qk.split([Hq, Hkv], dim=2)
@@ -472,11 +396,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU with one fused gate|up projection [2F] (our swiglu op), or tanh-GELU (GPT-2)."""
+    """SwiGLU with one fused gate|up projection [2F] (our swiglu op), or GELU: the tanh form of
+    GPT-2 or the exact erf form of nanoGPT's nn.GELU() (config.gelu_approx)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.kind = config.mlp
+        self.gelu_approx = config.gelu_approx
         width = 2 * config.ffn_hidden if self.kind == "swiglu" else config.ffn_hidden
         self.c_fc = nn.Linear(config.n_embd, width, bias=config.bias)
         self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
@@ -485,7 +411,7 @@ class MLP(nn.Module):
     def forward(self, x, ctx: Context):
         h = ctx.linear(x, self.c_fc)
         if self.kind == "gelu":
-            h = F.gelu(h, approximate="tanh")
+            h = F.gelu(h, approximate=self.gelu_approx)
         elif ctx.backend == "ext":
             h = torch.ops.gptmod.swiglu(h)
         else:
@@ -495,24 +421,31 @@ class MLP(nn.Module):
         return _dropout(h, self.dropout, self.training)
 
 
+def _norm(config: GPTConfig) -> Norm:
+    return Norm(config.n_embd, config.norm, config.norm_eps, config.layernorm_bias)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block, sequential (GPT-2, Llama) or parallel (GPT-J, PaLM)."""
+    """Pre-norm transformer block: sequential (GPT-2, Llama), or parallel with one shared norm
+    (GPT-J, PaLM) or with one norm per branch (GPT-NeoX, nanoGPT-moderno)."""
 
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.parallel = config.parallel_block
-        self.ln_1 = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
+        self.ln_1 = _norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        # A parallel block feeds one normalized input to both branches: no second norm.
-        self.ln_2 = None if self.parallel else Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
+        # A shared-norm parallel block feeds one normalized input to both branches.
+        shared = self.parallel and config.parallel_norms == 1
+        self.ln_2 = None if shared else _norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, ctx: Context):
         if self.parallel:
-            h = self.ln_1(x)
-            return x + self.attn(h, ctx) + self.mlp(h, ctx)
-        x = x + self.attn(self.ln_1(x), ctx)
-        return x + self.mlp(self.ln_2(x), ctx)
+            h = self.ln_1(x, ctx.backend)
+            h2 = h if self.ln_2 is None else self.ln_2(x, ctx.backend)
+            return x + self.attn(h, ctx) + self.mlp(h2, ctx)
+        h, x = self.ln_2.add_forward(x, self.attn(self.ln_1(x, ctx.backend), ctx), ctx.backend)
+        return x + self.mlp(h, ctx)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -529,7 +462,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(Vp, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        self.ln_f = Norm(config.n_embd, config.norm, config.norm_eps, config.bias)
+        self.ln_f = _norm(config)
         self.lm_head = nn.Linear(config.n_embd, Vp, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
@@ -542,11 +475,9 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self._backend = "torch"
         self.backend = backend
-        self.cpu_decode_copies = True  # False: no [in, out] weight copies (saves their memory)
-        self._decode_weights: Optional[DecodeWeights] = None  # see DecodeWeights.of
-        self._compiled_step = None  # see compile_decode
-        self._use_fused = False  # compile_decode chose FusedDecode (packed weights in _fused)
-        self._fused: Optional[FusedDecode] = None
+        # How cached forward calls run (the fused CPU step, torch.compile or the plain layers)
+        # is decided by decode.py, which keeps what it needs there, not in the model.
+        self.decoder = decode.Decoder()
         self.reset_parameters()
 
     # -- backend ----------------------------------------------------------------------------
@@ -639,18 +570,22 @@ class GPT(nn.Module):
                              else positions)
         return _dropout(x.view(-1, x.size(-1)), self.config.dropout, self.training)
 
-    def _logits(self, x, ctx: Context):
-        logits = ctx.linear(self.ln_f(x), self.lm_head)
+    def _logits(self, x, ctx: Context, capped: bool = True):
+        logits = ctx.linear(self.ln_f(x, ctx.backend), self.lm_head)
+        if logits.size(-1) != self.config.vocab_size:  # a slice's backward zero-fills [B·T, V]
+            logits = logits[..., :self.config.vocab_size]
         cap = self.config.logit_softcap
-        if cap > 0:  # the same cap in training, evaluation and generation
+        if cap > 0 and capped:
             logits = cap * torch.tanh(logits / cap)
-        return logits[..., :self.config.vocab_size]
+        return logits
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
         """idx [B, T] token ids -> (logits [B, T, vocab_size], loss or None).
 
         loss is the mean cross-entropy against targets [B, T] (computed in fp32); targets equal
         to -1 are ignored. Causal attention over the T tokens; T <= block_size.
+        The soft-cap applies alike with and without targets, except with softcap_in_loss=False
+        (nanoGPT-moderno's rule): then the logits and loss of a call with targets are uncapped.
         """
         B, T = idx.shape
         if T > self.config.block_size:
@@ -660,7 +595,15 @@ class GPT(nn.Module):
         x = self._embed(idx)
         for block in self.h:
             x = block(x, ctx)
-        logits = self._logits(x, ctx).view(B, T, -1)
+        cap = self.config.logit_softcap if self.config.softcap_in_loss else 0.0
+        if targets is not None and self._backend == "ext":
+            # gptmod::cross_entropy caps the raw logits itself and keeps no [B·T, V] fp32 copy.
+            raw = self._logits(x, ctx, capped=False)
+            loss = torch.ops.gptmod.cross_entropy(raw, targets.reshape(-1), cap, -1)[0]
+            logits = raw if cap == 0 else cap * torch.tanh(raw / cap)
+            return logits.view(B, T, -1), loss
+        capped = targets is None or self.config.softcap_in_loss
+        logits = self._logits(x, ctx, capped).view(B, T, -1)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
@@ -703,55 +646,28 @@ class GPT(nn.Module):
         if longest + T > cache.max_seq_len:
             raise ValueError(f"forward_cached: {T} more tokens do not fit the cache "
                              f"(max_seq_len={cache.max_seq_len}, longest row {longest})")
-        return self._decoder()(idx, cache, rows, lengths, all_logits, longest == 0)
+        return self.decoder.bind(self)(idx, cache, rows, lengths, all_logits, longest == 0)
 
-    def compile_decode(self) -> "GPT":
+    def compile_decode(self, quantize: Optional[str] = None) -> "GPT":
         """Switches cached decoding (forward_cached, generate, the server's engine) to its
-        fastest path on the current device: on CPUs with the ext backend and a model FusedDecode
-        covers, one fused op per decode step of up to FusedDecode.MAX_ROWS rows over weights
-        packed on first use (prefill and wider steps stay the plain forward); otherwise the
-        cached step through torch.compile (our ops through their fake kernels). Greedy tokens
-        stay those of the plain path; calling it again changes nothing. Switching the backend
-        to 'torch' afterwards returns to the plain step."""
-        if self._use_fused or self._compiled_step is not None:
-            return self
-        if self._backend == "ext" and FusedDecode.unsupported(self) is None:
-            self._use_fused = True
-        else:
-            self._compiled_step = torch.compile(self._forward_cached, dynamic=False)
+        fastest path on the current device: on CPUs with the ext backend the fused decode step
+        (the default there already), elsewhere the cached step through torch.compile (our ops
+        through their fake kernels). quantize='int8': the fused step reads int8 weights
+        (quantized once, here; a ValueError where it cannot run). See decode.py; greedy tokens
+        stay those of the plain step (of the int8-rounded weights with quantize), and calling it
+        again changes nothing."""
+        self.decoder.compile(self, quantize)
         return self
 
-    def _decoder(self):
-        """The cached step as a function (idx, cache, rows, lengths, all_logits=False,
-        fresh=False) -> logits (arguments as _forward_cached's), its weight layouts resolved once
-        (generate asks once per call, forward_cached once per step)."""
-        weights = DecodeWeights.of(self)
-        compiled = self._compiled_step
-
-        def plain(idx, cache, rows, lengths, all_logits=False, fresh=False):
-            # Not under torch.compile: a pack's data-dependent size would recompile per batch.
-            if compiled is not None:
-                return compiled(idx, cache, rows, lengths, weights, all_logits, fresh)
-            return self._forward_cached(idx, cache, rows, lengths, weights, all_logits, fresh,
-                                        _packing(lengths, idx.size(1), idx.device))
-        use_fused = (self._use_fused and self._backend == "ext" and FusedDecode.unsupported(self)
-                     is None and not (self.training and self.config.dropout > 0))
-        if not use_fused:
-            return plain
-        fused = FusedDecode.of(self)
-
-        def step(idx, cache, rows, lengths, all_logits=False, fresh=False):
-            if idx.size(1) == 1 and idx.size(0) <= FusedDecode.MAX_ROWS and not all_logits:
-                return fused.step(self, idx, cache, rows, lengths)
-            return plain(idx, cache, rows, lengths, all_logits, fresh)
-        return step
-
-    def _forward_cached(self, idx, cache: KVCache, rows: slice, lengths, weights, all_logits=False,
-                        fresh=False, pack=None):
-        # The unchecked body of forward_cached (generate checks the sizes once, up front).
-        # weights: DecodeWeights.of(self), or None. fresh: the caller knows every row is empty
-        # (Context.fresh), so no layer has to ask the device. pack: _packing(lengths, T).
+    def cached_step(self, idx, cache: KVCache, rows: slice, lengths=None, all_logits=False,
+                    fresh=False, weights=None, pack=True):
+        """The plain cached forward through the layers: forward_cached's body with no size
+        check (generate checks the sizes once, up front), the step decode.py runs when it does
+        not run its fused one. fresh: the caller knows every row was empty (Context.fresh), so
+        no layer has to ask the device. weights: decode.DecodeWeights or None. pack=False never
+        packs ragged rows (a torch.compile'd step: a pack's size would recompile per batch)."""
         b, T = idx.shape
+        pack = _packing(lengths, T, idx.device) if pack else None
         lens_before = cache.seqlens if rows == slice(None) else cache.seqlens[rows]
         lens_after = lens_before + T
         if T == 1:
@@ -803,16 +719,16 @@ class GPT(nn.Module):
         return tokens.to(self.device), (None if lengths is None else lengths.to(self.device)), T
 
     @torch.inference_mode()
-    def generate_stream(self, idx: Prompts, max_new_tokens: int, temperature: float = 1.0,
-                        top_k: Optional[int] = None, top_p: Optional[float] = None,
-                        min_p: Optional[float] = None, seed: Optional[int] = None,
+    def generate_stream(self, idx: Prompts, max_new_tokens: int,
+                        params: Optional[sampling.SamplingParams] = None,
                         eos_id: Optional[int] = None, use_cache: bool = True,
-                        penalties: Optional[sampling.Penalties] = None
-                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                        **settings) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields (tokens, finished) once per step: tokens LongTensor [B], the new token of each
         row (eos_id for rows that finished earlier); finished BoolTensor [B], the rows that have
         produced eos_id (at this step or before). Stops after max_new_tokens steps, or as soon
         as every row has finished. Arguments as in generate()."""
+        params = sampling.SamplingParams(**settings) if params is None \
+            else dataclasses.replace(params, **settings)
         tokens, lengths, T = self._prepare_prompts(idx)
         B = tokens.size(0)
         if max_new_tokens < 0:
@@ -823,13 +739,13 @@ class GPT(nn.Module):
                              f"shorten the prompt or ask for fewer tokens")
         if max_new_tokens == 0:
             return
-        generator = sampling.make_generator(seed, self.device)
+        generator = sampling.make_generator(params.seed, self.device)
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
-        tracker = (sampling.PenaltyTracker(penalties, tokens, lengths, self.config.vocab_size)
-                   if penalties is not None and penalties.active else None)
+        tracker = (sampling.PenaltyTracker(params, tokens, lengths, self.config.vocab_size)
+                   if params.penalized else None)
         if use_cache:
             cache = self.new_kv_cache(B, T + max_new_tokens)
-            run_step = self._decoder()
+            run_step = self.decoder.bind(self)
             logits = run_step(tokens, cache, slice(None), lengths, False, True)  # fresh
         else:
             # Every step reruns the whole (right-padded) sequences: causal attention means the
@@ -843,7 +759,8 @@ class GPT(nn.Module):
                 logits = self(buf[:, :T + step])[0][rows, cur - 1]
             if tracker is not None:
                 logits = tracker.apply(logits)
-            nxt = sampling.sample(logits, temperature, top_k, top_p, min_p, generator)
+            nxt = sampling.sample(logits, params.temperature, params.top_k, params.top_p,
+                                  params.min_p, generator)
             if tracker is not None:
                 tracker.update(nxt)
             if eos_id is not None:
@@ -858,23 +775,23 @@ class GPT(nn.Module):
                 buf[rows, cur] = nxt
                 cur += 1
 
-    def generate(self, idx: Prompts, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 min_p: Optional[float] = None, seed: Optional[int] = None,
-                 eos_id: Optional[int] = None, use_cache: bool = True,
-                 penalties: Optional[sampling.Penalties] = None):
+    def generate(self, idx: Prompts, max_new_tokens: int,
+                 params: Optional[sampling.SamplingParams] = None, eos_id: Optional[int] = None,
+                 use_cache: bool = True, **settings):
         """Continues each prompt by up to max_new_tokens tokens.
 
         idx: LongTensor [B, T], or a list of token lists of different lengths (ragged; they are
         right-padded internally and no padding is ever attended to).
-        temperature 0 is greedy; otherwise temperature, top_k, top_p, min_p filter the
-        distribution (see sampling.py) and a torch.Generator seeded with `seed` draws (same
-        seed, same tokens; the global RNG is never used).
+        params: a sampling.SamplingParams, and/or its fields as keywords (temperature=0.8,
+        top_k=50, seed=0, presence_penalty=0.5, ...; keywords replace the record's fields), the
+        one record of sampling settings the sampler and the server take too. temperature 0 is
+        greedy; otherwise penalties and logit bias, temperature, top_k, top_p, min_p shape the
+        distribution (sampling.py) and a torch.Generator seeded with `seed` draws (same seed,
+        same tokens; the global RNG is never used). Its text fields (stop, logprobs, n, ...)
+        and max_tokens are the sampler's and the server's: here max_new_tokens counts.
         eos_id: a row that produces it is finished: its later positions hold eos_id while the
         other rows go on; generation stops early once every row has finished.
         use_cache=False recomputes the whole prefix at every step (greedy results are equal).
-        penalties: sampling.Penalties (presence/frequency over the generated tokens, repetition
-        over prompt and output, logit bias), applied to the logits before temperature.
         Context rule: prompt length + max_new_tokens must be <= block_size, otherwise
         ValueError (nothing is cropped silently). Call model.eval() first if dropout > 0.
 
@@ -883,9 +800,8 @@ class GPT(nn.Module):
         For a list: a list of token lists, each prompt followed by its generated tokens, up to
         and including its first eos_id.
         """
-        steps = [tok for tok, _ in self.generate_stream(
-            idx, max_new_tokens, temperature, top_k, top_p, min_p, seed, eos_id, use_cache,
-            penalties)]
+        steps = [tok for tok, _ in self.generate_stream(idx, max_new_tokens, params, eos_id,
+                                                          use_cache, **settings)]
         new = (torch.stack(steps, dim=1) if steps
                else torch.zeros(len(idx), 0, dtype=torch.long, device=self.device))
         if isinstance(idx, torch.Tensor):

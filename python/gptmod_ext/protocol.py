@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import codecs
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from .engine import MAX_LOGPROBS, Event, SamplingParams
+from .chat import CHAT_STOP, render_chat  # noqa: F401  (the plain chat lines, without a template)
+from .engine import Event
+from .sampling import SamplingError, SamplingParams
 
-CHAT_STOP = "\nuser:"
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
-MAX_STOP_STRINGS = 256  # lm-evaluation-harness sends a task's whole `until` list
 
 
 class ApiError(Exception):
@@ -34,14 +33,10 @@ class ApiError(Exception):
                           "code": self.code}}
 
 
-# -- the chat template -------------------------------------------------------------------------
-def render_chat(messages: list[dict]) -> str:
-    """'{role}: {content}\\n' for each message, then 'assistant:' (the model continues it)."""
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-
-
 # -- field validation --------------------------------------------------------------------------
-def number(body, name, lo, hi, default, integer=False, lo_open=False):
+def number(body, name, default, integer=False):
+    """body[name] as a JSON number (an integer with integer=True), or default when absent.
+    Only the type is checked here: the ranges are SamplingParams' (one place for all)."""
     v = body.get(name)
     if v is None:
         return default
@@ -50,9 +45,6 @@ def number(body, name, lo, hi, default, integer=False, lo_open=False):
     if isinstance(v, bool) or not ok_type:
         kind = "an integer" if integer else "a number"
         raise ApiError(400, f"'{name}' must be {kind}, got {json.dumps(v)[:40]}", param=name)
-    if (v <= lo if lo_open else v < lo) or v > hi:
-        lo_s = f"> {lo}" if lo_open else f">= {lo}"
-        raise ApiError(400, f"'{name}' must be {lo_s} and <= {hi}, got {v}", param=name)
     return v
 
 
@@ -73,8 +65,6 @@ def _stop(body) -> list[str]:
         v = [v]
     if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
         raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
-    if len(v) > MAX_STOP_STRINGS:
-        raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings", param="stop")
     return [s for s in v if s]
 
 
@@ -100,7 +90,7 @@ def _logit_bias(body, vocab_size: int) -> dict:
         if tok is None or not 0 <= tok < vocab_size:
             raise ApiError(400, f"'logit_bias' key {json.dumps(key)[:40]} is not a token id in "
                                 f"[0, {vocab_size})", param="logit_bias")
-        out[tok] = number({"logit_bias": bias}, "logit_bias", -100, 100, 0)
+        out[tok] = number({"logit_bias": bias}, "logit_bias", 0)
     return out
 
 
@@ -133,11 +123,20 @@ def parse_messages(body) -> list[dict]:
     return [_message_text(m, i) for i, m in enumerate(messages)]
 
 
+def encode_text(tokenizer, text: str, where: str) -> list[int]:
+    """tokenizer.encode(text); a text the tokenizer cannot encode (a character outside a char
+    vocabulary: a ValueError) is a 400 naming the field (`where`: 'prompt[1]', 'messages')."""
+    try:
+        return tokenizer.encode(text)
+    except ValueError as e:
+        raise ApiError(400, f"'{where}': {e}", param=where.split("[")[0]) from None
+
+
 def _one_prompt(p, where: str, tokenizer) -> list[int]:
     if isinstance(p, str):
         if not p:
             raise ApiError(400, f"'{where}' is empty", param="prompt")
-        return tokenizer.encode(p)
+        return encode_text(tokenizer, p, where)
     if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         if min(p) < 0 or max(p) >= tokenizer.vocab_size:
             raise ApiError(400, f"'{where}' token ids must be in [0, {tokenizer.vocab_size})",
@@ -222,6 +221,7 @@ def chat_logprobs(tokenizer, entries: Sequence) -> dict:
 class Api:
     """/v1/completions: prompts, choices with `text` and legacy logprobs."""
     id_prefix, object, chunk_object, field = "cmpl-", "text_completion", "text_completion", "prompt"
+    logprobs_field = "logprobs"
     extra_stop: tuple = ()
 
     def prompts(self, body, tokenizer) -> list[list[int]]:
@@ -235,8 +235,7 @@ class Api:
 
     def logprobs(self, body) -> tuple[Optional[int], bool]:
         """(logprobs k or None, echo)."""
-        k = number(body, "logprobs", 0, MAX_LOGPROBS, None, integer=True)
-        return k, boolean(body, "echo")
+        return number(body, "logprobs", None, integer=True), boolean(body, "echo")
 
     def format_logprobs(self, tokenizer, entries, offsets):
         return legacy_logprobs(tokenizer, entries, offsets)
@@ -256,11 +255,12 @@ class Api:
 class ChatApi(Api):
     """/v1/chat/completions: messages rendered by render_chat, choices with a `message`."""
     id_prefix, object, chunk_object, field = "chatcmpl-", "chat.completion", "chat.completion.chunk", "messages"
+    logprobs_field = "top_logprobs"
     extra_stop = (CHAT_STOP,)
 
     def __init__(self, template=None):
-        # messages -> prompt token ids (a Hugging Face chat template, which marks the end of a
-        # turn itself, so no extra stop string); None: render_chat
+        # messages -> prompt token ids (the tokenizer's chat template, chat.prompt_ids: the
+        # end-of-text token ends a turn, so no extra stop string); None: render_chat
         self.template = template
         if template is not None:
             self.extra_stop = ()
@@ -269,7 +269,7 @@ class ChatApi(Api):
         messages = parse_messages(body)
         if self.template is not None:
             return [list(self.template(messages))]
-        return [tokenizer.encode(render_chat(messages))]
+        return [encode_text(tokenizer, render_chat(messages), "messages")]
 
     def default_max_tokens(self, room: int) -> int:
         return room
@@ -279,7 +279,7 @@ class ChatApi(Api):
             else "max_tokens"
 
     def logprobs(self, body) -> tuple[Optional[int], bool]:
-        k = number(body, "top_logprobs", 0, MAX_LOGPROBS, 0, integer=True)
+        k = number(body, "top_logprobs", 0, integer=True)
         return (k if boolean(body, "logprobs") else None), False
 
     def format_logprobs(self, tokenizer, entries, offsets):
@@ -326,8 +326,9 @@ def _max_tokens(api: Api, body, prompts: list, block_size: int, echo: bool) -> i
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     n_prompt = len(prompts[longest])
     name = api.max_tokens_field(body)
-    # No fixed upper bound: the context decides, and its message says how much room is left.
-    max_tokens = number(body, name, 0 if echo else 1, math.inf, None, integer=True)
+    # Its bounds: >= 1 (0 with echo) is SamplingParams' rule; the context decides the top,
+    # and its message says how much room is left.
+    max_tokens = number(body, name, None, integer=True)
     room = block_size - n_prompt
     if room < 1 and not (echo and max_tokens == 0 and room == 0):
         raise ApiError(400, f"{where(longest)}is {n_prompt} tokens long; the model's context is "
@@ -343,24 +344,30 @@ def _max_tokens(api: Api, body, prompts: list, block_size: int, echo: bool) -> i
     return max_tokens
 
 
-def _sampling(body, max_tokens: int, stop: list, max_batch: int, vocab_size: int) -> SamplingParams:
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=number(body, "temperature", 0.0, 2.0, 1.0),
-        top_p=number(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
-        top_k=number(body, "top_k", -1, 1 << 20, 0, integer=True),
-        min_p=number(body, "min_p", 0.0, 1.0, 0.0),
-        seed=number(body, "seed", -(1 << 63), (1 << 63) - 1, None, integer=True),
-        n=number(body, "n", 1, max_batch, 1, integer=True),
-        stop=stop,
-        presence_penalty=number(body, "presence_penalty", -2.0, 2.0, 0.0),
-        frequency_penalty=number(body, "frequency_penalty", -2.0, 2.0, 0.0),
-        repetition_penalty=number(body, "repetition_penalty", 0.0, 10.0, 1.0, lo_open=True),
-        logit_bias=_logit_bias(body, vocab_size))
-    params.top_k = max(params.top_k, 0)  # -1 (vLLM's "off") and 0 both mean no top-k
+def _sampling(body, api: Api, fields: dict, max_batch: int, vocab_size: int) -> SamplingParams:
+    """The request's SamplingParams; a value out of its range is a 400 naming the JSON field."""
+    for name, integer, default in SETTINGS:
+        fields[name] = number(body, name, default, integer=integer)
     # An extension (as vLLM's): keep going past <|endoftext|>, for fixed-length benchmarks.
-    params.stop_at_eos = not boolean(body, "ignore_eos")
+    fields["stop_at_eos"] = not boolean(body, "ignore_eos")
+    fields["logit_bias"] = _logit_bias(body, vocab_size)
+    try:
+        params = SamplingParams(**fields)
+    except SamplingError as e:
+        where = {"max_tokens": api.max_tokens_field(body), "logprobs": api.logprobs_field}
+        name = where.get(e.field, e.field)
+        raise ApiError(400, f"'{name}' {e.problem}", param=name) from None
+    if params.n > max_batch:  # the server's capacity, not a setting's range
+        raise ApiError(400, f"'n' must be <= {max_batch} (the server's --max-batch), got "
+                            f"{params.n}", param="n")
     return params
+
+
+# (JSON field = SamplingParams field, integer, default when absent)
+SETTINGS = [("temperature", False, 1.0), ("top_p", False, 1.0), ("top_k", True, 0),
+            ("min_p", False, 0.0), ("seed", True, None), ("n", True, 1),
+            ("presence_penalty", False, 0.0), ("frequency_penalty", False, 0.0),
+            ("repetition_penalty", False, 1.0)]
 
 
 def parse_request(body: Any, api: Api, tokenizer, block_size: int, max_batch: int,
@@ -374,8 +381,8 @@ def parse_request(body: Any, api: Api, tokenizer, block_size: int, max_batch: in
     prompts = api.prompts(body, tokenizer)
     logprobs, echo = api.logprobs(body)
     max_tokens = _max_tokens(api, body, prompts, block_size, echo)
-    params = _sampling(body, max_tokens, stop, max_batch, vocab_size or tokenizer.vocab_size)
-    params.logprobs, params.echo = logprobs, echo
+    params = _sampling(body, api, dict(max_tokens=max_tokens, stop=stop, logprobs=logprobs,
+                                       echo=echo), max_batch, vocab_size or tokenizer.vocab_size)
     stream = boolean(body, "stream")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):

@@ -1,4 +1,5 @@
-"""Sample text from a trained run directory (or a Hugging Face Llama / GPT-2 folder).
+"""Sample text from a trained run directory (or a Hugging Face Llama / GPT-2 folder, or a
+nanoGPT / nanoGPT-moderno checkpoint).
 
     python -m gptmod_ext.sample --ckpt out/ --prompt "Once upon a time" --max-new-tokens 200
     echo -n "def main(" | python -m gptmod_ext.sample --ckpt out/ --temperature 0
@@ -29,11 +30,16 @@ What it does, in the terms of the flags:
   checkpoint, prompt or runtime problem, 2 for a usage error. GPTMOD_DEBUG=1 shows tracebacks.
 - --interactive reads one prompt per line (the model keeps no chat state; the line is not
   echoed) until EOF (Ctrl-D) or Ctrl-C, and exits 0.
+- --chat is a conversation: each line is a user message, the model answers it with the whole
+  conversation so far (--system opens it) rendered by the run's chat template (chat.py; a
+  Hugging Face folder's own), and the answer ends at the end-of-text token; a model without a
+  template gets plain "role: content" lines and its answer ends at "\\nuser:", as the server
+  does. Only the answers go to stdout.
 """
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import random
 import sys
 import time
@@ -41,9 +47,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import sampling
-from .checkpoint import first_line as _first_line
+from . import decode, sampling
+from .common import Parser, UserError, first_line, run_cli
 from .devices import DTYPE_CHOICES, dtype_name
+from .tokenizer import document_start
 
 PROG = "python -m gptmod_ext.sample"
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -61,19 +68,17 @@ examples:
 """
 
 
-class SampleError(Exception):
+# What load_model read (ModelInfo.kind), as the load line names it.
+KIND_NAMES = {"run": "run", "hf": "Hugging Face model", "nanogpt": "nanoGPT checkpoint",
+              "moderno": "nanoGPT-moderno checkpoint"}
+
+
+class SampleError(UserError):
     """A problem the user can fix (checkpoint, prompt, device); reported as one line, exit 1."""
 
 
 # -----------------------------------------------------------------------------------------------
 # Command line
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line (the default prints the whole usage first)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _unescape(s: str) -> str:
@@ -85,11 +90,15 @@ def _unescape(s: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Generate text from a gptmod_ext run directory or a Hugging Face "
                 "Llama/GPT-2 folder, streaming it to stdout.", epilog=EPILOG)
     a = p.add_argument
-    a("--ckpt", default="out", help="run directory (or HF model folder) (default: out)")
+    a("--ckpt", default="out", help="run directory, HF model folder, or nanoGPT ckpt.pt / "
+      "nanoGPT-moderno model_XXXXX.pt (or its directory) (default: out)")
+    a("--tokenizer-path", default=None, metavar="PATH",
+      help="for a nanoGPT/moderno checkpoint: its meta.pkl, or GPT-2's tokenizer files "
+           "(r50k_base.tiktoken, or a directory with vocab.bpe + encoder.json)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt text; '-' reads stdin (default: stdin)")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
@@ -121,61 +130,67 @@ def build_parser() -> argparse.ArgumentParser:
       help="auto: bfloat16 on GPUs that support it, else float32")
     a("--backend", default="auto", choices=["auto", "ext", "torch"],
       help="ext: our compiled ops; torch: pure PyTorch; auto: ext when built (default)")
-    a("--compile", action="store_true",
-      help="the model's fastest decode path (GPT.compile_decode: a compiled cached step)")
+    decode.add_arguments(p)
     a("-q", "--quiet", action="store_true", help="no load/speed report on stderr")
     a("--interactive", action="store_true",
       help="read prompts line by line until EOF (Ctrl-D) or Ctrl-C")
+    a("--chat", action="store_true",
+      help="a conversation: one user message per line, answered with the history through the "
+           "model's chat template, until EOF (Ctrl-D) or Ctrl-C")
+    a("--system", default=None, metavar="TEXT", help="with --chat: the system message")
     return p
 
 
+# The flag that sets each SamplingParams field, to word its range errors as the CLI's own.
+FLAGS = {"max_tokens": "--max-new-tokens", "n": "--num-samples", "top_k": "--top-k",
+         "top_p": "--top-p", "min_p": "--min-p", "presence_penalty": "--presence-penalty",
+         "frequency_penalty": "--frequency-penalty", "repetition_penalty": "--repetition-penalty",
+         "logit_bias": "--logit-bias", "temperature": "--temperature", "seed": "--seed",
+         "stop": "--stop"}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The options, with args.params: the sampling.SamplingParams they make (its max_tokens is
+    decided per prompt, from the room the context leaves)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    checks = [
-        (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
-        (args.top_k is None or args.top_k >= 1, f"--top-k must be >= 1, got {args.top_k}"),
-        (args.top_p is None or 0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}"),
-        (args.min_p is None or 0 <= args.min_p <= 1,
-         f"--min-p must be in [0, 1], got {args.min_p}"),
-        (args.max_new_tokens is None or args.max_new_tokens >= 1,
-         f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
-        (args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}"),
-        (not (args.interactive and (args.prompt is not None or args.prompt_file)),
-         "--interactive reads its prompts from stdin; drop --prompt/--prompt-file"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            parser.error(msg)
-    args.penalties = _penalties(parser, args)
+    if args.interactive and (args.prompt is not None or args.prompt_file):
+        parser.error("--interactive reads its prompts from stdin; drop --prompt/--prompt-file")
+    if args.chat and (args.prompt is not None or args.prompt_file or args.interactive
+                      or args.num_samples != 1):
+        parser.error("--chat reads its messages from stdin and answers each once; drop "
+                     "--prompt/--prompt-file/--interactive/--num-samples")
+    if args.system is not None and not args.chat:
+        parser.error("--system is for --chat")
     try:
-        args.stop = [_unescape(s) for s in args.stop]
+        stop = [_unescape(s) for s in args.stop]
     except UnicodeDecodeError as e:
         parser.error(f"--stop: bad backslash escape ({e.reason})")
-    if any(s == "" for s in args.stop):
-        parser.error("--stop strings must not be empty")
+    try:
+        args.params = sampling.SamplingParams(
+            max_tokens=(DEFAULT_MAX_NEW_TOKENS if args.max_new_tokens is None
+                        else args.max_new_tokens), n=args.num_samples,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+            seed=args.seed, stop=stop, presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+            logit_bias=_logit_bias(parser, args.logit_bias))
+    except sampling.SamplingError as e:
+        parser.error(f"{FLAGS[e.field]} {e.problem}")
+    args.stop = list(args.params.stop)
     return args
 
 
-def _penalties(parser, args) -> sampling.Penalties:
-    for name in ("presence_penalty", "frequency_penalty"):
-        if not -2 <= getattr(args, name) <= 2:
-            parser.error(f"--{name.replace('_', '-')} must be in [-2, 2], got {getattr(args, name)}")
-    if not args.repetition_penalty > 0:
-        parser.error(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
+def _logit_bias(parser, items: list) -> dict:
     bias = {}
-    for item in args.logit_bias:
+    for item in items:
         tok, sep, value = item.partition("=")
         try:
-            tok, value = int(tok), float(value)
+            bias[int(tok)] = float(value)
         except ValueError:
-            tok = None
-        if not sep or tok is None or tok < 0 or not -100 <= value <= 100:
-            parser.error(f"--logit-bias takes ID=BIAS with a token id >= 0 and a bias in "
-                         f"[-100, 100], got {item!r}")
-        bias[tok] = value
-    return sampling.Penalties(args.presence_penalty, args.frequency_penalty,
-                              args.repetition_penalty, bias)
+            sep = ""
+        if not sep:
+            parser.error(f"--logit-bias takes ID=BIAS (a token id and a number), got {item!r}")
+    return bias
 
 
 # -----------------------------------------------------------------------------------------------
@@ -195,15 +210,15 @@ def load(args) -> Loaded:
     from . import checkpoint
 
     model, tok, info = checkpoint.load_model(args.ckpt, device=args.device, dtype=args.dtype,
-                                             backend=args.backend)
-    if args.compile:
-        model.compile_decode()  # the model's own fast decode path (docs/design.md §6)
-    kind = "Hugging Face model" if info.kind == "hf" else "run"
+                                             backend=args.backend,
+                                             tokenizer_path=args.tokenizer_path)
+    decode.configure(model, args)
+    kind = KIND_NAMES[info.kind]
     params = sum(p.numel() for p in model.parameters()) / 1e6
     note = f" (ext unavailable: {info.backend_note})" if info.backend_note else ""
     desc = (f"{kind} {info.path}: {params:.2f}M parameters, block_size "
             f"{model.config.block_size}, {dtype_name(model.dtype)} on {model.device}, backend "
-            f"{model.backend}{note}{', compiled' if args.compile else ''}")
+            f"{model.backend}{note}, decode: {model.decoder.describe(model)}")
     return Loaded(model, tok, desc)
 
 
@@ -219,7 +234,7 @@ def read_prompt(args) -> str:
             raise SampleError(f"prompt file {args.prompt_file} does not exist") from None
         except (OSError, UnicodeDecodeError) as e:
             raise SampleError(f"cannot read prompt file {args.prompt_file}: "
-                              f"{_first_line(e)}") from None
+                              f"{first_line(e)}") from None
     if args.prompt is not None and args.prompt != "-":
         return args.prompt
     if sys.stdin.isatty():
@@ -232,8 +247,7 @@ def encode_prompt(tok, text: str) -> list[int]:
     # (our tokenizers put it between documents).
     ids = tok.encode(text)
     if not ids:
-        start = getattr(tok, "bos_id", None)
-        start = start if start is not None else tok.eot_id
+        start = document_start(tok)
         if start is None:
             raise SampleError("the prompt is empty and the tokenizer has no BOS or end-of-text "
                               "token to start from; give a prompt")
@@ -260,6 +274,7 @@ class Stats:
     new_tokens: list
     ttft: float   # seconds from the start of the prefill to the first sampled token
     seconds: float
+    text: str = ""  # sample 1's text
 
     def line(self, seed) -> str:
         total = sum(self.new_tokens)
@@ -270,73 +285,65 @@ class Stats:
                 f"token {self.ttft * 1000:.1f} ms, {rate:.1f} tokens/s{seed_part}")
 
 
-def generate(model, tok, prompt: str, args, seed, echo: bool, out, err) -> Stats:
-    """Generates args.num_samples continuations of prompt as one batch and writes them to out
-    (sample 1 live, token by token; the others after it)."""
+def generate(model, tok, prompt: str, args, seed, echo: bool, out, err, ids=None,
+             stop=()) -> Stats:
+    """Generates args.params.n continuations of prompt as one batch and writes them to out
+    (sample 1 live, token by token; the others after it). ids: the prompt's ids when the
+    caller made them (a chat); stop: stop strings besides --stop."""
     import torch
 
-    from .streaming import TextStreamer
+    from .streaming import SequenceOutput
 
-    ids = encode_prompt(tok, prompt)
-    T, block, B = len(ids), model.config.block_size, args.num_samples
-    if T >= block:
-        raise SampleError(f"the prompt is {T} tokens long but the model's context (block_size) "
-                          f"is {block} tokens: no room to generate; shorten the prompt")
-    max_new = args.max_new_tokens
-    if max_new is None:
-        max_new = min(DEFAULT_MAX_NEW_TOKENS, block - T)
-    elif T + max_new > block:
-        print(f"warning: prompt {T} + --max-new-tokens {max_new} tokens exceed the context "
-              f"({block}); generating at most {block - T} tokens", file=err, flush=True)
-        max_new = block - T
-
-    streamers = [TextStreamer(tok, args.stop, context=ids[-1:]) for _ in range(B)]
-    done = [False] * B  # ended by <|endoftext|> or a stop string; the others hit the limit
-    counts = [0] * B
-    head = (separator(1, B) if B > 1 else "") + (prompt if echo else "")
-    out.write(head)
-    out.flush()
-
-    bad = [t for t in args.penalties.logit_bias if t >= model.config.vocab_size]
+    ids = encode_prompt(tok, prompt) if ids is None else ids
+    params = dataclasses.replace(args.params, max_tokens=_room(ids, model, args, err), seed=seed,
+                                 stop=args.params.stop + tuple(stop))
+    B = params.n
+    bad = [t for t in params.logit_bias if t >= model.config.vocab_size]
     if bad:
         raise SampleError(f"--logit-bias: token id {bad[0]} is not in the vocabulary "
                           f"(0..{model.config.vocab_size - 1})")
+    outs = [SequenceOutput(tok, params, tok.eot_id, context=ids[-1:]) for _ in range(B)]
+    out.write((separator(1, B) if B > 1 else "") + (prompt if echo else ""))
+    out.flush()
     idx = torch.tensor([ids] * B, dtype=torch.long, device=model.device)
     t0 = time.perf_counter()
     ttft = None
-    steps = model.generate_stream(idx, max_new, temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, min_p=args.min_p, seed=seed,
-                                  eos_id=tok.eot_id, penalties=args.penalties)
+    steps = model.generate_stream(idx, params.max_tokens, params, eos_id=tok.eot_id)
     try:
-        for tokens, finished in steps:
-            tokens, finished = tokens.tolist(), finished.tolist()  # one host sync per step
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            for i in range(B):
-                if done[i]:
-                    continue
-                counts[i] += 1
-                if finished[i]:  # this step's token is <|endoftext|>: not printed
-                    done[i] = True
-                    continue
-                text = streamers[i].put(tokens[i])
-                done[i] = streamers[i].stopped
-                if i == 0 and text:
+        for tokens, _ in steps:
+            tokens = tokens.tolist()  # one host sync per step
+            ttft = time.perf_counter() - t0 if ttft is None else ttft
+            for o, t in zip(outs, tokens):
+                text = "" if o.finished else o.add(t)
+                if o is outs[0] and text:
                     out.write(text)
                     out.flush()
-            if all(done):  # every sample hit a stop string or <|endoftext|>
+            if all(o.finished for o in outs):  # each hit a stop, <|endoftext|> or the limit
                 break
     finally:
         steps.close()
     seconds = time.perf_counter() - t0
-    # A row cut by the token limit may end mid-character: that half character is dropped
-    # (truncated=True); a row the model ended shows its invalid bytes as U+FFFD.
-    out.write(streamers[0].finish(truncated=not done[0]) + "\n")
+    out.write("\n")
     for i in range(1, B):
-        streamers[i].finish(truncated=not done[i])
-        out.write(separator(i + 1, B) + (prompt if echo else "") + streamers[i].text + "\n")
+        out.write(separator(i + 1, B) + (prompt if echo else "") + outs[i].text + "\n")
     out.flush()
-    return Stats(T, counts, ttft or 0.0, seconds)
+    return Stats(len(ids), [o.num_tokens for o in outs], ttft or 0.0, seconds, outs[0].text)
+
+
+def _room(ids: list, model, args, err) -> int:
+    """The tokens each sample may generate: --max-new-tokens (reduced, with a warning, to what
+    the context leaves), or up to DEFAULT_MAX_NEW_TOKENS as fit."""
+    T, block = len(ids), model.config.block_size
+    if T >= block:
+        raise SampleError(f"the prompt is {T} tokens long but the model's context (block_size) "
+                          f"is {block} tokens: no room to generate; shorten the prompt")
+    if args.max_new_tokens is None:
+        return min(DEFAULT_MAX_NEW_TOKENS, block - T)
+    if T + args.max_new_tokens > block:
+        print(f"warning: prompt {T} + --max-new-tokens {args.max_new_tokens} tokens exceed the "
+              f"context ({block}); generating at most {block - T} tokens", file=err, flush=True)
+        return block - T
+    return args.max_new_tokens
 
 
 def _pick_seed(args):
@@ -351,16 +358,25 @@ def interactive(loaded: Loaded, args, out, err) -> None:
     tty = sys.stdin.isatty()
     if tty and not args.quiet:
         print("one prompt per line; Ctrl-D or Ctrl-C to quit", file=err)
+    for answered, prompt in enumerate(_lines(err, tty), 1):
+        if not tty:  # a log of piped prompts: each answer under a line naming its prompt
+            out.write(prompt_separator(answered, prompt))
+        seed = _pick_seed(args)
+        stats = generate(loaded.model, loaded.tok, prompt, args, seed, False, out, err)
+        if not args.quiet:
+            print(stats.line(seed), file=err, flush=True)
+
+
+def _lines(err, tty: bool):
+    """stdin's non-empty lines (without their line ends) until EOF; at a terminal with a "> "
+    prompt on stderr (stdout keeps only generated text) and input()'s line editing."""
     if tty:
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    answered = 0
     while True:
         if tty:
-            # The "> " goes to stderr so that stdout keeps only generated text; input() gives
-            # line editing at a terminal.
             err.write("> ")
             err.flush()
             try:
@@ -373,16 +389,48 @@ def interactive(loaded: Loaded, args, out, err) -> None:
             if tty:
                 err.write("\n")
             return
-        prompt = line.rstrip("\r\n")
-        if not prompt:
-            continue
-        answered += 1
-        if not tty:  # a log of piped prompts: each answer under a line naming its prompt
-            out.write(prompt_separator(answered, prompt))
+        if line.rstrip("\r\n"):
+            yield line.rstrip("\r\n")
+
+
+def chat_session(loaded: Loaded, args, out, err) -> None:
+    """--chat: each line a user message, answered from the whole conversation (chat.prompt:
+    the model's template, or plain lines without one); the answers join the history."""
+    from . import chat
+
+    tty = sys.stdin.isatty()
+    if tty and not args.quiet:
+        kind = "its chat template" if chat.template_of(loaded.tok) else "plain 'role: ' lines"
+        print(f"chat ({kind}): one message per line; Ctrl-D or Ctrl-C to quit", file=err)
+    messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+    for i, line in enumerate(_lines(err, tty), 1):
+        if not tty:  # a log of piped messages: each answer under a line naming its message
+            out.write(prompt_separator(i, line))
+        messages.append({"role": "user", "content": line})
+        ids, stop = _fit_history(loaded, messages, err)
         seed = _pick_seed(args)
-        stats = generate(loaded.model, loaded.tok, prompt, args, seed, False, out, err)
+        stats = generate(loaded.model, loaded.tok, line, args, seed, False, out, err, ids, stop)
+        messages.append({"role": "assistant", "content": stats.text})
         if not args.quiet:
             print(stats.line(seed), file=err, flush=True)
+
+
+def _fit_history(loaded: Loaded, messages: list, err) -> tuple[list, tuple]:
+    """chat.prompt of the conversation, its oldest exchanges dropped (with a warning; the
+    system message stays) while it leaves no room for an answer in the model's context."""
+    from . import chat
+
+    first = 1 if messages[0]["role"] == "system" else 0
+    ids, stop = chat.prompt(loaded.tok, messages)
+    dropped = 0
+    while len(ids) >= loaded.model.config.block_size and len(messages) > first + 2:
+        del messages[first:first + 2]  # the oldest question and its answer
+        dropped += 1
+        ids, stop = chat.prompt(loaded.tok, messages)
+    if dropped:
+        print(f"warning: the conversation outgrew the context ({loaded.model.config.block_size} "
+              f"tokens); its {dropped} oldest exchange(s) are forgotten", file=err, flush=True)
+    return ids, stop
 
 
 def run(args) -> int:
@@ -395,9 +443,9 @@ def run(args) -> int:
     if not args.quiet:
         print(f"loaded {loaded.description} in {time.perf_counter() - t:.2f} s", file=err,
               flush=True)
-    if args.interactive:
+    if args.interactive or args.chat:
         try:
-            interactive(loaded, args, out, err)
+            (chat_session if args.chat else interactive)(loaded, args, out, err)
         except KeyboardInterrupt:  # Ctrl-C ends the session cleanly, like Ctrl-D
             out.flush()
             err.write("\n")
@@ -411,49 +459,12 @@ def run(args) -> int:
 
 
 # -----------------------------------------------------------------------------------------------
-# Entry point: every failure becomes one line on stderr
+# Entry point
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)  # usage errors exit 2 from here
-    debug = os.environ.get("GPTMOD_DEBUG") == "1"
-    from .checkpoint import CheckpointError
-    from .tokenizer import TokenizerError
-
-    def fail(msg: str, code: int = 1) -> int:
-        try:
-            sys.stdout.flush()  # what was streamed so far comes before the message
-        except OSError:
-            pass
-        print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
-        return code
-
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        return fail("interrupted", 130)
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly. Point stdout at devnull so the
-        # interpreter's final flush does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except (SampleError, CheckpointError, TokenizerError) as e:
-        if debug:
-            raise
-        return fail(_first_line(e))
-    except (ImportError, OSError, ValueError, RuntimeError) as e:
-        # ImportError: the ext ops or transformers are missing; ValueError: a model or
-        # generation argument refused; RuntimeError: torch (out of memory, a bad device).
-        if debug:
-            raise
-        return fail(_first_line(e))
-    except Exception as e:
-        if debug:
-            raise
-        return fail(f"unexpected {type(e).__name__}: {_first_line(e)} "
-                    "(set GPTMOD_DEBUG=1 for the traceback)")
+    return run_cli(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

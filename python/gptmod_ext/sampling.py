@@ -13,10 +13,13 @@ global RNG, so the same seed gives the same tokens.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
+
+from .common import UserError
 
 Param = Union[None, float, int, torch.Tensor]
 
@@ -119,41 +122,139 @@ def bias_vector(logit_bias: Mapping[int, float], vocab_size: int, device=None) -
     return bias
 
 
+MAX_LOGPROBS = 20  # OpenAI's limit on alternatives per position
+MAX_STOP_STRINGS = 256  # lm-evaluation-harness sends a task's whole `until` list
+
+
+class SamplingError(UserError, ValueError):
+    """A sampling setting out of its range. `field` names it, `problem` says what is wrong, so
+    each front end words it its own way: the CLI as --top-p, the server as 'top_p' (HTTP 400)."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
 @dataclass(frozen=True)
-class Penalties:
-    """One generation's logit adjustments for GPT.generate and the sampler CLI (the server keeps
-    them per request in engine.SamplingParams): 0 / 1.0 / {} are off."""
-    presence: float = 0.0
-    frequency: float = 0.0
-    repetition: float = 1.0
+class SamplingParams:
+    """Every setting of one generation, for GPT.generate, the sampler CLI and the server alike,
+    checked once, here (as vLLM's SamplingParams). 'Off' values: top_k 0 (or -1), top_p 1,
+    min_p 0, penalties 0 (1 for repetition), logit_bias {}. temperature 0 is greedy.
+
+    max_tokens: tokens to generate (0 only with echo: the prompt is scored, nothing generated).
+    seed: choice i draws from a torch.Generator seeded with seed + i; None: a random one.
+    n: choices per prompt. stop: strings that end a choice (not included in its text).
+    stop_at_eos: False keeps going past the end-of-text token (fixed-length benchmarks).
+    logprobs: None, or k in 0..20: each token's logprob and the k most likely alternatives.
+    echo: the caller shows the prompt (with logprobs: the prompt tokens' logprobs too).
+    presence/frequency_penalty (OpenAI's, over the generated tokens), repetition_penalty
+    (vLLM's, over prompt and output), logit_bias {token id: bias}: applied in that order
+    (bias first) before the temperature; see apply_penalties.
+    timeout: seconds after which the server ends the request (finish_reason 'length').
+    generate() uses the fields that choose tokens (temperature to logit_bias, seed); the text
+    fields (stop, logprobs, echo, n, timeout) belong to the sampler and the server."""
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    n: int = 1
+    stop: tuple = ()
+    stop_at_eos: bool = True
+    logprobs: Optional[int] = None
+    echo: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     logit_bias: Mapping[int, float] = field(default_factory=dict)
+    timeout: Optional[float] = None
+
+    def __post_init__(self):
+        # Normalized first (frozen: through object.__setattr__), then checked.
+        set_ = object.__setattr__
+        set_(self, "top_k", 0 if self.top_k in (None, -1) else self.top_k)
+        set_(self, "top_p", 1.0 if self.top_p is None else self.top_p)
+        set_(self, "min_p", 0.0 if self.min_p is None else self.min_p)
+        set_(self, "stop", tuple(self.stop))
+        set_(self, "logit_bias", dict(self.logit_bias))
+        for name, ok, problem in self._rules():
+            if not ok:
+                got = repr(getattr(self, name))
+                raise SamplingError(name, f"{problem}, got {got[:40]}{'...' if len(got) > 40 else ''}")
+
+    def _rules(self):
+        lo = 0 if self.echo else 1
+        yield "max_tokens", _int(self.max_tokens) and self.max_tokens >= lo, f"must be >= {lo}"
+        yield "temperature", _num(self.temperature) and self.temperature >= 0, "must be >= 0"
+        yield "top_k", _int(self.top_k) and self.top_k >= 0, "must be >= 1 (0 or -1: off)"
+        yield "top_p", _num(self.top_p) and 0 < self.top_p <= 1, "must be in (0, 1]"
+        yield "min_p", _num(self.min_p) and 0 <= self.min_p <= 1, "must be in [0, 1]"
+        yield "seed", self.seed is None or (_int(self.seed) and -2**63 <= self.seed < 2**63), \
+            "must be an integer in [-2^63, 2^63)"
+        yield "n", _int(self.n) and self.n >= 1, "must be >= 1"
+        yield "stop", (len(self.stop) <= MAX_STOP_STRINGS
+                       and all(isinstance(s, str) and s for s in self.stop)), \
+            f"must be at most {MAX_STOP_STRINGS} non-empty strings"
+        yield "logprobs", self.logprobs is None or (_int(self.logprobs)
+                                                    and 0 <= self.logprobs <= MAX_LOGPROBS), \
+            f"must be between 0 and {MAX_LOGPROBS}"
+        for name in ("presence_penalty", "frequency_penalty"):
+            yield name, _num(getattr(self, name)) and -2 <= getattr(self, name) <= 2, \
+                "must be in [-2, 2]"
+        yield "repetition_penalty", _num(self.repetition_penalty) and self.repetition_penalty > 0, \
+            "must be > 0 (1: off)"
+        yield "logit_bias", all(_int(t) and t >= 0 and _num(b) and -100 <= b <= 100
+                                for t, b in self.logit_bias.items()), \
+            "must map token ids >= 0 to biases in [-100, 100]"
+        yield "timeout", self.timeout is None or (_num(self.timeout) and self.timeout >= 0), \
+            "must be >= 0 seconds"
 
     @property
-    def active(self) -> bool:
-        return bool(self.presence or self.frequency or self.logit_bias or self.repetition != 1.0)
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def prompt_logprobs(self) -> bool:
+        return self.echo and self.logprobs is not None
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1.0)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class PenaltyTracker:
     """What apply_penalties needs while a batch generates: which tokens each row's prompt holds
     (for the repetition penalty) and how often each row generated each token."""
 
-    def __init__(self, penalties: Penalties, prompts: torch.Tensor, lengths: Optional[torch.Tensor],
-                 vocab_size: int):
+    def __init__(self, params: SamplingParams, prompts: torch.Tensor,
+                 lengths: Optional[torch.Tensor], vocab_size: int):
         B, T = prompts.shape
         device = prompts.device
-        self.p = penalties
+        self.p = params
         self.rows = torch.arange(B, device=device)
         self.counts = torch.zeros(B, vocab_size, dtype=torch.float32, device=device)
         self.prompt_seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
         real = (torch.ones(B, T, dtype=torch.bool, device=device) if lengths is None
                 else torch.arange(T, device=device) < lengths.view(B, 1))  # not the right padding
         self.prompt_seen[self.rows.view(B, 1).expand(B, T)[real], prompts[real]] = True
-        self.bias = (bias_vector(penalties.logit_bias, vocab_size, device)
-                     if penalties.logit_bias else None)
+        self.bias = (bias_vector(params.logit_bias, vocab_size, device)
+                     if params.logit_bias else None)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.p
         return apply_penalties(logits, self.counts, self.prompt_seen | (self.counts > 0),
-                               self.p.presence, self.p.frequency, self.p.repetition, self.bias)
+                               p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
+                               self.bias)
 
     def update(self, tokens: torch.Tensor) -> None:
         """tokens [B]: the step's new token of each row."""

@@ -11,10 +11,11 @@ thread; each HTTP handler submits one engine request per prompt and reads their 
 asyncio.Queue that the engine thread feeds through loop.call_soon_threadsafe. The wire format
 (parsing, choices, chunks, logprobs) is in protocol.py.
 
-Chat: the models are base models, so messages are rendered as plain text, one line per
-message, "{role}: {content}\\n", followed by "assistant:"; generation stops at "\\nuser:"
-(added to the request's own stop strings) so the model does not write the user's next turn.
-A Hugging Face folder with a chat template uses its template instead.
+Chat: a model whose tokenizer has a chat template (a run trained on chat data, a Hugging Face
+folder with one: chat.py) gets its messages rendered by that template, and a reply ends at the
+end-of-text token. A base model's messages are rendered as plain text, one line per message,
+"{role}: {content}\\n", followed by "assistant:"; generation stops at "\\nuser:" (added to the
+request's own stop strings) so the model does not write the user's next turn.
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for invalid
 requests (bad JSON, a field of the wrong type or out of range, an empty prompt, prompt +
@@ -27,6 +28,8 @@ stream, whose headers are already sent, that error is the last event).
 
 import argparse
 import asyncio
+import dataclasses
+import functools
 import hmac
 import json
 import signal
@@ -44,17 +47,22 @@ try:
     from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as e:  # the one optional dependency group this module needs
     raise ImportError(f"gptmod_ext.serve needs fastapi and uvicorn: "
-                      f"pip install 'gptmod_ext[serve]' ({e})") from None
+                      f"pip install fastapi uvicorn prometheus_client (the serve extra) ({e})") from None
 
+from . import chat, decode
+from .common import Parser, UserError, run_cli
 from .devices import DTYPE_CHOICES
 from .engine import Engine, Event, QueueFull
+from .tokenizer import document_start
 from .protocol import (CHAT, CHAT_STOP, COMPLETIONS, SSE_DONE, Api, ApiError, ChatApi,  # noqa: F401
-                       ChoiceOutput, Job, boolean, parse_request, render_chat,
+                       ChoiceOutput, Job, boolean, encode_text, parse_request, render_chat,
                        response_head, sse, usage)
 
 MAX_BODY_BYTES = 1 << 20
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
+
+PROG = "python -m gptmod_ext.serve"
 
 class Metrics:
     """The Prometheus series of one server (its own registry, so several apps can coexist)."""
@@ -192,12 +200,13 @@ class Submission:
         self.reqs, self.metrics, self.remaining = [], st.metrics, len(job.prompts)
         self.prompt_tokens = self.completion_tokens = 0
         self._last: dict = {}
+        params = job.params
         if st.request_timeout is not None:
-            job.params.timeout = st.request_timeout
+            params = dataclasses.replace(params, timeout=st.request_timeout)
         try:
             for i, ids in enumerate(job.prompts):
                 self.reqs.append(st.engine.submit(
-                    ids, job.params, lambda ev, i=i: loop.call_soon_threadsafe(
+                    ids, params, lambda ev, i=i: loop.call_soon_threadsafe(
                         self.queue.put_nowait, (i, ev, time.perf_counter()))))
         except QueueFull as e:
             self.cancel()
@@ -389,7 +398,7 @@ async def tokenize(request: Request):
             raise ApiError(400, "'prompt' must be a string (or send 'messages')", param="prompt")
         hf = getattr(st.tokenizer, "hf", None)  # ours adds no BOS: nothing to switch off
         ids = (hf.encode(prompt, add_special_tokens=boolean(body, "add_special_tokens", True))
-               if hf is not None else st.tokenizer.encode(prompt))
+               if hf is not None else encode_text(st.tokenizer, prompt, "prompt"))
     return {"count": len(ids), "max_model_len": st.engine.block_size, "tokens": ids}
 
 
@@ -416,7 +425,8 @@ async def tokenizer_info(request: Request):
 def tokenizer_description(tok, block_size: int, chat_template: Optional[str]) -> dict:
     """vLLM's /tokenizer_info fields for our tokenizer or a Hugging Face one."""
     if hasattr(tok, "special_tokens"):  # ours: <|endoftext|> ends and separates documents
-        eot = next(s for s, i in tok.special_tokens.items() if i == tok.eot_id)
+        # (a char vocabulary has none)
+        eot = next((s for s, i in tok.special_tokens.items() if i == tok.eot_id), None)
         specials = dict(tok.special_tokens)
         eos, bos, pad, name = eot, None, None, f"gptmod_ext.{tok.kind}"
     else:
@@ -455,8 +465,10 @@ async def metrics(request: Request):
 
 
 @router.get("/", response_class=HTMLResponse)
-async def playground():
-    return HTMLResponse((STATIC_DIR / "playground.html").read_text(encoding="utf-8"))
+async def playground(request: Request):
+    start = document_start(_state(request).tokenizer)
+    page = (STATIC_DIR / "playground.html").read_text(encoding="utf-8")
+    return HTMLResponse(page.replace("__DOC_START__", "" if start is None else str(start)))
 
 
 _ROUTES = {r.path for r in router.routes}
@@ -486,10 +498,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: Optional[str
 
 # -- the command line --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gptmod_ext.serve",
-                                description="OpenAI-compatible server with continuous batching")
+    p = Parser(prog=PROG, description="OpenAI-compatible server with continuous batching")
     p.add_argument("--ckpt", default="out",
-                   help="a run directory (model.safetensors, config.json) or a Hugging Face folder")
+                   help="a run directory (model.safetensors, config.json), a Hugging Face folder, "
+                        "or a nanoGPT ckpt.pt / nanoGPT-moderno model_XXXXX.pt (or its directory)")
+    p.add_argument("--tokenizer-path", default=None, metavar="PATH",
+                   help="for a nanoGPT/moderno checkpoint: its meta.pkl, or GPT-2's tokenizer files")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="concurrent sequences (KV cache slots)")
@@ -508,9 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ext: our compiled ops; torch: pure PyTorch; auto: ext where it can run")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)")
-    p.add_argument("--compile", action="store_true",
-                   help="decode with the model's fastest step (GPT.compile_decode(); the first "
-                        "steps of each new batch shape pay the compilation)")
+    decode.add_arguments(p)
     p.add_argument("--cors-origin", action="append", default=None, metavar="URL",
                    help="allow browser pages from this origin (repeatable; '*' for any; off by default)")
     p.add_argument("--request-timeout", type=float, default=None, metavar="S",
@@ -547,38 +559,36 @@ class _DrainingServer:
 
 
 def chat_template(tok):
-    """(template string, messages -> prompt ids) of a Hugging Face tokenizer that has a chat
-    template; (None, None) otherwise (render_chat's plain text is used)."""
-    hf_tok = getattr(tok, "hf", None)
-    template = getattr(hf_tok, "chat_template", None)
+    """(template string, messages -> prompt ids) of a tokenizer that has a chat template (a
+    Hugging Face folder's, or a run's: chat.py); (None, None) otherwise (render_chat's plain
+    text is used)."""
+    template = chat.template_of(tok)
     if not template:
         return None, None
-
-    def render(messages):
-        return hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                          return_dict=False)
-    return template, render
+    return template, functools.partial(chat.prompt_ids, tok)
 
 
 def build_app(args) -> tuple:
     """(app, engine, banner) from the command line; CheckpointError or ValueError on a bad one."""
     from .checkpoint import load_model
 
-    model, tok, info = load_model(args.ckpt, args.device, args.dtype, args.backend)
+    model, tok, info = load_model(args.ckpt, args.device, args.dtype, args.backend,
+                                  tokenizer_path=args.tokenizer_path)
     if info.backend_note:
         print(f"serve: ext backend unavailable ({info.backend_note}); using the torch backend",
               file=sys.stderr)
-    if args.compile:
-        model.compile_decode()
+    decode.configure(model, args)
     engine = Engine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue,
                     prefill_budget=args.prefill_budget)
-    name = args.model_name or Path(args.ckpt).resolve().name
+    ckpt = Path(args.ckpt).resolve()
+    # A checkpoint file (nanoGPT's out_dir/ckpt.pt) is named after its directory, as the run is.
+    name = args.model_name or (ckpt.parent.name if ckpt.is_file() else ckpt.name)
     template, render = chat_template(tok)
     app = create_app(engine, tok, name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      request_timeout=args.request_timeout, cors_origins=args.cors_origin,
                      chat_template=template, render_template=render)
     banner = (f"serve: model '{name}' ({info.kind}, {model.backend} backend, {model.device}, "
-              f"{model.dtype}{', compiled decode' if args.compile else ''}"
+              f"{model.dtype}, decode: {model.decoder.describe(model)}"
               f"{', its chat template' if template else ''}), {args.max_batch} slots x "
               f"{engine.block_size} tokens; http://{args.host}:{args.port}/ (playground), "
               f"/v1 (OpenAI API)")
@@ -587,21 +597,18 @@ def build_app(args) -> tuple:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli(PROG, lambda: serve(args))
+
+
+def serve(args) -> int:
     try:
         import uvicorn
     except ImportError:
-        print("serve: needs fastapi and uvicorn: pip install 'gptmod_ext[serve]'", file=sys.stderr)
-        return 1
-    from .checkpoint import CheckpointError
-
+        raise UserError("needs fastapi and uvicorn: pip install fastapi uvicorn prometheus_client (the serve extra)") from None
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    try:
-        app, engine, banner = build_app(args)
-    except (CheckpointError, ValueError, ImportError) as e:
-        print(f"serve: {e}", file=sys.stderr)
-        return 1
+    app, engine, banner = build_app(args)
     engine.start()
     print(banner, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

@@ -200,3 +200,57 @@ class TextStreamer:
     def _emit(self, text: str) -> str:
         self.text += text
         return text
+
+
+class SequenceOutput:
+    """One generated sequence's tokens -> the text to show and, once it ends, why: the one rule
+    of the sampler CLI and the server.
+
+    add(token) takes the next generated token and returns the text that became safe to show
+    (maybe ""); once the sequence ends, `finish_reason` is set: 'stop' for the end-of-text token
+    (when params.stop_at_eos) or a stop string, 'length' for params.max_tokens tokens, or a cut
+    from outside (cut(): a timeout). A sequence cut by a length drops a character the next token
+    would have completed, rather than show it as U+FFFD; one the model ended shows its invalid
+    bytes as U+FFFD. Special tokens (and ids the tokenizer lacks: a model vocabulary larger than
+    its tokenizer's) have no text.
+
+    params: anything with max_tokens, stop and stop_at_eos (sampling.SamplingParams).
+    context: the prompt's last token ids (see TextStreamer).
+    """
+
+    def __init__(self, tokenizer, params, eos_id, context: Sequence[int] = ()):
+        self.stream = TextStreamer(tokenizer, params.stop, context=context)
+        self.max_tokens, self.stop_at_eos, self.eos_id = params.max_tokens, params.stop_at_eos, eos_id
+        self._tokenizer = tokenizer
+        self.num_tokens = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        """Everything shown so far."""
+        return self.stream.text
+
+    def add(self, token: int) -> str:
+        self.num_tokens += 1
+        if self.stop_at_eos and token == self.eos_id:
+            return self._end("stop", self.stream.finish())
+        tok = self._tokenizer
+        shown = 0 <= token < tok.vocab_size and not tok.is_special(token)
+        text = self.stream.put([token] if shown else [])
+        if self.stream.stopped:
+            return self._end("stop", text)
+        if self.num_tokens >= self.max_tokens:
+            return self._end("length", text + self.stream.finish(truncated=True))
+        return text
+
+    def cut(self) -> str:
+        """Ends the sequence before the model did (a timeout): 'length'; returns the rest."""
+        return self._end("length", self.stream.finish(truncated=True))
+
+    def _end(self, reason: str, text: str) -> str:
+        self.finish_reason = reason
+        return text
