@@ -367,10 +367,15 @@ def run_export(capsys, *args):
 
 def test_model_llama_cpp_cannot_express(runs, tmp_path, capsys):
     model, tok = checkpoint.load_model(runs["bpe"], device="cpu")[:2]
-    for change, words in [(dict(logit_softcap=30.0), "soft-cap"), (dict(qk_norm=True), "QK-norm"),
-                          (dict(parallel_block=True), "parallel blocks")]:
+    gpt2 = dataclasses.replace(checkpoint.load_model(runs["bytes"], device="cpu")[0].config,
+                               vocab_size=model.config.vocab_size)
+    for config, words in [(dataclasses.replace(model.config, logit_softcap=30.0), "soft-cap"),
+                          (dataclasses.replace(model.config, qk_norm=True), "QK-norm"),
+                          (dataclasses.replace(model.config, parallel_block=True),
+                           "parallel blocks"),
+                          (dataclasses.replace(gpt2, gelu_approx="none"), "exact (erf) GELU")]:
         run = tmp_path / "run"
-        checkpoint.save_model(run, type(model)(dataclasses.replace(model.config, **change)), tok)
+        checkpoint.save_model(run, GPT(config), tok)
         code, out, err = run_export(capsys, "--ckpt", str(run), "--out", str(tmp_path / "m.gguf"),
                                     "--format", "gguf")
         assert code == 1 and out == ""
@@ -393,6 +398,32 @@ def test_existing_file_needs_force(runs, tmp_path, capsys):
                               "--format", "gguf", "--force")
     assert code == 1
     assert_export_error(err, "is a directory")
+
+
+def test_tokenizer_llama_cpp_cannot_carry(tmp_path, capsys):
+    # A char vocabulary (nanoGPT's Shakespeare) is no byte-level BPE.
+    tok = tokenizer.CharTokenizer(list("\n !',.:;?abcdefghijklmnopqrstuvwxyz"))
+    run = tmp_path / "run"
+    checkpoint.save_model(run, GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32,
+                                             n_layer=1, n_head=2, n_embd=32)), tok)
+    code, out, err = run_export(capsys, "--ckpt", str(run), "--out", str(tmp_path / "m.gguf"),
+                                "--format", "gguf")
+    assert code == 1 and out == ""
+    assert_export_error(err, "not one of our byte-level BPEs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_gpt2_without_biases_gets_zero_biases(tmp_path):
+    # nanoGPT's bias=False: llama.cpp's gpt2 needs every bias; zeros are the same function.
+    tok = tokenizer.byte_tokenizer()
+    model = GPT(GPTConfig.from_preset("gpt2", vocab_size=tok.vocab_size, block_size=32,
+                                      n_layer=1, n_head=2, n_embd=32, bias=False))
+    path = gguf_export.save_gguf(model, tok, tmp_path / "m.gguf")
+    _, tensors = read(path)
+    biases = [k for k in tensors if k.endswith(".bias")]
+    assert len(biases) == 1 + 6 * 1  # output_norm, and six per block
+    assert all(not np.array(tensors[k].data).any() for k in biases)
+    raw, _ = llama_greedy(path, "ab", n=4)  # llama.cpp loads and runs it
 
 
 @pytest.mark.parametrize("fmt,dtype", [("gguf", "fp16"), ("hf", "q8_0")])
