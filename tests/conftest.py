@@ -29,3 +29,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def export_runs(tmp_path_factory):
+    # The two small trained runs that test_export and test_gguf export (helpers.train_runs),
+    # trained once per session, single-threaded as in those modules.
+    from helpers import train_runs
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_runs(tmp_path_factory, steps=200)
+    finally:
+        torch.set_num_threads(n)

@@ -16,45 +16,18 @@ import sys
 
 import pytest
 import torch
-from helpers import PKG_PARENT, assert_greedy_agrees, float64_next_logits, train_steps
+from helpers import (CORPUS, PKG_PARENT, PROMPTS, TEXTS, assert_export_error,
+                     assert_greedy_agrees, float64_next_logits)
 
-from gptmod_ext import GPT, GPTConfig, checkpoint, export, hf, sample, tokenizer
+from gptmod_ext import checkpoint, export, hf, sample
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-CORPUS = ("def add(a, b):\n    return a + b  # the sum\n\nclass Point:\n\tx: int = 0\n\ty: int = 0\n"
-          "The quick brown fox jumps over the lazy dog. It's 2024, isn't it? We'll see.\r\n"
-          "naïve café, Größe, 你好世界 🙂 and the dog's bone.\n\n")
-# Held out: none of these lines is in the corpus.
-TEXTS = [
-    "for i in range(10):\n\tif i % 2:\n\t\tprint(f'{i:>4}')  # odd\n    return None\n",
-    "a    b\t\t\tc \t \t d      \n\n\n   \t", "line one\r\nline two\r\n\r\n\rx",
-    "Ελληνικά, русский, 日本語のテキスト, עברית", "emoji 🙂👍🏽👨‍👩‍👧 🇫🇷 ok🙃",
-    "\u00a0nbsp\u3000wide\u2028sep\u200bzw\x0bvt", "I'll've DON'T 1234567 3.14159",
-    "end<|endoftext|>start", " ",
-]
-PROMPTS = ["def add(", "The quick", "naïve"]
 N_NEW = 24
 
-
-def train_run(directory, tok, cfg, steps=150):
-    """A model trained on CORPUS until its greedy continuations are confident, saved as a run."""
-    torch.manual_seed(0)
-    model = train_steps(GPT(cfg), torch.tensor(tok.encode(CORPUS * 3)), steps)
-    checkpoint.save_model(directory, model, tok)
-    return directory
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    bpe = tokenizer.train_bpe([CORPUS * 4], 320)
-    small = dict(block_size=96, n_layer=2, n_head=4, n_embd=32)
-    modern = GPTConfig(vocab_size=bpe.vocab_size, n_kv_head=1, rope_base=5000.0, **small)
-    gpt2 = GPTConfig.from_preset("gpt2", vocab_size=257, **small)
-    return {"bpe": train_run(tmp_path_factory.mktemp("run_bpe"), bpe, modern),
-            "bytes": train_run(tmp_path_factory.mktemp("run_bytes"), tokenizer.byte_tokenizer(),
-                               gpt2)}
+def runs(export_runs):
+    return export_runs
 
 
 def env():
@@ -287,12 +260,6 @@ def run_export(capsys, *args):
     return code, out, err
 
 
-def assert_one_line_error(err, words):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"{export.PROG}: error: ") and words in lines[0], err
-
-
 def listing(d):
     return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
 
@@ -300,7 +267,7 @@ def listing(d):
 def test_missing_and_corrupt_run(runs, tmp_path, capsys):
     code, _, err = run_export(capsys, "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert code == 1
-    assert_one_line_error(err, "does not exist")
+    assert_export_error(err, "does not exist")
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in runs["bpe"].iterdir():
@@ -308,7 +275,7 @@ def test_missing_and_corrupt_run(runs, tmp_path, capsys):
         (broken / f.name).write_bytes(data[:len(data) // 2] if f.suffix == ".safetensors" else data)
     code, _, err = run_export(capsys, "--ckpt", str(broken), "--out", str(tmp_path / "o"))
     assert code == 1
-    assert_one_line_error(err, "corrupt or truncated")
+    assert_export_error(err, "corrupt or truncated")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
 
 
@@ -318,7 +285,7 @@ def test_existing_out_needs_force(runs, tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     code, _, err = run_export(capsys, "--ckpt", str(runs["bytes"]), "--out", str(out))
     assert code == 1
-    assert_one_line_error(err, "--force")
+    assert_export_error(err, "--force")
     assert listing(tmp_path) == ["out", "out/keep.txt"]
     code, stdout, err = run_export(capsys, "--ckpt", str(runs["bytes"]), "--out", str(out),
                                    "--force")
@@ -336,10 +303,10 @@ def test_unwritable_out(runs, tmp_path, capsys):
     blocker.write_text("x")
     code, _, err = run_export(capsys, "--ckpt", str(runs["bytes"]), "--out", str(blocker / "hf"))
     assert code == 1
-    assert_one_line_error(err, "file is not a directory")
+    assert_export_error(err, "file is not a directory")
     code, _, err = run_export(capsys, "--ckpt", str(runs["bytes"]), "--out", str(blocker))
     assert code == 1
-    assert_one_line_error(err, "not a directory")
+    assert_export_error(err, "not a directory")
     assert listing(tmp_path) == ["file"]
 
 
@@ -358,7 +325,7 @@ def test_failure_while_writing_leaves_nothing(runs, tmp_path, capsys, monkeypatc
         got, _, err = run_export(capsys, "--ckpt", str(runs["bytes"]), "--out", str(target),
                                  "--force")
         assert got == code
-        assert_one_line_error(err, words)
+        assert_export_error(err, words)
     assert listing(tmp_path) == ["old", "old/keep.txt"]  # made parents and temporaries removed
 
 
@@ -371,7 +338,7 @@ def test_model_transformers_cannot_express(runs, tmp_path, capsys):
                         str(tmp_path / "hf")], env=env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 1 and r.stdout == ""
-    assert_one_line_error(r.stderr, "soft-cap")
+    assert_export_error(r.stderr, "soft-cap")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -384,7 +351,7 @@ def test_out_must_not_replace_the_run(runs, tmp_path, capsys):
     for out in (run, run.parent):
         code, _, err = run_export(capsys, "--ckpt", str(run), "--out", str(out), "--force")
         assert code == 1
-        assert_one_line_error(err, "would replace the run directory")
+        assert_export_error(err, "would replace the run directory")
     assert listing(tmp_path) == before
     code, _, err = run_export(capsys, "--ckpt", str(run), "--out", str(run / "hf"))
     assert code == 0, err  # a folder inside the run is fine
@@ -393,7 +360,7 @@ def test_out_must_not_replace_the_run(runs, tmp_path, capsys):
 def test_hf_folder_is_not_exported_again(exported, tmp_path, capsys):
     code, _, err = run_export(capsys, "--ckpt", str(exported["bytes"]), "--out", str(tmp_path / "o"))
     assert code == 1
-    assert_one_line_error(err, "already a Hugging Face folder")
+    assert_export_error(err, "already a Hugging Face folder")
     assert not (tmp_path / "o").exists()
 
 

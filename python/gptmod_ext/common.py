@@ -7,7 +7,8 @@
   (`python -m gptmod_ext.X: error: ...`), exit status 1 for a user error, 2 for bad options,
   130 on Ctrl-C; GPTMOD_DEBUG=1 shows tracebacks instead.
 - Parser: argparse with one-line usage errors.
-- atomic_write: the one atomic file write of the package.
+- atomic_write: the one atomic file write of the package; check_writable_parent: whether a
+  file or folder can be created at a path, asked before the work of writing it.
 - first_line: an exception's message as one line.
 - transformers_module: the optional transformers package, or an ImportError saying how to get it.
 
@@ -100,6 +101,18 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_writable_parent(target: str | os.PathLike) -> None:
+    """Raises, before anything is written, when target cannot be created: its nearest existing
+    ancestor folder must be a writable directory (missing folders below it can be made)."""
+    base = Path(target).absolute().parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise NotADirectoryError(f"cannot write {target}: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {target}: {base} is not writable")
 
 
 def _tmp_prefix(path: Path) -> str:

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from . import devices
-from .common import transformers_module
+from .common import check_writable_parent, transformers_module
 from .model import GPT, GPTConfig
 from .tokenizer import EOT, HFTokenizer  # noqa: F401  (HFTokenizer: part of this module's API)
 
@@ -448,13 +448,7 @@ def _check_target(target: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty (overwrite it with --force)")
-    base = target.absolute().parent
-    while not base.exists():
-        base = base.parent
-    if not base.is_dir():
-        raise NotADirectoryError(f"cannot write {target}: {base} is not a directory")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write {target}: {base} is not writable")
+    check_writable_parent(target)
 
 
 @contextlib.contextmanager

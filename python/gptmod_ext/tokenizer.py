@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Iterable
 
 import tiktoken
+from tiktoken_ext.openai_public import r50k_pat_str as GPT2_PATTERN  # GPT-2's split
 
 from .common import UserError, atomic_write, first_line, transformers_module
 
@@ -528,7 +529,7 @@ def gpt2(path: str | os.PathLike | None = None) -> Tokenizer:
         except Exception as e:  # tiktoken raises assorted errors on malformed files
             raise TokenizerError(f"cannot read GPT-2 tokenizer files at {p}: "
                                  f"{type(e).__name__}: {e}") from None
-        from tiktoken_ext.openai_public import r50k_pat_str as pattern  # GPT-2's split
+        pattern = GPT2_PATTERN
     return Tokenizer("gpt2", "gpt2", pattern, dict(ranks), {EOT: len(ranks)})
 
 
