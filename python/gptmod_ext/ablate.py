@@ -251,20 +251,25 @@ class RunSpec:
         return f"{self.variant.name} seed {self.seed}"
 
 
-def plan(grid: Grid, variants: list[Variant], seeds: list[int]) -> list[RunSpec]:
-    out, kv, heads = [], grid.shape["n_kv_head"], grid.shape["n_head"]
+def variant_fields(variants: list[Variant], shape: dict) -> dict[str, dict]:
+    """Each variant's GPTConfig overrides; AblateError for a model the sizes cannot make."""
+    out, kv, heads = {}, shape["n_kv_head"], shape["n_head"]
     for v in variants:
         if "gqa" in v.on and (kv is None or kv >= heads):
             raise AblateError(f"variant {v.name} has GQA, but --model-args n_kv_head={kv} is not "
                               f"fewer than n_head={heads}")
         try:
-            fields = model_fields(v, grid.shape)
+            out[v.name] = model_fields(v, shape)
         except (ValueError, TypeError) as e:
             raise AblateError(f"variant {v.name}: {first_line(e)}") from None
-        for s in seeds:
-            out.append(RunSpec(v, s, fields, grid.out_dir / RUNS / v.name / f"seed{s}",
-                               grid.out_dir / LOGS / f"{v.name}-seed{s}.log"))
     return out
+
+
+def plan(grid: Grid, variants: list[Variant], fields: dict[str, dict],
+         seeds: list[int]) -> list[RunSpec]:
+    return [RunSpec(v, s, fields[v.name], grid.out_dir / RUNS / v.name / f"seed{s}",
+                    grid.out_dir / LOGS / f"{v.name}-seed{s}.log")
+            for v in variants for s in seeds]
 
 
 def run_state(run_dir: Path, max_iters: int) -> str:
@@ -340,10 +345,20 @@ class Executor:
 
     def run(self, spec: RunSpec, argv: list[str], start_step: int) -> tuple[int, str]:
         """(exit status, the run's last error line) of one trainer run; output to its log."""
+        try:
+            spec.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(spec.log, "a") as log:
+                log.write(f"$ {train_mod.PROG} {shlex.join(argv)}\n")
+                log.flush()
+                return self._train(spec, argv, start_step, log)
+        except OSError as e:
+            return 1, f"{e.filename}: {e.strerror}" if e.filename else first_line(e)
+
+    def _train(self, spec: RunSpec, argv: list[str], step: int, log) -> tuple[int, str]:
         env = dict(os.environ, OMP_NUM_THREADS=argv[argv.index("--threads") + 1])
+        # The package this module came from, whatever the working directory.
         pkg_parent = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
-        spec.log.parent.mkdir(parents=True, exist_ok=True)
         with self.lock:
             if self.stopping:
                 return 130, "not started (interrupted)"
@@ -352,17 +367,16 @@ class Executor:
                                     stdin=subprocess.DEVNULL, env=env, text=True,
                                     errors="replace", start_new_session=True)
             self.live.add(proc)
-        step, error = start_step, ""
-        with open(spec.log, "a") as log:
-            for line in proc.stdout:
-                log.write(line)
-                if ": error: " in line:
-                    error = line.split(": error: ", 1)[1].strip()
-                m = _STEP.match(line)
-                if m and self.bar is not None:
-                    with self.lock:
-                        self.bar.update(int(m.group(1)) - step)
-                    step = int(m.group(1))
+        error = ""
+        for line in proc.stdout:
+            log.write(line)
+            if ": error: " in line:
+                error = line.split(": error: ", 1)[1].strip()
+            m = _STEP.match(line)
+            if m and self.bar is not None:
+                with self.lock:
+                    self.bar.update(int(m.group(1)) - step)
+                step = int(m.group(1))
         rc = proc.wait()
         with self.lock:
             self.live.discard(proc)
@@ -565,7 +579,7 @@ def render_markdown(grid: Grid, seeds: list[int], summary: list[dict],
         "| variant | change | params (non-emb.) | val loss | Δ prev | Δ gpt2 | bits/byte | tok/s |",
         "|---|---|---|---|---|---|---|---|"]
     for r in summary:
-        loss = "failed" if r["mean"] is None else (
+        loss = ("failed" if r["failed"] else "not finished") if r["mean"] is None else (
             f"{r['mean']:.3f}" + ("" if r["std"] is None else f" ± {r['std']:.3f}"))
         if r["mean"] is not None and r["n"] < len(seeds):
             loss += f" (n={r['n']})"
@@ -702,6 +716,7 @@ def _resources(args) -> None:
 def ablate(args) -> int:
     variants = parse_variants(args.variants)
     shape = parse_shape(args.model_args)
+    fields = variant_fields(variants, shape)
     train_args = _train_args(args.train_args)
     _resources(args)
     env = train_mod.Env(False, 0, 1, train_mod.resolve_device("cpu"))
@@ -710,7 +725,7 @@ def ablate(args) -> int:
     grid = Grid(Path(args.out_dir).resolve(), str(Path(data).resolve()), shape,
                 args.max_iters, args.batch_size, args.eval_interval, train_args)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    specs = plan(grid, variants, seeds)
+    specs = plan(grid, variants, fields, seeds)
     open_grid(grid, args.force)
     states = [run_state(s.run_dir, grid.max_iters) for s in specs]
     print(f"{len(variants)} variants x {len(seeds)} seeds = {len(specs)} runs into {args.out_dir} "
@@ -735,6 +750,9 @@ def ablate(args) -> int:
         return 130
     report()
     print((grid.out_dir / RESULTS_MD).read_text())
+    if args.stop_at is not None and args.stop_at < grid.max_iters:
+        print(f"stopped every run at step {args.stop_at} (--stop-at); run again without it to "
+              "finish them", file=sys.stderr)
     print(f"report: {grid.out_dir / RESULTS_MD}, {RESULTS_JSON}, {CURVES_PNG}", file=sys.stderr)
     if failed:
         raise AblateError(f"{failed} of {len(specs)} runs failed (see {grid.out_dir / RESULTS_MD}"
