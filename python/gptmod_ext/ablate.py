@@ -665,9 +665,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--model-args", default=DEFAULT_SHAPE,
       help="the sizes every variant shares, and n_kv_head (the GQA rows') and logit_softcap "
            f"(the soft-capped rows'); default {DEFAULT_SHAPE}")
-    a("--max-iters", type=int, default=500, help="optimizer steps of every run")
+    a("--max-iters", type=int, default=300, help="optimizer steps of every run")
     a("--batch-size", type=int, default=16, help="windows per step")
-    a("--eval-interval", type=int, default=50, help="steps between points of the curves")
+    a("--eval-interval", type=int, default=30, help="steps between points of the curves")
     a("--train-args", default="",
       help="more trainer options for every run, e.g. \"--lr 3e-3 --dtype float32\"")
     a("--stop-at", type=int, default=None,
