@@ -32,18 +32,23 @@ def sync(device) -> None:
 
 
 def _summary(samples: list[float]) -> dict:
-    return {"median_s": statistics.median(samples), "min_s": min(samples), "n": len(samples)}
+    # samples: every call's time in round order, for ratios taken round by round.
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "n": len(samples),
+            "samples": samples}
 
 
 def time_round_robin(fns: dict, device="cpu", warmup: int = 3, budget_s: float = 1.0,
                      min_repeats: int = 10, max_repeats: int = 400,
                      clock=time.perf_counter) -> dict:
-    """{name: {median_s, min_s, n}}: one call of each fn per round, rounds until the budget is spent.
+    """{name: {median_s, min_s, n, samples}}: one call of each fn per round, rounds until the
+    budget is spent.
 
     The one timing loop of the suites. A neighbour that slows the machine for a moment slows
     every implementation alike, so the ratios between them stay meaningful. `clock` times CPU
     calls (time.thread_time leaves out the time the thread waits for a core); on a GPU each
     call is bracketed by CUDA events instead. min_repeats == max_repeats gives a fixed count.
+    "samples" holds each fn's per-round times (index i = round i), for ratios per round
+    (`round_ratios`).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -72,6 +77,14 @@ def time_round_robin(fns: dict, device="cpu", warmup: int = 3, budget_s: float =
     if cuda:
         samples = {k: [s.elapsed_time(e) * 1e-3 for s, e in v] for k, v in samples.items()}
     return {k: _summary(v) for k, v in samples.items()}
+
+
+def round_ratios(times: dict, a: str, b: str) -> dict:
+    """a's time over b's, round by round (time_round_robin's samples): {median,
+    q1, q3}. On a busy machine the quartiles say how far a single ratio can be trusted."""
+    r = [x / y for x, y in zip(times[a]["samples"], times[b]["samples"])]
+    q1, _, q3 = statistics.quantiles(r, n=4) if len(r) > 1 else (r[0], None, r[0])
+    return {"median": statistics.median(r), "q1": q1, "q3": q3}
 
 
 def time_fn(fn, device="cpu", warmup: int = 3, min_time: float = 0.2, min_repeats: int = 5,

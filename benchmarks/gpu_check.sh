@@ -15,9 +15,12 @@
 #   4. benchmarks/cuda_sass_check.py on the installed libgptmod_cuda.so
 #   5. benchmarks/run.py --device cuda (every suite; results/<machine>-<date>.json/.md/.png) and
 #      benchmarks/bench_prefill.py --device cuda
+#   6. training: benchmarks/bench_train.py --device cuda (the modern 124M preset at 16 x 1024 in
+#      bf16, our ops against HF Llama; MFU, target >= 45% on an H100) and
+#      benchmarks/profile_train.py --device cuda --dtype bfloat16 (where the step's time goes)
 # Every step's log goes to DIR (default benchmarks/results/gpu-check-<date>/), with summary.md
 # (step, exit status, seconds). A failing step does not stop the later ones; the exit status is
-# 1 if any failed. Planned to fit 8 minutes on an H100 (the sanitizers slow kernels ~10-100x,
+# 1 if any failed. Planned to fit about 12 minutes on an H100 (the sanitizers slow kernels ~10-100x,
 # hence the reduced grid). --dry-run prints the commands and runs nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +35,7 @@ while [ $# -gt 0 ]; do
     --skip-build) SKIP_BUILD=1 ;;
     --out) OUT="$2"; shift ;;
     --python) PY="$2"; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -80,8 +83,9 @@ fi
 PYTEST=("$PY" -m pytest -p no:cacheprovider --rootdir .. -q)
 step pytest-cuda 240 env -C tests "${PYTEST[@]}" -m cuda -ra .
 step memcheck 240 env -C tests PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck \
-  --error-exitcode 1 --leak-check no "${PYTEST[@]}" -m cuda -k "$REDUCED or rope or swiglu" \
-  test_decode_attention.py test_rope.py test_swiglu.py
+  --error-exitcode 1 --leak-check no "${PYTEST[@]}" -m cuda \
+  -k "$REDUCED or rope or swiglu or rms_norm or cross_entropy" test_decode_attention.py \
+  test_rope.py test_swiglu.py test_rms_norm.py test_cross_entropy.py
 step racecheck 240 env -C tests "$SANITIZER" --tool racecheck --error-exitcode 1 \
   "${PYTEST[@]}" -m cuda -k "$REDUCED" test_decode_attention.py
 step synccheck 240 env -C tests "$SANITIZER" --tool synccheck --error-exitcode 1 \
@@ -93,6 +97,9 @@ fi
 step sass 120 "$PY" benchmarks/cuda_sass_check.py --json "$OUT/sass.json" "$CUDA_LIB"
 step bench 420 "$PY" benchmarks/run.py --device cuda
 step bench-prefill 120 "$PY" benchmarks/bench_prefill.py --device cuda --out benchmarks/results
+step bench-train 300 "$PY" benchmarks/bench_train.py --device cuda --rounds 10
+step profile-train 180 "$PY" benchmarks/profile_train.py --device cuda --dtype bfloat16 \
+  --preset modern --batch-size 16 --steps 3
 
 if [ "$DRY" -eq 0 ]; then
   cat "$OUT/summary.md"

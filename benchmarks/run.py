@@ -8,7 +8,7 @@ Suites (each a module benchmarks/bench_<x>.py with run(...) -> list[dict]):
   ops       rope and swiglu (fwd, fwd+bwd) vs eager HF-style PyTorch and torch.compile, with copy_
   decode    decode_attention vs SDPA(enable_gqa), repeat_interleave + SDPA and compiled eager
   generate  model.generate tokens/s and time to first token: ext, torch, no-cache, HF generate
-  train     training tokens/s: ext and torch backends, eager and compiled, HF Llama (MFU on GPU)
+  train     training tokens/s: the default command (and fp32) vs HF Llama fp32 / bf16 autocast
   serve     serving throughput and latency against the number of concurrent clients
 
 Writes <out>/<machine>-<date>.json and .md (<machine>-<date>-quick.* for --quick runs, so a quick
@@ -46,7 +46,8 @@ SUITES = {
     "ops": ("bench_ops", "rope and swiglu (fwd, fwd+bwd) vs eager HF-style and torch.compile"),
     "decode": ("bench_decode_attention", "decode_attention vs SDPA enable_gqa, repeat+SDPA, compile"),
     "generate": ("bench_generate", "generate tok/s and TTFT: ext, torch, no-cache, HF generate"),
-    "train": ("bench_train", "train tokens/s: ext vs torch, eager/compiled, HF Llama; MFU on GPU"),
+    "train": ("bench_train", "train tokens/s: the default command vs HF Llama fp32 / bf16 "
+                             "autocast; share of the matmul peak, MFU on GPU"),
     "serve": ("bench_serve", "serving throughput and latency vs concurrent clients"),
 }
 DEFAULT_DTYPES = {"cpu": "float32", "cuda": "bfloat16,float32"}
@@ -205,6 +206,15 @@ def _bar_serve(res):
     return t32 / t1, (None if failures == 0 else f"{failures} failed requests"), failures == 0
 
 
+def _bar_train(key):
+    def measure(res):
+        r = _find(_rows(res, "train"), engine="gptmod default")
+        if not r or r.get(key) is None:
+            return None, None
+        return r[key], f"default dtype {r.get('dtype')}, {r.get('rounds', '?')} alternating rounds"
+    return measure
+
+
 BARS = [
     ("rope [8,512,12,64] fp32 vs eager HF-style", 2.0, _bar_ops("rope", "fwd", (8, 512, 12, 64))),
     ("swiglu fwd [4096, 2x1536] fp32 vs F.silu(g)*u", 1.3, _bar_ops("swiglu", "fwd", (4096, 3072))),
@@ -215,6 +225,10 @@ BARS = [
     ("generate ext vs HF generate tok/s (6x384, 6q/2kv, V 4096, B1, 16+256, fp32)", 1.5,
      _bar_generate),
     ("serve: 32 concurrent clients vs one at a time, throughput, no failures", 3.0, _bar_serve),
+    ("train: default command vs HF Llama loop fp32, tok/s (tiny, 8 x 256 on CPU)", 2.0,
+     _bar_train("vs_hf_fp32")),
+    ("train: default command vs HF Llama loop under bf16 autocast, tok/s", 1.3,
+     _bar_train("vs_hf_bf16")),
 ]
 
 
@@ -283,12 +297,14 @@ def table_generate(rows):
 
 
 def table_train(rows):
-    head = ["engine", "preset", "batch x seq", "dtype", "tokens/s", "ms/step", "vs HF", "MFU", "note"]
+    head = ["engine", "preset", "batch x seq", "dtype", "tokens/s", "ms/step", "of mm peak",
+            "MFU", "vs HF fp32", "vs HF bf16", "note"]
     body = [[r["engine"], r.get("preset", "-"), f"{r.get('batch')} x {r.get('seq')}",
              r.get("dtype", "-"), fmt(r["tokens_per_s"]), fmt(r["ms_per_step"]),
-             fmt(r.get("vs_hf"), "x"), fmt(r.get("mfu"), "pct"), fmt(r.get("note") or "")]
-            for r in rows]
-    return md_table(head, body, ["l", "l", "l", "l", "r", "r", "r", "r", "l"])
+             fmt(r.get("peak_frac"), "pct"), fmt(r.get("mfu"), "pct"),
+             fmt(r.get("vs_hf_fp32", r.get("vs_hf")), "x"), fmt(r.get("vs_hf_bf16"), "x"),
+             fmt(r.get("note") or "")] for r in rows]
+    return md_table(head, body, ["l", "l", "l", "l", "r", "r", "r", "r", "r", "r", "l"])
 
 
 def table_serve(rows):
@@ -313,8 +329,11 @@ READING = {
               "'% of copy' divides it by the copy_ bandwidth of the same bytes.",
     "generate": "Greedy decoding after a 16-token prompt; tok/s counts the generated tokens of the "
                 "whole batch over the whole call (prefill included). 'vs HF' = tok/s / HF's.",
-    "train": "One optimizer step per iteration (forward, cross-entropy, backward, fused AdamW). "
-             "'vs HF' = tokens/s / HF Llama's. MFU only on a GPU with a known peak.",
+    "train": "One optimizer step per round (forward, cross-entropy, backward, clipping, fused "
+             "AdamW), engines in alternating rounds. 'vs HF X' = the median over rounds of HF "
+             "Llama's step time under X / ours. 'of mm peak' = model FLOP/s over the best "
+             "matrix-product FLOP/s measured here in that dtype; MFU (GPU) over the datasheet "
+             "bf16 peak.",
     "serve": "A live server gets the same requests from 1..32 concurrent clients (each sends its "
              "next request when the last one finished); tok/s = generated tokens / wall time, "
              "'vs 1 client' = tok/s / the one-at-a-time tok/s. TTFT and inter-token latency (ITL) "

@@ -87,8 +87,9 @@ def _synthetic(quick=False):
                           tok_per_s=256.0, ttft_ms=5.0, vs_hf=1.6, dtype="float32"),
                      dict(engine="hf generate", batch=1, new_tokens=256, seconds=1.6,
                           tok_per_s=160.0, ttft_ms=9.0, vs_hf=1.0, dtype="float32")],
-        "train": [dict(engine="gptmod ext", tokens_per_s=200.0, ms_per_step=10.0, mfu=None, note="",
-                       preset="tiny", batch=8, seq=256, dtype="float32", device="cpu"),
+        "train": [dict(engine="gptmod default", tokens_per_s=200.0, ms_per_step=10.0, mfu=None,
+                       note="", preset="tiny", batch=8, seq=256, dtype="float32", device="cpu",
+                       vs_hf_fp32=2.1, vs_hf_bf16=1.2, rounds=20),
                   dict(engine="HF LlamaForCausalLM", tokens_per_s=100.0, ms_per_step=20.0,
                        mfu=None, note="", preset="tiny", batch=8, seq=256, dtype="float32",
                        device="cpu")],
@@ -113,7 +114,9 @@ def test_bars_and_tables_from_rows(tmp_path):
     res = _synthetic()
     got = {b["bar"].split(" ")[0] + str(i): (b["status"], b["measured"])
            for i, b in enumerate(res["bars"])}
-    assert [s for s, _ in got.values()] == ["PASS", "FAIL", "PASS", "PASS", "FAIL", "PASS", "FAIL"]
+    assert [s for s, _ in got.values()] == ["PASS", "FAIL", "PASS", "PASS", "FAIL", "PASS", "FAIL",
+                                            "PASS", "FAIL"]
+    assert res["bars"][7]["measured"] == pytest.approx(2.1)  # the default command vs HF fp32
     assert res["bars"][6]["measured"] == pytest.approx(4.0)  # 4x, but a failed request: FAIL
     assert res["suites"]["decode"]["rows"][0]["pct_copy"] == pytest.approx(0.5)
     assert res["suites"]["train"]["rows"][0]["vs_hf"] == pytest.approx(2.0)
@@ -131,7 +134,7 @@ def test_bars_and_tables_from_rows(tmp_path):
     run.common.write_json(tmp_path / "cpu-test-2c-2026-11-26-quick.json", quick)
     text = run.render_readme(tmp_path)
     assert "cpu-test-2c-2026-11-25.md" in text and "quick run" not in text
-    assert text.count("| PASS |") == 4
+    assert text.count("| PASS |") == 5
 
 
 def test_missing_suite_is_skipped_with_a_message(monkeypatch):

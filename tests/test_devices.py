@@ -31,6 +31,34 @@ def test_dtype_auto_rule(monkeypatch):
         devices.pick_dtype("float8")
 
 
+
+def test_training_dtype_auto_on_cpus(monkeypatch):
+    # The rule: bf16 autocast only where a bf16 matrix product measured BF16_MIN_SPEEDUP faster.
+    assert not devices.cpu_trains_faster_in_bf16(None)  # no native bf16: never measured
+    assert not devices.cpu_trains_faster_in_bf16(0.3)   # emulated bf16 (AVX2): slower
+    assert not devices.cpu_trains_faster_in_bf16(devices.BF16_MIN_SPEEDUP - 0.01)
+    assert devices.cpu_trains_faster_in_bf16(2.7)       # AVX512-BF16: ~400 vs ~100 GFLOP/s
+    monkeypatch.setattr(devices, "cpu_bf16_matmul_speedup", lambda threads=None: 2.7)
+    assert devices.pick_dtype("auto", "cpu", training=True) == torch.bfloat16
+    assert devices.pick_dtype("auto", "cpu") == torch.float32  # inference weights stay fp32
+    assert devices.pick_dtype("float32", "cpu", training=True) == torch.float32
+    monkeypatch.setattr(devices, "cpu_bf16_matmul_speedup", lambda threads=None: None)
+    assert devices.pick_dtype("auto", "cpu", training=True) == torch.float32
+
+
+def test_cpu_bf16_probe_on_this_machine():
+    # cpuid flags decide whether the child-process probe runs at all; when it runs, it returns a
+    # measured ratio. Either way the answer is the same on every call (cached per process).
+    devices.cpu_bf16_matmul_speedup.cache_clear()
+    speedup = devices.cpu_bf16_matmul_speedup(1)
+    flags = devices.cpu_bf16_flags()
+    if not flags:
+        assert speedup is None
+        assert devices.pick_dtype("auto", "cpu", training=True) == torch.float32
+    else:
+        assert speedup is None or speedup > 0
+    assert devices.cpu_bf16_matmul_speedup(1) == speedup
+
 def test_device_names():
     assert devices.pick_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="unknown device 'gpu'"):

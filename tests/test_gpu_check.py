@@ -30,7 +30,8 @@ def _dry_run(out: Path | None = None) -> dict[str, list[str]]:
 def test_gpu_check_dry_run_prints_the_whole_run(tmp_path):
     steps = _dry_run(tmp_path / "out")
     assert list(steps) == ["build-tools", "build", "pytest-cuda", "memcheck", "racecheck",
-                           "synccheck", "sass", "bench", "bench-prefill"]
+                           "synccheck", "sass", "bench", "bench-prefill", "bench-train",
+                           "profile-train"]
     build = steps["build"]
     assert build[build.index(sys.executable):][:7] == [
         sys.executable, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps"]
@@ -43,6 +44,7 @@ def test_gpu_check_dry_run_prints_the_whole_run(tmp_path):
     assert steps["sass"][1].endswith("cuda_sass_check.py")
     assert steps["sass"][steps["sass"].index("--json") + 1] == str(tmp_path / "out" / "sass.json")
     assert steps["bench"][1:] == ["benchmarks/run.py", "--device", "cuda"]
+    assert steps["bench-train"][1:4] == ["benchmarks/bench_train.py", "--device", "cuda"]
     assert not (tmp_path / "out").exists()  # a dry run runs and writes nothing
 
 

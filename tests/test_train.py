@@ -526,3 +526,57 @@ def test_mlflow_logging(tmp_path, capsys, data_dir):
     local = [r["loss"] for r in metrics(tmp_path / "o") if "loss" in r]
     assert [m.value for m in losses] == pytest.approx(local)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [0, 2, 4]
+
+
+
+@pytest.mark.skipif(not __import__("gptmod_ext")._ext.AVAILABLE,
+                    reason="the compiled ops are not built")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_exact_resume_ext_backend(tmp_path, capsys, data_dir, dtype):
+    # The default run's path: our fused norm and loss ops, fp32 or bf16 autocast (fp32 master
+    # weights and optimizer). Resuming must give the weights of the run that never stopped.
+    args = ["--data", data_dir, "--max-iters", 16, "--eval-interval", 8, "--backend", "ext",
+            "--dtype", dtype]
+    rc, err = train(capsys, *args, "--out-dir", tmp_path / "straight")
+    assert rc == 0, err
+    rc, err = train(capsys, *args, "--out-dir", tmp_path / "split", "--stop-at", 8)
+    assert rc == 0, err
+    rc, err = train(capsys, *args, "--out-dir", tmp_path / "split", "--resume")
+    assert rc == 0, err
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in a.values())  # master weights stay fp32
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["train"]["dtype"] == dtype
+
+
+def test_epochs_line(tmp_path, capsys, data_dir):
+    rc, err = train(capsys, "--data", data_dir, "--out-dir", tmp_path / "run", "--max-iters", 4,
+                    "--eval-interval", 4, "--final-eval-tokens", 0)
+    assert rc == 0, err
+    import numpy as np
+    n_train = len(np.fromfile(data_dir / "train.bin", dtype=np.uint16))
+    epochs = 4 * 4 * 32 / n_train  # steps x batch x block over the train tokens
+    assert f"4 steps x 128 tokens = {epochs:.2f} epochs of the {n_train:,} train tokens" in err
+    assert metrics(tmp_path / "run")[0]["epochs"] == pytest.approx(epochs)
+
+
+def test_overfitting_warning_once(tmp_path, capsys, data_dir):
+    # Val loss that falls, then rises at three evaluations in a row, then keeps rising: one
+    # warning, at the third rise, in the console and in metrics.jsonl.
+    cfg = TR.Config(**{**{f.name: None for f in __import__("dataclasses").fields(TR.Config)},
+                       "out_dir": str(tmp_path / "run"), "resume": False, "mlflow": None,
+                       "no_progress": True})
+    log = TR.RunLogger(cfg, True, 0, 5.0, 1.0, None)
+    capsys.readouterr()
+    vals = [6.0, 5.0, 4.0, 4.1, 4.05, 4.2, 4.3, 4.4, 4.5]
+    for i, v in enumerate(vals):
+        log.evaluation(10 * i, {"val": v, "train": v - 1}, 1.0, "")
+    err = capsys.readouterr().err
+    warnings = [r for r in log.rows if r.get("warning") == "overfitting"]
+    assert len(warnings) == 1 and warnings[0]["step"] == 70  # 4.05 -> 4.2 -> 4.3 -> 4.4
+    assert err.count("warning: val loss has risen at 3 evaluations in a row") == 1
+    assert "(4.0500 -> 4.4000 at step 70)" in err
+    log.write_metrics()
+    assert [r for r in metrics(tmp_path / "run") if "warning" in r] == warnings

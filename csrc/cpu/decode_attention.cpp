@@ -1,10 +1,10 @@
 // decode_attention and kv_cache_write on CPU: argument checks, allocation and the
 // TORCH_LIBRARY_IMPL block. The attention math is in csrc/cpu/kernels/decode_attention_kernel.cpp
-// (one build per CPU capability); the copy of kv_cache_write is a plain parallel memcpy, here.
+// (one build per CPU capability); the copy of kv_cache_write is gptmod/kv_cache.h's, run here.
 // The checks mirror check_decode_attention_args / check_kv_cache_write_args in
 // python/gptmod_ext/ops.py (same conditions, same argument names), and the CUDA entry points in
 // csrc/cuda/decode_attention.cu call the same functions.
-#include <cstring>
+#include <algorithm>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -12,6 +12,8 @@
 
 #include "gptmod/decode_attention.h"
 #include "gptmod/decode_attention_checks.h"
+#include "gptmod/dispatch.h"
+#include "gptmod/kv_cache.h"
 
 namespace gptmod {
 
@@ -65,21 +67,21 @@ void kv_cache_write_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache,
                 " (need 0 <= cache_seqlens[b] and cache_seqlens[b] + Tn <= S_max)");
   }
   if (B * Tn * Hkv * D == 0) return;
-  const int64_t es = k_cache.element_size();
-  char* kc = static_cast<char*>(k_cache.data_ptr());
-  char* vc = static_cast<char*>(v_cache.data_ptr());
-  const char* kn = static_cast<const char*>(k_new.const_data_ptr());
-  const char* vn = static_cast<const char*>(v_new.const_data_ptr());
-  // One (b, t, h) row of D elements per step; rows are contiguous (last dim stride 1).
-  at::parallel_for(0, B * Tn * Hkv, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t h = r % Hkv, t = (r / Hkv) % Tn, b = r / (Hkv * Tn);
-      const int64_t row = lens[b] + t;
-      std::memcpy(kc + (b * k_cache.stride(0) + row * k_cache.stride(1) + h * k_cache.stride(2)) * es,
-                  kn + (b * k_new.stride(0) + t * k_new.stride(1) + h * k_new.stride(2)) * es, D * es);
-      std::memcpy(vc + (b * v_cache.stride(0) + row * v_cache.stride(1) + h * v_cache.stride(2)) * es,
-                  vn + (b * v_new.stride(0) + t * v_new.stride(1) + h * v_new.stride(2)) * es, D * es);
-    }
+  GPTMOD_DISPATCH_FLOATING_TYPES(k_cache.scalar_type(), "kv_cache_write", [&] {
+    auto* kc = k_cache.data_ptr<scalar_t>();
+    auto* vc = v_cache.data_ptr<scalar_t>();
+    const auto* kn = k_new.const_data_ptr<scalar_t>();
+    const auto* vn = v_new.const_data_ptr<scalar_t>();
+    // One (b, t) token of Hkv rows per step.
+    at::parallel_for(0, B * Tn, std::max<int64_t>(1, 64 / Hkv), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t t = r % Tn, b = r / Tn, row = lens[b] + t;
+        kv_write_heads(kc + b * k_cache.stride(0) + row * k_cache.stride(1), k_cache.stride(2),
+                       kn + b * k_new.stride(0) + t * k_new.stride(1), k_new.stride(2), Hkv, D);
+        kv_write_heads(vc + b * v_cache.stride(0) + row * v_cache.stride(1), v_cache.stride(2),
+                       vn + b * v_new.stride(0) + t * v_new.stride(1), v_new.stride(2), Hkv, D);
+      }
+    });
   });
 }
 

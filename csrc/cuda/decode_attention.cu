@@ -34,6 +34,7 @@
 #include "gptmod/cuda_utils.cuh"
 #include "gptmod/decode_attention_checks.h"
 #include "gptmod/decode_attention_common.h"
+#include "gptmod/dispatch.h"
 
 namespace gptmod {
 namespace {
@@ -504,12 +505,9 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   p.aligned = row_aligned(k_cache) && row_aligned(v_cache);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  switch (q.scalar_type()) {
-    case at::kFloat: launch<float>(p, B, num_splits, q, out, stream); break;
-    case at::kHalf: launch<c10::Half>(p, B, num_splits, q, out, stream); break;
-    case at::kBFloat16: launch<c10::BFloat16>(p, B, num_splits, q, out, stream); break;
-    default: TORCH_CHECK(false, "decode_attention: unsupported dtype ", q.scalar_type());
-  }
+  GPTMOD_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "decode_attention_cuda", [&] {
+    launch<scalar_t>(p, B, num_splits, q, out, stream);
+  });
   return out;
 }
 

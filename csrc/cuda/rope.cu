@@ -2,13 +2,13 @@
 // (csrc/cpu/kernels/rope_kernel.cpp); shared scalar math in gptmod/elementwise_math.h.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "gptmod/cuda_utils.cuh"
+#include "gptmod/dispatch.h"
 #include "gptmod/elementwise_args.h"
 #include "gptmod/elementwise_math.h"
 
@@ -138,7 +138,7 @@ void rope_run(const at::Tensor& x, const at::Tensor& out, const at::Tensor& cos,
   const at::Tensor c = cos.to(table_t), s = sin.to(table_t);
   const RopeParams p = rope_params(x, out, c, s, positions, interleaved, inverse);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rope_cuda", [&] {
+  GPTMOD_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rope_cuda", [&] {
     if (can_pack16<scalar_t>(p)) {
       launch<scalar_t, cuda::kPack16<scalar_t>>(p, stream);
     } else {

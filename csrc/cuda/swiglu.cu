@@ -1,13 +1,13 @@
 // swiglu / swiglu_backward on CUDA (docs/design.md section 2). Same indexing and math as the CPU
 // kernels (csrc/cpu/kernels/swiglu_kernel.cpp); shared scalar math in gptmod/elementwise_math.h.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "gptmod/cuda_utils.cuh"
+#include "gptmod/dispatch.h"
 #include "gptmod/elementwise_args.h"
 #include "gptmod/elementwise_math.h"
 
@@ -87,7 +87,7 @@ at::Tensor swiglu_cuda(const at::Tensor& gate_up) {
   const int64_t rows = out.numel() / F;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   constexpr int kThreads = 256;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gu.scalar_type(), "swiglu_cuda", [&] {
+  GPTMOD_DISPATCH_FLOATING_TYPES(gu.scalar_type(), "swiglu_cuda", [&] {
     constexpr int N = cuda::kPack16<scalar_t>;
     const auto* in = gu.const_data_ptr<scalar_t>();
     auto* o = out.mutable_data_ptr<scalar_t>();
@@ -116,8 +116,7 @@ at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& ga
   const int64_t rows = grad.numel() / (2 * F);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   constexpr int kThreads = 256;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gu.scalar_type(),
-                                  "swiglu_backward_cuda", [&] {
+  GPTMOD_DISPATCH_FLOATING_TYPES(gu.scalar_type(), "swiglu_backward_cuda", [&] {
     constexpr int N = cuda::kPack16<scalar_t>;
     const auto* in = gu.const_data_ptr<scalar_t>();
     const auto* d = dy.const_data_ptr<scalar_t>();

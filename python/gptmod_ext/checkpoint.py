@@ -326,7 +326,8 @@ def _source_kind(path: Path) -> tuple[str, Path]:
 
 def load_model(path: str | os.PathLike, device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None, backend: str = "auto",
-               tokenizer_path: str | os.PathLike | None = None) -> LoadedModel:
+               tokenizer_path: str | os.PathLike | None = None,
+               quantize: str | None = None) -> LoadedModel:
     """The one model loader: a run directory, a Hugging Face folder (Llama, GPT-2), or a
     nanoGPT ckpt.pt / nanoGPT-moderno model_XXXXX.pt (the file or its directory).
 
@@ -334,7 +335,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     when there is one, bfloat16 there, float32 on the CPU), backend through
     _ext.resolve_backend ('auto': ext where it can run). tokenizer_path: for a .pt checkpoint
     only, the tokenizer's files (a meta.pkl, or GPT-2's, see nanogpt.find_tokenizer); runs
-    and Hugging Face folders carry their own. Returns (model, tokenizer, info); every problem
+    and Hugging Face folders carry their own. quantize='int8': the fused CPU decode step reads
+    int8 weights, quantized once here (model.compile_decode(quantize='int8'); prefill keeps the
+    float weights). Returns (model, tokenizer, info); every problem
     with the folder, the device or the backend is a one-line CheckpointError (transformers
     missing stays an ImportError).
     """
@@ -364,6 +367,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
         raise CheckpointError(f"cannot put the model on {device}: {first_line(e)}") from None
     model.backend = backend
     model.eval()
+    if quantize is not None:
+        try:
+            model.compile_decode(quantize=quantize)
+        except ValueError as e:
+            raise CheckpointError(f"--quantize {quantize}: {e}") from None
     return LoadedModel(model, tok, ModelInfo(kind, path, config, note))
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _ext
+from . import _ext, ops
 
 
 def weights_key(params) -> tuple:
@@ -42,17 +42,24 @@ class FusedDecode:
     its matrix-vector products itself; the layers' own forward stays the readable reference it
     is tested against. Packed weights are remade when a weight changes (weights_key)."""
 
+    QUANTIZE = (None, "int8")  # the weight formats it reads besides the model's own dtype
+
     # Its blocked matrix-vector kernel beats the GEMMs of the plain step up to about 16 rows
     # (small preset, 2-core Xeon: 2.0 vs 3.7 ms at 1 row, 6.0 vs 6.9 at 16, 13.2 vs 9.5 at 32).
     MAX_ROWS = 16
 
-    def __init__(self, model):
+    def __init__(self, model, quantize: Optional[str] = None, group_size: int = ops.INT8_GROUP):
         params = self.params(model)
         n_norms = 2 * len(model.h) + 1
-        self.key = weights_key(params)
+        self.group_size = group_size
+        self.key = (weights_key(params), quantize, group_size)
         with torch.no_grad():
             self.norms = [p.detach().contiguous() for p in params[:n_norms]]
-            self.linears = [torch.ops.gptmod.pack_linear(w.detach()) for w in params[n_norms:]]
+            # int8: one fp32 scale per output and group of 64 inputs (llama.cpp's Q8_0 takes one
+            # per 32: 32, 64 and 128 measured the same in speed and quality on the benchmark
+            # model, and 64 divides every preset's widths).
+            self.linears, self.scales = ops.pack_decode_linears(
+                [w.detach() for w in params[n_norms:]], quantize, group_size)
 
     @staticmethod
     def params(model) -> list:
@@ -65,8 +72,9 @@ class FusedDecode:
         return norms + linears
 
     @staticmethod
-    def unsupported(model) -> Optional[str]:
-        """Why the fused step cannot run this model here, or None when it can."""
+    def unsupported(model, quantize: Optional[str] = None) -> Optional[str]:
+        """Why the fused step cannot run this model here (with its weights as they are, or in
+        int8: quantize='int8'), or None when it can."""
         c = model.config
         if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
             return (f"the fused decode step is for float32/bfloat16 on CPUs, not {model.dtype} "
@@ -77,10 +85,12 @@ class FusedDecode:
                     "biases or QK-norm")
         if not (_ext.AVAILABLE and hasattr(torch.ops.gptmod, "decode_step")):
             return "the compiled library has no decode_step op (rebuild it)"
+        if quantize is not None and not hasattr(torch.ops.gptmod, "pack_linear_int8"):
+            return "the compiled library has no int8 decode ops (rebuild it)"
         return None
 
-    def current(self, model) -> bool:
-        return self.key == weights_key(self.params(model))
+    def current(self, model, quantize: Optional[str]) -> bool:
+        return self.key == (weights_key(self.params(model)), quantize, self.group_size)
 
     def step(self, model, idx, cache, rows: slice, lengths=None):
         """A cached forward of one token per row (idx [b, 1]) -> logits [b, vocab_size].
@@ -93,7 +103,7 @@ class FusedDecode:
         logits = torch.ops.gptmod.decode_step(
             model.wte(idx.view(-1)), self.norms, self.linears, kv, lens, model.rope_cos,
             model.rope_sin, c.n_head, c.n_kv_head, c.ffn_hidden, c.padded_vocab_size, c.norm_eps,
-            c.logit_softcap, c.rope_interleaved)
+            c.logit_softcap, c.rope_interleaved, self.scales)
         lens.add_(1 if lengths is None else lengths.to(lens))
         return logits[:, :c.vocab_size]
 
@@ -145,6 +155,7 @@ class Decoder:
     def __init__(self):
         self.fused = True        # the fused CPU step wherever it can run
         self.compiled = False    # compile_decode(): torch.compile where the fused step cannot run
+        self.quantize: Optional[str] = None  # 'int8': the fused step reads int8 weights
         self.cpu_copies = True   # DecodeWeights for the plain step on CPUs (False saves memory)
         self._fused: Optional[FusedDecode] = None
         self._copies: Optional[DecodeWeights] = None
@@ -158,7 +169,7 @@ class Decoder:
             return "the fused decode step is part of the ext backend"
         if model.training and model.config.dropout > 0:
             return "the model is in training mode with dropout"
-        return FusedDecode.unsupported(model)
+        return FusedDecode.unsupported(model, self.quantize)
 
     def choose_step(self, model, idx_shape, all_logits: bool = False) -> str:
         """'fused', 'compiled' or 'plain': the step that runs a cached forward of idx_shape
@@ -166,17 +177,29 @@ class Decoder:
         b, T = idx_shape
         return pick_step(self.fused_reason(model) is None, self.compiled, b, T, all_logits)
 
-    def compile(self, model) -> None:
+    def compile(self, model, quantize: Optional[str] = None) -> None:
         """torch.compile of the plain step where the fused step does not run (the fused step,
-        where it runs, is on by default). A second call changes nothing."""
-        self.compiled = True
+        where it runs, is on by default). quantize='int8': the fused step reads weights
+        quantized to int8 (once, here), or, where it cannot run, a ValueError says why. A second
+        call with the same arguments changes nothing."""
+        if quantize not in FusedDecode.QUANTIZE:
+            raise ValueError(f"quantize must be one of {FusedDecode.QUANTIZE}, got {quantize!r}")
+        if quantize is not None:
+            why = FusedDecode.unsupported(model, quantize) or (
+                None if model.backend == "ext" else "it is part of the ext backend")
+            if why is not None or not self.fused:
+                raise ValueError(f"int8 decoding runs in the fused CPU decode step, which cannot "
+                                 f"run here: {why or 'it is turned off (--no-fused)'}")
+        self.compiled, self.quantize = True, quantize
+        if quantize is not None:
+            self._packed(model)  # quantized once, at load, not at the first token
 
     def describe(self, model) -> str:
         """How a decode step (one token per row) runs, for load reports: 'fused CPU decode
         step', 'torch.compile', or 'plain (why not fused)'."""
         name = self.choose_step(model, (1, 1))
         if name == "fused":
-            return "fused CPU decode step"
+            return "fused CPU decode step" + (f", {self.quantize} weights" if self.quantize else "")
         if name == "compiled":
             return "torch.compile"
         return f"plain ({self.fused_reason(model)})"
@@ -199,8 +222,8 @@ class Decoder:
         return step
 
     def _packed(self, model) -> FusedDecode:
-        if self._fused is None or not self._fused.current(model):
-            self._fused = FusedDecode(model)
+        if self._fused is None or not self._fused.current(model, self.quantize):
+            self._fused = FusedDecode(model, self.quantize)
         return self._fused
 
     def _cpu_copies(self, model) -> Optional[DecodeWeights]:
@@ -214,3 +237,28 @@ class Decoder:
         if self._compiled_step is None:
             self._compiled_step = torch.compile(model.cached_step, dynamic=False)
         return self._compiled_step
+
+
+# -- the decode options of the sampler and the server ---------------------------------------------
+def add_arguments(parser) -> None:
+    """--no-fused, --compile and --quantize, as `sample` and `serve` take them."""
+    a = parser.add_argument
+    a("--no-fused", action="store_true",
+      help="decode with the layers' own step instead of the fused CPU decode step (the "
+           "default where it runs: CPU, ext backend, the modern architecture)")
+    a("--compile", action="store_true",
+      help="torch.compile the decode step where the fused one does not run (GPUs, other "
+           "architectures; GPT.compile_decode(); each new shape pays the compile time)")
+    a("--quantize", choices=["int8"], default=None,
+      help="int8: the fused CPU decode step reads weights quantized to int8 (groups of 64 "
+           "inputs, fp32 scales), prefill stays in the weights' dtype")
+
+
+def configure(model, args) -> None:
+    """Applies those options to a loaded model; ValueError where they cannot apply."""
+    if args.no_fused and args.quantize:
+        raise ValueError(f"--quantize {args.quantize} runs in the fused decode step; drop "
+                         f"--no-fused")
+    model.decoder.fused = not args.no_fused
+    if args.compile or args.quantize:
+        model.compile_decode(quantize=args.quantize)

@@ -154,7 +154,8 @@ class Scheduler:
         self.slots: list[Optional[_Seq]] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
         self.cond = threading.Condition()
-        self.rounds = 0  # scheduling rounds so far (Request.admitted_at)
+        self.rounds = 0     # scheduling rounds so far (Request.admitted_at)
+        self.cancelled = 0  # requests dropped after cancel() (the client went away)
 
     def push(self, req: Request) -> None:
         with self.cond:
@@ -191,18 +192,17 @@ class Scheduler:
             return list(self.waiting) + self.running()
 
     # -- one step's plan ---------------------------------------------------------------------
-    def drop(self) -> tuple[list, list]:
-        """(cancelled, timed out): cancelled requests lose their slots here; the timed-out ones
-        are the engine's to end (what was generated is sent first)."""
+    def drop(self) -> list[Request]:
+        """Cancelled requests lose their slots here; returns the timed-out ones, the engine's to
+        end (what they generated is sent first)."""
         now = time.perf_counter()
-        cancelled, expired = [], []
+        expired = []
         for req in self.all_requests():
             if req.cancelled:
-                self.release(req)
-                cancelled.append(req)
+                self.release(req, cancelled=True)
             elif now >= req.deadline:
                 expired.append(req)
-        return cancelled, expired
+        return expired
 
     def schedule(self, make_seq: Callable[[Request, int, int], _Seq]) -> list[_Chunk]:
         """Admits waiting requests into free slots and picks the prompt chunks to prefill
@@ -253,7 +253,7 @@ class Scheduler:
         return chunks
 
     # -- freeing -----------------------------------------------------------------------------
-    def release(self, req: Request) -> None:
+    def release(self, req: Request, cancelled: bool = False) -> None:
         """Takes every slot of req back (or its place in the queue)."""
         with self.cond:
             if req in self.waiting:
@@ -261,6 +261,7 @@ class Scheduler:
             freed = [s.slot for s in req.seqs if self.slots[s.slot] is s]
             for slot in freed:
                 self.slots[slot] = None
+            self.cancelled += cancelled  # counted as the slots go: stats() sees both at once
         self.reset_rows(freed)
 
     def finish(self, seq: _Seq) -> None:
@@ -492,7 +493,6 @@ class Engine:
         self.steps = 0            # decode steps run (for stats and tests)
         self.max_active_seen = 0  # the largest decode batch so far
         self.finished = 0         # requests that ended normally
-        self.cancelled = 0        # requests dropped after cancel() (client went away)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -574,7 +574,7 @@ class Engine:
             return {"max_batch": self.max_batch, "max_queue": self.max_queue,
                     "active_slots": active, "waiting_requests": len(s.waiting),
                     "decode_steps": self.steps, "max_active_seen": self.max_active_seen,
-                    "requests_finished": self.finished, "requests_cancelled": self.cancelled,
+                    "requests_finished": self.finished, "requests_cancelled": s.cancelled,
                     "max_prefill_batch": self.runner.max_prefill_rows}
 
     # -- the loop ----------------------------------------------------------------------------
@@ -598,9 +598,7 @@ class Engine:
         """One step: schedule (drop, admit, plan the prefill), execute the prefill and update;
         then one decode step for every decoding sequence, and update."""
         self.runner.start()
-        cancelled, expired = self.scheduler.drop()
-        self.cancelled += len(cancelled)
-        for req in expired:
+        for req in self.scheduler.drop():
             self._time_out(req)
         chunks = self.scheduler.schedule(self._new_seq)
         self._prefilled(chunks, self.runner.prefill(chunks))

@@ -12,8 +12,9 @@ Two backends run the same weights and can be switched at any time with `model.ba
   'torch'  pure PyTorch, the readable reference: reference.rope, F.silu(g) * u,
            F.scaled_dot_product_attention for training/evaluation, reference.decode_attention and
            an indexed copy for cached generation. Works without the compiled extension.
-  'ext'    our ops: torch.ops.gptmod.rope and .swiglu (with autograd) in training and prefill,
-           .kv_cache_write and .decode_attention in cached generation. Attention in the
+  'ext'    our ops: torch.ops.gptmod.rope, .swiglu, .rms_norm / .add_rms_norm (with autograd)
+           in training and prefill, .cross_entropy for the training loss, .kv_cache_write and
+           .decode_attention in cached generation. Attention in the
            uncached (training) forward is SDPA in both backends: decode_attention has no backward.
 
 Generation keeps a static KV cache (KVCache, written in place); the residual stream is kept
@@ -168,10 +169,30 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if (bias and kind == "layernorm") else None
 
-    def forward(self, x):
+    def forward(self, x, backend: str = "torch"):
+        if self.kind == "rmsnorm" and backend == "ext":
+            # One pass each way (gptmod::rms_norm); under autocast it writes the next matmul's
+            # dtype itself, so no cast follows it.
+            return torch.ops.gptmod.rms_norm(x, self.weight, self.eps, self._out_dtype(x))[0]
         if self.kind == "rmsnorm":
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+    def add_forward(self, x, h, backend: str = "torch"):
+        """(norm(x + h), x + h): the residual add and this norm in one pass (gptmod::add_rms_norm)
+        for RMSNorm on the ext backend when x and h share a dtype (not under autocast, where h
+        comes out of a bf16 matmul)."""
+        if self.kind == "rmsnorm" and backend == "ext" and h.dtype == x.dtype:
+            out, s, _ = torch.ops.gptmod.add_rms_norm(x, h, self.weight, self.eps,
+                                                      self._out_dtype(x))
+            return out, s
+        s = x + h
+        return self(s, backend), s
+
+    @staticmethod
+    def _out_dtype(x):
+        amp = torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32
+        return torch.get_autocast_dtype(x.device.type) if amp else None
 
 
 def _dropout(x, p: float, training: bool):
@@ -321,15 +342,18 @@ class CausalSelfAttention(nn.Module):
         qkv = ctx.linear(x, self.c_attn)
         if ctx.pack is not None:
             qkv = ctx.to_grid(qkv)
-        v = qkv[..., (Hq + Hkv) * D:].view(B, T, Hkv, D)
+        # One split, not two slices: its backward is one concatenation, where each slice's
+        # backward zero-fills a whole [B·T, (Hq + 2·Hkv)·D] gradient and copies into it.
+        qk, v = qkv.split([(Hq + Hkv) * D, Hkv * D], dim=-1)
+        v = v.view(B, T, Hkv, D)
         if self.q_norm is not None:
-            q = self.q_norm(qkv[..., :Hq * D].view(B, T, Hq, D))
-            k = self.k_norm(qkv[..., Hq * D:(Hq + Hkv) * D].view(B, T, Hkv, D))
+            q = self.q_norm(qk[..., :Hq * D].view(B, T, Hq, D))
+            k = self.k_norm(qk[..., Hq * D:].view(B, T, Hkv, D))
             if self.use_rope:
                 q, k = self._rope(q, ctx), self._rope(k, ctx)
         else:
             # q and k heads side by side, [B, T, Hq + Hkv, D]: one RoPE call rotates both.
-            qk = qkv[..., :(Hq + Hkv) * D].view(B, T, Hq + Hkv, D)
+            qk = qk.view(B, T, Hq + Hkv, D)
             if self.use_rope:
                 qk = self._rope(qk, ctx)
             q, k = qk.split([Hq, Hkv], dim=2)
@@ -417,10 +441,11 @@ class Block(nn.Module):
 
     def forward(self, x, ctx: Context):
         if self.parallel:
-            h = self.ln_1(x)
-            return x + self.attn(h, ctx) + self.mlp(h if self.ln_2 is None else self.ln_2(x), ctx)
-        x = x + self.attn(self.ln_1(x), ctx)
-        return x + self.mlp(self.ln_2(x), ctx)
+            h = self.ln_1(x, ctx.backend)
+            h2 = h if self.ln_2 is None else self.ln_2(x, ctx.backend)
+            return x + self.attn(h, ctx) + self.mlp(h2, ctx)
+        h, x = self.ln_2.add_forward(x, self.attn(self.ln_1(x, ctx.backend), ctx), ctx.backend)
+        return x + self.mlp(h, ctx)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -546,11 +571,13 @@ class GPT(nn.Module):
         return _dropout(x.view(-1, x.size(-1)), self.config.dropout, self.training)
 
     def _logits(self, x, ctx: Context, capped: bool = True):
-        logits = ctx.linear(self.ln_f(x), self.lm_head)
+        logits = ctx.linear(self.ln_f(x, ctx.backend), self.lm_head)
+        if logits.size(-1) != self.config.vocab_size:  # a slice's backward zero-fills [B·T, V]
+            logits = logits[..., :self.config.vocab_size]
         cap = self.config.logit_softcap
         if cap > 0 and capped:
             logits = cap * torch.tanh(logits / cap)
-        return logits[..., :self.config.vocab_size]
+        return logits
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
         """idx [B, T] token ids -> (logits [B, T, vocab_size], loss or None).
@@ -568,6 +595,13 @@ class GPT(nn.Module):
         x = self._embed(idx)
         for block in self.h:
             x = block(x, ctx)
+        cap = self.config.logit_softcap if self.config.softcap_in_loss else 0.0
+        if targets is not None and self._backend == "ext":
+            # gptmod::cross_entropy caps the raw logits itself and keeps no [B·T, V] fp32 copy.
+            raw = self._logits(x, ctx, capped=False)
+            loss = torch.ops.gptmod.cross_entropy(raw, targets.reshape(-1), cap, -1)[0]
+            logits = raw if cap == 0 else cap * torch.tanh(raw / cap)
+            return logits.view(B, T, -1), loss
         capped = targets is None or self.config.softcap_in_loss
         logits = self._logits(x, ctx, capped).view(B, T, -1)
         loss = None
@@ -614,13 +648,15 @@ class GPT(nn.Module):
                              f"(max_seq_len={cache.max_seq_len}, longest row {longest})")
         return self.decoder.bind(self)(idx, cache, rows, lengths, all_logits, longest == 0)
 
-    def compile_decode(self) -> "GPT":
+    def compile_decode(self, quantize: Optional[str] = None) -> "GPT":
         """Switches cached decoding (forward_cached, generate, the server's engine) to its
         fastest path on the current device: on CPUs with the ext backend the fused decode step
         (the default there already), elsewhere the cached step through torch.compile (our ops
-        through their fake kernels). See decode.py; greedy tokens stay those of the plain step,
-        and calling it again changes nothing."""
-        self.decoder.compile(self)
+        through their fake kernels). quantize='int8': the fused step reads int8 weights
+        (quantized once, here; a ValueError where it cannot run). See decode.py; greedy tokens
+        stay those of the plain step (of the int8-rounded weights with quantize), and calling it
+        again changes nothing."""
+        self.decoder.compile(self, quantize)
         return self
 
     def cached_step(self, idx, cache: KVCache, rows: slice, lengths=None, all_logits=False,

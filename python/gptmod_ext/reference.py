@@ -94,3 +94,53 @@ def kv_cache_write(k_cache, v_cache, k_new, v_new, cache_seqlens):
     batch = torch.arange(B, device=k_new.device)[:, None].expand(B, Tn)
     k_cache[batch, rows] = k_new
     v_cache[batch, rows] = v_new
+
+
+def quantize_int8(weight, group_size: int):
+    """(q [out, in] int8, scales [out, ceil(in / group_size)] fp32): the int8 weights of
+    pack_linear_int8 before its layout. Symmetric, per output and group of group_size inputs:
+    scale = max|w| / 127, q = round(w / scale) (half to even), 0 where a group is all zeros.
+    The activations of an int8 matvec are quantized by the same rule, per row."""
+    M, K = weight.shape
+    Kp = -(-K // group_size) * group_size
+    w = F.pad(weight.float(), (0, Kp - K)).view(M, Kp // group_size, group_size)
+    scales = w.abs().amax(-1) / 127
+    s = scales[..., None]
+    q = torch.where(s > 0, torch.round(w / torch.where(s > 0, s, 1)), 0)
+    return q.to(torch.int8).view(M, Kp)[:, :K], scales
+
+
+def dequantize_int8(q, scales, group_size: int):
+    """q * scale, in fp32: the weight an int8 Linear stands for."""
+    M, K = q.shape
+    return (q.float() * scales.repeat_interleave(group_size, dim=1)[:, :K])
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rms_norm(x, weight, eps, out_dtype=None):
+    """(out, rstd) as gptmod::rms_norm: math in fp32 (fp64 for fp64), out in out_dtype."""
+    xa = x.to(_acc(x.dtype))
+    rstd = torch.rsqrt(xa.pow(2).mean(-1) + eps)
+    out = xa * rstd[..., None] * weight.to(xa.dtype)
+    return out.to(out_dtype or x.dtype), rstd
+
+
+def add_rms_norm(x, residual, weight, eps, out_dtype=None):
+    """(out, sum, rstd) as gptmod::add_rms_norm: the sum rounded to x's dtype, then normalized."""
+    s = x + residual
+    out, rstd = rms_norm(s, weight, eps, out_dtype)
+    return out, s, rstd
+
+
+def cross_entropy(logits, targets, softcap=0.0, ignore_index=-1):
+    """(mean loss, lse) as gptmod::cross_entropy: soft-cap, then log-softmax in fp32 (fp64)."""
+    z = logits.to(_acc(logits.dtype))
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z, dim=-1)
+    loss = F.cross_entropy(z.reshape(-1, z.size(-1)), targets.reshape(-1),
+                           ignore_index=ignore_index)
+    return loss, lse

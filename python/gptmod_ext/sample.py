@@ -42,7 +42,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import sampling
+from . import decode, sampling
 from .common import Parser, UserError, first_line, run_cli
 from .devices import DTYPE_CHOICES, dtype_name
 from .tokenizer import document_start
@@ -125,12 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="auto: bfloat16 on GPUs that support it, else float32")
     a("--backend", default="auto", choices=["auto", "ext", "torch"],
       help="ext: our compiled ops; torch: pure PyTorch; auto: ext when built (default)")
-    a("--no-fused", action="store_true",
-      help="decode with the layers' own step instead of the fused CPU decode step (the "
-           "default where it runs: CPU, ext backend, the modern architecture)")
-    a("--compile", action="store_true",
-      help="torch.compile the decode step where the fused one does not run (GPUs; "
-           "GPT.compile_decode(); the first prompt pays the compile time)")
+    decode.add_arguments(p)
     a("-q", "--quiet", action="store_true", help="no load/speed report on stderr")
     a("--interactive", action="store_true",
       help="read prompts line by line until EOF (Ctrl-D) or Ctrl-C")
@@ -202,9 +197,7 @@ def load(args) -> Loaded:
     model, tok, info = checkpoint.load_model(args.ckpt, device=args.device, dtype=args.dtype,
                                              backend=args.backend,
                                              tokenizer_path=args.tokenizer_path)
-    model.decoder.fused = not args.no_fused
-    if args.compile:
-        model.compile_decode()
+    decode.configure(model, args)
     kind = KIND_NAMES[info.kind]
     params = sum(p.numel() for p in model.parameters()) / 1e6
     note = f" (ext unavailable: {info.backend_note})" if info.backend_note else ""

@@ -47,6 +47,7 @@ except ImportError as e:  # the one optional dependency group this module needs
     raise ImportError(f"gptmod_ext.serve needs fastapi and uvicorn: "
                       f"pip install fastapi uvicorn prometheus_client (the serve extra) ({e})") from None
 
+from . import decode
 from .common import Parser, UserError, run_cli
 from .devices import DTYPE_CHOICES
 from .engine import Engine, Event, QueueFull
@@ -519,12 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ext: our compiled ops; torch: pure PyTorch; auto: ext where it can run")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice; 1 helps on a busy machine)")
-    p.add_argument("--no-fused", action="store_true",
-                   help="decode with the layers' own step instead of the fused CPU decode step "
-                        "(the default where it runs: CPU, ext backend, the modern architecture)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step where the fused one does not run (GPUs; "
-                        "GPT.compile_decode(); each new batch shape pays the compilation)")
+    decode.add_arguments(p)
     p.add_argument("--cors-origin", action="append", default=None, metavar="URL",
                    help="allow browser pages from this origin (repeatable; '*' for any; off by default)")
     p.add_argument("--request-timeout", type=float, default=None, metavar="S",
@@ -583,9 +579,7 @@ def build_app(args) -> tuple:
     if info.backend_note:
         print(f"serve: ext backend unavailable ({info.backend_note}); using the torch backend",
               file=sys.stderr)
-    model.decoder.fused = not args.no_fused
-    if args.compile:
-        model.compile_decode()
+    decode.configure(model, args)
     engine = Engine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue,
                     prefill_budget=args.prefill_budget)
     ckpt = Path(args.ckpt).resolve()

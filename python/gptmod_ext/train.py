@@ -74,6 +74,8 @@ PROG = "python -m gptmod_ext.train"
 DEFAULT_DATA = "data/stdlib"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+# Evaluations in a row at which val loss rose before the run warns of overfitting (once).
+OVERFIT_EVALS = 3
 # Peak dense bf16 tensor FLOP/s by GPU name, for MFU (datasheet numbers, no sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
               "4090": 165e12, "3090": 71e12}
@@ -94,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--preset", default="tiny", help="model preset (gptmod_ext.model.PRESETS)")
     a("--model-args", default="",
       help="GPTConfig overrides, comma separated: n_layer=2,n_embd=64,dropout=0.1")
-    a("--max-iters", type=int, default=800, help="optimizer steps: the schedule's horizon")
+    a("--max-iters", type=int, default=1000, help="optimizer steps: the schedule's horizon")
     a("--batch-size", type=int, default=8, help="windows per micro-step per process")
     a("--block-size", type=int, default=None,
       help="window length (default and maximum: the model's block_size)")
@@ -110,7 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     a("--dtype", default="auto", choices=DTYPE_CHOICES,
-      help="autocast dtype; auto: bfloat16 on GPUs that support it, else float32")
+      help="autocast dtype (weights, loss and optimizer stay fp32); auto: bfloat16 on GPUs "
+           "that support it and on CPUs with native bf16 dot products where it measures "
+           "faster, else float32")
     a("--backend", default="auto", choices=["auto", "ext", "torch"],
       help="ext: our compiled ops; torch: pure PyTorch; auto (default): ext where it can run, "
            "else torch with a warning that says why")
@@ -255,7 +259,7 @@ def resolve_config(args, env: "Env", data_dir: Path, block_size: int, backend: s
         min_lr=args.min_lr if args.min_lr is not None else args.lr / 10,
         warmup_iters=(args.warmup_iters if args.warmup_iters is not None
                       else max(args.max_iters // 20, 1)),
-        device=str(env.device), dtype=dtype_name(pick_dtype(args.dtype, env.device)),
+        device=str(env.device), dtype=dtype_name(pick_dtype(args.dtype, env.device, training=True)),
         backend=backend, world_size=env.world)
     return Config(**{**vars(args), **resolved})
 
@@ -503,8 +507,23 @@ class RunLogger:
                    f"({bpb:.3f} bits/byte; unigram entropy {self.unigram:.3f})")
         if text:
             self.print("  | " + console_text(text).replace("\n", "\n  | "))
+        self._warn_overfitting(step)
         if self.enabled:
             plot_losses(self.out_dir / PLOT_FILE, self.rows, self.unigram)
+
+    def _warn_overfitting(self, step: int) -> None:
+        """Once per run (a resumed run keeps its metrics rows): val loss has risen at each of
+        the last OVERFIT_EVALS evaluations, so more steps are fitting the train split only."""
+        vals = [r["val_loss"] for r in self.rows if "val_loss" in r][-OVERFIT_EVALS - 1:]
+        if (not self.enabled or len(vals) <= OVERFIT_EVALS
+                or any(r.get("warning") == "overfitting" for r in self.rows)
+                or not all(b > a for a, b in zip(vals, vals[1:]))):
+            return
+        msg = (f"warning: val loss has risen at {OVERFIT_EVALS} evaluations in a row "
+               f"({vals[0]:.4f} -> {vals[-1]:.4f} at step {step}): the model is overfitting the "
+               "train split; more data, fewer steps (--max-iters) or dropout would help")
+        self.add({"step": step, "warning": "overfitting", "message": msg})
+        self.print(msg)
 
     def write_metrics(self) -> None:
         if self.enabled:
@@ -706,10 +725,14 @@ def print_banner(run: Run, defaulted_accum: bool) -> None:
     run.log.print(f"unigram entropy of the train tokens: {run.unigram:.3f} nats/token (the loss "
                   f"to beat); {cfg.tokens_per_step:,} tokens/step ({cfg.world_size} x "
                   f"{cfg.micro_steps} x {cfg.batch_size} x {cfg.block_size}){accum}")
+    epochs = cfg.max_iters * cfg.tokens_per_step / len(run.dataset.train)
+    run.log.print(f"{cfg.max_iters} steps x {cfg.tokens_per_step:,} tokens = {epochs:.2f} epochs "
+                  f"of the {len(run.dataset.train):,} train tokens"
+                  + ("; past one epoch, watch val loss for overfitting" if epochs > 1 else ""))
     if not run.log.rows:
         run.log.add({"step": 0, "unigram_entropy": run.unigram,
                      "bytes_per_token": run.dataset.bytes_per_token("val"),
-                     "params": m.num_params()})
+                     "params": m.num_params(), "epochs": epochs})
 
 
 # -- the loop ---------------------------------------------------------------------------------

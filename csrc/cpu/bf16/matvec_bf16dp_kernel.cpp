@@ -2,15 +2,15 @@
 // each fp32 lane per instruction). Compiled once, with -mavx512bf16, outside the per-capability
 // builds: ATen's capability levels have no BF16 step, so this file gets its own object and the
 // caller checks cpuid at run time (bf16dp_enabled) before using it. x is rounded to bf16 pairs
-// first (the operand type of the instruction); accumulation stays fp32.
+// first (the operand type of the instruction, vcvtneps2bf16: nearest even); accumulation stays fp32.
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "gptmod/avx512_tile.h"
 #include "gptmod/decode_step.h"
 
 #if !defined(__AVX512BF16__)
@@ -36,17 +36,7 @@ void tile(const MatvecParams& p, const uint32_t* xp, int64_t P, int64_t r0, int6
         acc[r][n] = _mm512_dpbf16_ps(acc[r][n], (__m512bh)wv, (__m512bh)xs[r]);
     }
   }
-  for (int r = 0; r < RB; ++r) {
-    float* y = p.y + (r0 + r) * p.ldy;
-    for (int n = 0; n < NB; ++n) {
-      const int64_t j0 = (n0 + n) * kPackBlock;
-      const int64_t cnt = std::min<int64_t>(kPackBlock, p.M - j0);
-      const __mmask16 m = cnt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
-      __m512 v = acc[r][n];
-      if (p.accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, y + j0));
-      _mm512_mask_storeu_ps(y + j0, m, v);
-    }
-  }
+  store_tile_avx512<RB, NB>(p, r0, n0, acc);
 }
 
 template <int RB, int NB>
@@ -58,22 +48,32 @@ void rows_tile(const MatvecParams& p, const uint32_t* xp, int64_t P, int64_t r0,
 }
 
 void matvec_bf16dp_kernel(const MatvecParams& p) {
+  // x as bf16, rounded to nearest even, in input order: the pairs of xp, a zero past an odd K.
   const int64_t P = (p.K + 1) / 2;
   std::vector<uint32_t> xp(p.N * P);
-  for (int64_t r = 0; r < p.N; ++r)
-    for (int64_t q = 0; q < P; ++q) {
-      const float* xr = p.x + r * p.ldx;
-      const uint32_t lo = c10::BFloat16(xr[2 * q]).x;
-      const uint32_t hi = 2 * q + 1 < p.K ? c10::BFloat16(xr[2 * q + 1]).x : 0u;
-      xp[r * P + q] = lo | (hi << 16);
+  for (int64_t r = 0; r < p.N; ++r) {
+    const float* xr = p.x + r * p.ldx;
+    auto* dst = reinterpret_cast<uint16_t*>(xp.data() + r * P);
+    for (int64_t k = 0; k < 2 * P; k += 16) {
+      const int64_t cnt = std::min<int64_t>(16, p.K - k);
+      const __mmask16 m = __mmask16((1u << cnt) - 1);
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, xr + k));
+      _mm256_mask_storeu_epi16(dst + k, __mmask16((1u << std::min<int64_t>(16, 2 * P - k)) - 1),
+                               (__m256i)v);
     }
+  }
   const int64_t nblk = (p.M + kPackBlock - 1) / kPackBlock;
+  // Tiles as in the fp32 kernel: NB shrinks as RB grows so RB x NB accumulators, RB broadcasts
+  // and NB weight vectors fit the 32 registers.
   at::parallel_for(0, nblk, 4, [&](int64_t b0, int64_t b1) {
-    int64_t r = 0;
-    for (; r + 8 <= p.N; r += 8) rows_tile<8, 1>(p, xp.data(), P, r, b0, b1);
-    for (; r + 4 <= p.N; r += 4) rows_tile<4, 2>(p, xp.data(), P, r, b0, b1);
-    for (; r + 2 <= p.N; r += 2) rows_tile<2, 2>(p, xp.data(), P, r, b0, b1);
-    for (; r < p.N; ++r) rows_tile<1, 4>(p, xp.data(), P, r, b0, b1);
+    for (int64_t c0 = b0; c0 < b1; c0 += 4) {  // every row tile over 4 blocks, then the next 4
+      const int64_t c1 = std::min(c0 + 4, b1);
+      int64_t r = 0;
+      for (; r + 8 <= p.N; r += 8) rows_tile<8, 2>(p, xp.data(), P, r, c0, c1);
+      for (; r + 4 <= p.N; r += 4) rows_tile<4, 4>(p, xp.data(), P, r, c0, c1);
+      for (; r + 2 <= p.N; r += 2) rows_tile<2, 4>(p, xp.data(), P, r, c0, c1);
+      for (; r < p.N; ++r) rows_tile<1, 4>(p, xp.data(), P, r, c0, c1);
+    }
   });
 }
 

@@ -35,7 +35,9 @@
 #include <c10/util/Half.h>
 
 #include "gptmod/acc_type.h"
+#include "gptmod/cpu_rows.h"
 #include "gptmod/decode_attention.h"
+#include "gptmod/dispatch.h"
 
 namespace gptmod {
 namespace {
@@ -257,8 +259,9 @@ struct Scratch {
 // of head h0 + 1, ..., then the next block), so the item walks the cache rows, which hold all
 // heads side by side, front to back instead of once per head with a Hkv * D stride: the
 // hardware prefetchers see one stream. Writes the normalised output into out (num_splits == 1)
-// or (o_s, lse_s) into the workspace.
-template <typename scalar_t, int kD>
+// or (o_s, lse_s) into the workspace. q and out are io_t: scalar_t, or float for the fused decode
+// step's fp32 activations over a reduced-precision cache.
+template <typename scalar_t, typename io_t, int kD>
 void attend_item(const DecodeAttentionParams& p, int64_t b, int64_t h0, int64_t HG, int64_t split,
                  int64_t num_splits, int64_t chunk, int64_t BN,
                  Scratch<typename AccType<scalar_t>::type>& w,
@@ -279,7 +282,7 @@ void attend_item(const DecodeAttentionParams& p, int64_t b, int64_t h0, int64_t 
 
   // State row x = hh * NQ + i: head kvh = h0 + hh, query row i = t * G + g (q head kvh * G + g).
   // q is pre-multiplied by scale.
-  const scalar_t* q = static_cast<const scalar_t*>(p.q);
+  const io_t* q = static_cast<const io_t*>(p.q);
   for (int64_t x = 0; x < HG * NQ; ++x) {
     const int64_t kvh = h0 + x / NQ, i = x % NQ;
     const int64_t t = i / G, h = kvh * G + i % G;
@@ -341,14 +344,7 @@ void attend_item(const DecodeAttentionParams& p, int64_t b, int64_t h0, int64_t 
         if (nv <= 0) continue;
         acc_t* s = w.scores.data();
         row_scores<kD>(w.q.data() + x * D, kb, ks, nv, D, s);
-        if (softcap > 0) {
-          // softcap * tanh(x / softcap), vectorized (attention_softcap is the scalar twin).
-          const acc_t inv_cap = acc_t(1) / softcap;
-          at::vec::map([softcap, inv_cap](Vectorized<acc_t> v) {
-                         return (v * Vectorized<acc_t>(inv_cap)).tanh() * Vectorized<acc_t>(softcap);
-                       },
-                       s, s, nv);
-        }
+        if (softcap > 0) gptmod::vec::softcap_row(s, nv, softcap);
         const acc_t mb = block_max(s, nv);
         const acc_t m_old = w.m[x];
         const acc_t m_new = m_old > mb ? m_old : mb;
@@ -369,8 +365,8 @@ void attend_item(const DecodeAttentionParams& p, int64_t b, int64_t h0, int64_t 
     const acc_t* a = w.acc.data() + x * D;
     if (num_splits == 1) {
       const int64_t t = i / G, h = kvh * G + i % G;
-      scalar_t* o = static_cast<scalar_t*>(p.out) + ((b * Tq + t) * p.Hq + h) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(a[d] * inv);
+      io_t* o = static_cast<io_t*>(p.out) + ((b * Tq + t) * p.Hq + h) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<io_t>(a[d] * inv);
     } else {
       const int64_t row = ((b * p.Hkv + kvh) * num_splits + split) * NQ + i;
       acc_t* o = ws_out + row * D;
@@ -380,7 +376,7 @@ void attend_item(const DecodeAttentionParams& p, int64_t b, int64_t h0, int64_t 
   }
 }
 
-template <typename scalar_t, int kD>
+template <typename scalar_t, typename io_t, int kD>
 void decode_attention_impl(const DecodeAttentionParams& p) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t B = p.B, Hkv = p.Hkv, D = kD > 0 ? kD : p.D;
@@ -422,14 +418,14 @@ void decode_attention_impl(const DecodeAttentionParams& p) {
       const int64_t split = it % num_splits;
       const int64_t hg = (it / num_splits) % head_items;
       const int64_t b = it / (num_splits * head_items);
-      attend_item<scalar_t, kD>(p, b, hg * HG, HG, split, num_splits, chunk, BN, w,
+      attend_item<scalar_t, io_t, kD>(p, b, hg * HG, HG, split, num_splits, chunk, BN, w,
                                 ws_out.data(), ws_lse.data());
     }
   });
   if (num_splits == 1) return;
 
   // Merge: one row (b, kvh, i) at a time; every query sees row 0, so some split has a finite lse.
-  scalar_t* out = static_cast<scalar_t*>(p.out);
+  io_t* out = static_cast<io_t*>(p.out);
   at::parallel_for(0, B * Hkv * NQ, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> o(D);
     for (int64_t r = begin; r < end; ++r) {
@@ -451,30 +447,30 @@ void decode_attention_impl(const DecodeAttentionParams& p) {
       }
       const acc_t inv = wsum > 0 ? acc_t(1) / wsum : acc_t(0);
       const int64_t t = i / G, h = kvh * G + i % G;
-      scalar_t* dst = out + ((b * p.Tq + t) * p.Hq + h) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inv);
+      io_t* dst = out + ((b * p.Tq + t) * p.Hq + h) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<io_t>(o[d] * inv);
     }
   });
 }
 
 // Head dims 64 and 128 (the common ones) get a compile-time D so q and acc stay in registers.
-template <typename scalar_t>
+template <typename scalar_t, typename io_t>
 void dispatch_head_dim(const DecodeAttentionParams& p) {
   switch (p.D) {
-    case 64: return decode_attention_impl<scalar_t, 64>(p);
-    case 128: return decode_attention_impl<scalar_t, 128>(p);
-    default: return decode_attention_impl<scalar_t, 0>(p);
+    case 64: return decode_attention_impl<scalar_t, io_t, 64>(p);
+    case 128: return decode_attention_impl<scalar_t, io_t, 128>(p);
+    default: return decode_attention_impl<scalar_t, io_t, 0>(p);
   }
 }
 
 void decode_attention_kernel(const DecodeAttentionParams& p) {
-  switch (p.dtype) {
-    case c10::ScalarType::Float: return dispatch_head_dim<float>(p);
-    case c10::ScalarType::Double: return dispatch_head_dim<double>(p);
-    case c10::ScalarType::Half: return dispatch_head_dim<c10::Half>(p);
-    case c10::ScalarType::BFloat16: return dispatch_head_dim<c10::BFloat16>(p);
-    default: return;  // the entry point has checked the dtype
-  }
+  GPTMOD_DISPATCH_FLOATING_TYPES(p.dtype, "decode_attention", [&] {
+    // fp32 q/out over a reduced-precision cache: the fused decode step (float math types only).
+    if constexpr (!std::is_same_v<scalar_t, float> && std::is_same_v<acc_t<scalar_t>, float>) {
+      if (p.fp32_io) return dispatch_head_dim<scalar_t, float>(p);
+    }
+    dispatch_head_dim<scalar_t, scalar_t>(p);
+  });
 }
 
 }  // namespace

@@ -2,93 +2,14 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
-#include "gptmod/elementwise_math.h"
+#include "gptmod/cpu_rows.h"
+#include "gptmod/dispatch.h"
 #include "gptmod/rope.h"
-#include "gptmod/vec_utils.h"
 
 namespace gptmod {
 namespace {
 
 using namespace gptmod::vec;
-
-// Rotates one head row of D elements: x row -> out row (possibly the same memory).
-//   half-split:  pairs (i, i + D/2), i < D/2
-//   interleaved: pairs (2i, 2i + 1), i < D/2
-// c, s: this token's cos/sin rows [D/2]; s is applied with sign `sgn` (-1 for the inverse).
-// Reads each x element once and writes each out element once; in place is safe because every
-// element is loaded before its slot is stored.
-template <typename scalar_t, bool kInterleaved>
-inline void rope_row(const scalar_t* x,                   // [D]; not restrict: out may alias it
-                     scalar_t* out,                       // [D]; may alias x
-                     const acc_t<scalar_t>* __restrict__ c,  // [D/2]
-                     const acc_t<scalar_t>* __restrict__ s,  // [D/2]
-                     int64_t D, acc_t<scalar_t> sgn) {
-  using acc = acc_t<scalar_t>;
-  using V = AVec<scalar_t>;
-  constexpr int64_t kS = kStep<scalar_t>;  // pairs per main-loop iteration
-  const int64_t half = D / 2;
-  const V vsgn(sgn);
-  int64_t i = 0;
-  if constexpr (!kInterleaved) {
-    for (; i + kS <= half; i += kS) {
-      V x1a, x1b, x2a, x2b, ca, cb, sa, sb;
-      load2(x + i, x1a, x1b);
-      load2(x + half + i, x2a, x2b);
-      load2(c + i, ca, cb);
-      load2(s + i, sa, sb);
-      sa = sa * vsgn;
-      sb = sb * vsgn;
-      store2(out + i, x1a * ca - x2a * sa, x1b * cb - x2b * sb);
-      store2(out + half + i, x2a * ca + x1a * sa, x2b * cb + x1b * sb);
-    }
-    if (i + kS / 2 <= half) {
-      const V x1 = load1(x + i), x2 = load1(x + half + i);
-      const V cv = load1(c + i), sv = load1(s + i) * vsgn;
-      store1(out + i, x1 * cv - x2 * sv);
-      store1(out + half + i, x2 * cv + x1 * sv);
-      i += kS / 2;
-    }
-    for (; i < half; ++i) {
-      acc y1, y2;
-      rope_pair<acc>(acc(x[i]), acc(x[half + i]), c[i], sgn * s[i], y1, y2);
-      out[i] = scalar_t(y1);
-      out[half + i] = scalar_t(y2);
-    }
-  } else {
-    // kS pairs = 2 kS elements = four accumulation vectors; deinterleave2 splits the even
-    // (x1) and odd (x2) lanes, interleave2 puts the results back.
-    for (; i + kS <= half; i += kS) {
-      V v0, v1, v2, v3, ca, cb, sa, sb;
-      load2(x + 2 * i, v0, v1);
-      load2(x + 2 * i + kS, v2, v3);
-      load2(c + i, ca, cb);
-      load2(s + i, sa, sb);
-      sa = sa * vsgn;
-      sb = sb * vsgn;
-      auto [x1a, x2a] = at::vec::deinterleave2(v0, v1);
-      auto [x1b, x2b] = at::vec::deinterleave2(v2, v3);
-      auto [o0, o1] = at::vec::interleave2(V(x1a * ca - x2a * sa), V(x2a * ca + x1a * sa));
-      auto [o2, o3] = at::vec::interleave2(V(x1b * cb - x2b * sb), V(x2b * cb + x1b * sb));
-      store2(out + 2 * i, o0, o1);
-      store2(out + 2 * i + kS, o2, o3);
-    }
-    if (i + kS / 2 <= half) {
-      V v0, v1;
-      load2(x + 2 * i, v0, v1);
-      const V cv = load1(c + i), sv = load1(s + i) * vsgn;
-      auto [x1, x2] = at::vec::deinterleave2(v0, v1);
-      auto [o0, o1] = at::vec::interleave2(V(x1 * cv - x2 * sv), V(x2 * cv + x1 * sv));
-      store2(out + 2 * i, o0, o1);
-      i += kS / 2;
-    }
-    for (; i < half; ++i) {
-      acc y1, y2;
-      rope_pair<acc>(acc(x[2 * i]), acc(x[2 * i + 1]), c[i], sgn * s[i], y1, y2);
-      out[2 * i] = scalar_t(y1);
-      out[2 * i + 1] = scalar_t(y2);
-    }
-  }
-}
 
 // rope over x [B, T, H, D] -> out [B, T, H, D].
 // Threads: at::parallel_for over the B*T tokens; a token's position and its cos/sin rows are
@@ -136,13 +57,7 @@ void rope_dispatch_layout(const RopeParams& p) {
 }
 
 void rope_kernel(const RopeParams& p) {
-  switch (p.dtype) {
-    case c10::ScalarType::Float: return rope_dispatch_layout<float>(p);
-    case c10::ScalarType::Double: return rope_dispatch_layout<double>(p);
-    case c10::ScalarType::Half: return rope_dispatch_layout<c10::Half>(p);
-    case c10::ScalarType::BFloat16: return rope_dispatch_layout<c10::BFloat16>(p);
-    default: TORCH_CHECK(false, "rope: unsupported dtype ", p.dtype);
-  }
+  GPTMOD_DISPATCH_FLOATING_TYPES(p.dtype, "rope", [&] { rope_dispatch_layout<scalar_t>(p); });
 }
 
 }  // namespace

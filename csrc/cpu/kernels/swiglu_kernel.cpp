@@ -2,9 +2,9 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
-#include "gptmod/elementwise_math.h"
+#include "gptmod/cpu_rows.h"
+#include "gptmod/dispatch.h"
 #include "gptmod/swiglu.h"
-#include "gptmod/vec_utils.h"
 
 namespace gptmod {
 namespace {
@@ -21,30 +21,13 @@ inline int64_t row_grain(int64_t F) {
 // Threads: at::parallel_for over rows; one pass, each input and output element touched once.
 template <typename scalar_t>
 void swiglu_fwd_impl(const SwigluParams& p) {
-  using acc = acc_t<scalar_t>;
-  using V = AVec<scalar_t>;
-  constexpr int64_t kS = kStep<scalar_t>;
   const auto* gate_up = static_cast<const scalar_t*>(p.gate_up);  // [rows, 2F] (row layout)
   auto* out = static_cast<scalar_t*>(p.out);                       // [rows, F] contiguous
   const int64_t F = p.F;
   at::parallel_for(0, p.rows, row_grain(F), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* __restrict__ g = gate_up + p.gate_up_rows.offset(r);  // [F]
-      const scalar_t* __restrict__ u = g + F;                               // [F]
-      scalar_t* __restrict__ o = out + r * F;                               // [F]
-      int64_t j = 0;
-      for (; j + kS <= F; j += kS) {
-        V ga, gb, ua, ub;
-        load2(g + j, ga, gb);
-        load2(u + j, ua, ub);
-        store2(o + j, ga * vsigmoid(ga) * ua, gb * vsigmoid(gb) * ub);
-      }
-      if (j + kS / 2 <= F) {
-        const V gv = load1(g + j);
-        store1(o + j, gv * vsigmoid(gv) * load1(u + j));
-        j += kS / 2;
-      }
-      for (; j < F; ++j) o[j] = scalar_t(swiglu_fwd<acc>(acc(g[j]), acc(u[j])));
+      const scalar_t* g = gate_up + p.gate_up_rows.offset(r);
+      swiglu_row(g, g + F, out + r * F, F);
     }
   });
 }
@@ -99,23 +82,11 @@ void swiglu_bwd_impl(const SwigluParams& p) {
 
 
 void swiglu_fwd_kernel(const SwigluParams& p) {
-  switch (p.dtype) {
-    case c10::ScalarType::Float: return swiglu_fwd_impl<float>(p);
-    case c10::ScalarType::Double: return swiglu_fwd_impl<double>(p);
-    case c10::ScalarType::Half: return swiglu_fwd_impl<c10::Half>(p);
-    case c10::ScalarType::BFloat16: return swiglu_fwd_impl<c10::BFloat16>(p);
-    default: TORCH_CHECK(false, "swiglu: unsupported dtype ", p.dtype);
-  }
+  GPTMOD_DISPATCH_FLOATING_TYPES(p.dtype, "swiglu", [&] { swiglu_fwd_impl<scalar_t>(p); });
 }
 
 void swiglu_bwd_kernel(const SwigluParams& p) {
-  switch (p.dtype) {
-    case c10::ScalarType::Float: return swiglu_bwd_impl<float>(p);
-    case c10::ScalarType::Double: return swiglu_bwd_impl<double>(p);
-    case c10::ScalarType::Half: return swiglu_bwd_impl<c10::Half>(p);
-    case c10::ScalarType::BFloat16: return swiglu_bwd_impl<c10::BFloat16>(p);
-    default: TORCH_CHECK(false, "swiglu_backward: unsupported dtype ", p.dtype);
-  }
+  GPTMOD_DISPATCH_FLOATING_TYPES(p.dtype, "swiglu_backward", [&] { swiglu_bwd_impl<scalar_t>(p); });
 }
 
 }  // namespace

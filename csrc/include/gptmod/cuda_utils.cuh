@@ -176,3 +176,33 @@ void check_device_arch(int device) {
 }  // namespace
 
 }  // namespace gptmod::cuda
+
+namespace gptmod::cuda {
+
+// The reduction of v over a 1-D block (blockDim.x a multiple of 32, at most 1024) by op, in a
+// fixed order (warp shuffles, then the warps' results in warp order): every thread gets it.
+// scratch: 32 elements of shared memory; the leading __syncthreads lets a kernel call this
+// several times with the same scratch.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, Op op, T* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  T out = scratch[0];
+  for (int w = 1; w < warps; ++w) out = op(out, scratch[w]);
+  return out;
+}
+
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
+
+}  // namespace gptmod::cuda

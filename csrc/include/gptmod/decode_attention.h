@@ -1,6 +1,7 @@
 // Parameters shared by the decode_attention / kv_cache_write entry points (csrc/cpu/
 // decode_attention.cpp) and the per-capability CPU kernel (csrc/cpu/kernels/
-// decode_attention_kernel.cpp). Light on purpose: the kernel file is compiled three times.
+// decode_attention_kernel.cpp), which the fused decode step calls too (its one attention).
+// Light on purpose: the kernel file is compiled three times.
 #pragma once
 #include <cstdint>
 #include <c10/core/ScalarType.h>
@@ -28,6 +29,9 @@ struct DecodeAttentionParams {
   double scale;    // applied to q.k before the softcap (double: exact for fp64 inputs)
   double softcap;  // 0 = off
   int64_t num_splits;  // 0 = heuristic (decode_attention_cpu_num_splits), > 0 forced
+  // q and out are float32 whatever `dtype` the caches are: the fused decode step's fp32
+  // activations over its bf16 cache (csrc/cpu/kernels/decode_step_kernel.cpp). CPU only.
+  bool fp32_io = false;
 };
 
 using DecodeAttentionFn = void (*)(const DecodeAttentionParams&);

@@ -20,6 +20,12 @@ GPTMOD_HD void rope_pair(acc_t x1, acc_t x2, acc_t c, acc_t s, acc_t& y1, acc_t&
 // because the fast intrinsic loses ~2 ulp plus range-dependent error in silu's backward.
 GPTMOD_HD float gptmod_exp(float v) { return expf(v); }
 GPTMOD_HD double gptmod_exp(double v) { return exp(v); }
+GPTMOD_HD float gptmod_log(float v) { return logf(v); }
+GPTMOD_HD double gptmod_log(double v) { return log(v); }
+GPTMOD_HD float gptmod_sqrt(float v) { return sqrtf(v); }
+GPTMOD_HD double gptmod_sqrt(double v) { return sqrt(v); }
+GPTMOD_HD float gptmod_tanh(float v) { return tanhf(v); }
+GPTMOD_HD double gptmod_tanh(double v) { return tanh(v); }
 
 // sigma(g); for g -> -inf exp overflows to inf and the quotient goes to 0, as it should.
 template <typename acc_t>

@@ -73,6 +73,25 @@ inline void store1(scalar_t* p, const AVec<scalar_t>& v) {
   }
 }
 
+// Sum and max of a vector's lanes in lane order (the same order every time: reproducible).
+template <typename V>
+inline typename V::value_type lane_sum(const V& v) {
+  typename V::value_type buf[V::size()];
+  v.store(buf);
+  typename V::value_type s = 0;
+  for (int i = 0; i < V::size(); ++i) s += buf[i];
+  return s;
+}
+
+template <typename V>
+inline typename V::value_type lane_max(const V& v) {
+  typename V::value_type buf[V::size()];
+  v.store(buf);
+  typename V::value_type m = buf[0];
+  for (int i = 1; i < V::size(); ++i) m = m > buf[i] ? m : buf[i];
+  return m;
+}
+
 // exp for fp32 vectors, accurate to ~1 ulp and cheaper than SLEEF's expf_u10 (which showed as
 // the bottleneck of swiglu at one core: ~2 cycles per element): Cody-Waite reduction
 // x = n ln2 + r with |r| <= ln2 / 2 and ln2 split in a high part exact in float and a low part,
