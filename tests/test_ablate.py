@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import prepare_test_corpus
 
 from gptmod_ext import ablate as A
-from gptmod_ext import prepare as P
 from gptmod_ext.checkpoint import load_model
 from gptmod_ext.model import GPT, GPTConfig
 
@@ -21,10 +21,7 @@ MAX_ITERS = 4
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    files = [str(f) for f in P.stdlib_files(max_bytes=150_000)]
-    P.prepare(files, d / "stdlib", tokenizer="bpe", vocab_size=512, progress=False)
-    return d / "stdlib"
+    return prepare_test_corpus(tmp_path_factory.mktemp("data") / "stdlib")
 
 
 def ablate(data_dir, out, *args):

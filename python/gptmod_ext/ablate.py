@@ -607,6 +607,7 @@ def plot_curves(path: Path, variants: list[Variant], records: list[dict]) -> Non
     import matplotlib
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for v in variants:
@@ -626,7 +627,8 @@ def plot_curves(path: Path, variants: list[Variant], records: list[dict]) -> Non
     xmax = max((r["curve"][-1][0] for r in records if r.get("curve")), default=1)
     axes[1].set_xlim(xmax / 2, xmax * 1.01)
     _fit_y(axes[1], xmax / 2)
-    for ax, title in zip(axes, ("val loss", "second half")):
+    for ax, title in zip(axes, ("val loss (--eval-iters batches)", "second half")):
+        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())  # 300k, not 300000
         ax.set_xlabel("training tokens")
         ax.set_ylabel("val loss (nats/token)")
         ax.set_title(title)
