@@ -177,6 +177,7 @@ def test_failed_run_is_reported_and_others_finish(tmp_path, data_dir, capsys):
     (["--variants", "+softcap,modern"], "is the same model as '+softcap'"),
     (["--model-args", "pos_emb=rope"], "pos_emb are what the variants decide"),
     (["--train-args", "--seed 3"], "--seed is set by the grid"),
+    (["--train-args", "--init-from out"], "trains each architecture from scratch"),
     (["--train-args=--no-such-option"], "unrecognized arguments: --no-such-option"),
     (["--model-args", "n_head=2,n_kv_head=2"], "not fewer than n_head=2"),
 ])

@@ -179,3 +179,23 @@ def test_serve_comparison_sides_and_ratios(monkeypatch, tmp_path):
     res = bench_serve.compare("/elsewhere/python", True, None, None, rounds=1)
     assert calls == [("/elsewhere/python", ()), (None, ())]
     assert res["before"] == "the package in /elsewhere/python"
+
+
+def test_bench_ab_alternates_and_takes_ratios_per_pair(monkeypatch):
+    # bench_ab's bookkeeping on made-up rounds: sides alternate (A B, then B A), each pair gives
+    # after/before, the median of those is the result, and the table shows them.
+    import bench_ab
+
+    calls, values = [], {"old": iter([100.0, 90.0, 110.0]), "new": iter([150.0, 180.0, 110.0])}
+
+    def fake_round(python_dir, suite, args):
+        calls.append(python_dir)
+        return {"tok/s": next(values[python_dir])}
+    monkeypatch.setattr(bench_ab, "one_round", fake_round)
+    args = bench_ab.argparse.Namespace(before="old", after="new", suite=["decode"], rounds=3)
+    res = bench_ab.compare(args)
+    assert calls == ["old", "new", "new", "old", "old", "new"]
+    m = res["decode"]["tok/s"]
+    assert m["ratios"] == [1.5, 2.0, 1.0] and m["median_ratio"] == 1.5
+    text = bench_ab.markdown(res, {"name": "cpu-x-2c"}, "cmd", "0.1")
+    assert "| decode | tok/s | 100.0 | 150.0 | 1.50, 2.00, 1.00 | 1.50x |" in text

@@ -218,7 +218,8 @@ def test_compile_uses_the_models_fast_decode_path(run_dir, loaded, capsys, monke
     # --compile is GPT.compile_decode (docs/design.md §6), nothing private; compiling for real
     # takes minutes on a small CPU, so the call is recorded and the plain path generates.
     calls = []
-    monkeypatch.setattr(GPT, "compile_decode", lambda self: calls.append(self) or self)
+    monkeypatch.setattr(GPT, "compile_decode",
+                        lambda self, quantize=None: calls.append(self) or self)
     code, out, err = run_main(capsys, "--ckpt", str(run_dir), "--prompt", "the", "--compile",
                               "--temperature", "0", "--max-new-tokens", "20", "--backend", "torch")
     assert code == 0, err

@@ -688,6 +688,9 @@ def _train_args(text: str) -> tuple:
         argv = shlex.split(text)
     except ValueError as e:
         raise AblateError(f"--train-args: {e}") from None
+    if any(a.split("=", 1)[0] == "--init-from" for a in argv):
+        raise AblateError("--train-args: --init-from would start every variant from one model; "
+                          "the grid trains each architecture from scratch")
     owned = sorted({a.split("=", 1)[0] for a in argv} & set(OWNED))
     if owned:
         raise AblateError(f"--train-args: {', '.join(owned)} is set by the grid (the ablate "

@@ -4,7 +4,11 @@ A run directory (out/ by default) holds
     model.safetensors  the weights only (no pickle), fp32 as trained; tied weights stored once
     config.json        {"model": GPTConfig fields, "tokenizer": description, "train": the
                         training arguments, "step": ..., "val_loss": ...}
-    tokenizer.json     the tokenizer the model was trained with (see tokenizer.py)
+    tokenizer.json     the tokenizer the model was trained with (see tokenizer.py); a run
+                        fine-tuned from a Hugging Face folder keeps that folder's tokenizer
+                        as hf_tokenizer/ (save_pretrained) instead
+    lora.safetensors   a LoRA run's adapters (lora.py); model.safetensors holds the merged
+                        weights, so nothing else needs LoRA code
     train_state.pt     TrainState: optimizer, step, RNG states, data sampler state, best val
                         loss (for exact --resume), loaded with torch.load(weights_only=True)
     metrics.jsonl, loss.png   written by the trainer
@@ -72,14 +76,16 @@ def model_config_dict(model: torch.nn.Module) -> dict:
 # -- saving -----------------------------------------------------------------------------------
 def save_model(run_dir: str | os.PathLike, model: torch.nn.Module,
                tokenizer: tokenizer_mod.Tokenizer, train_args: dict | None = None,
-               extra: dict | None = None) -> None:
-    """Writes model.safetensors, config.json and tokenizer.json into run_dir."""
+               extra: dict | None = None, state: dict | None = None) -> None:
+    """Writes model.safetensors, config.json and the tokenizer (tokenizer.json, or a Hugging
+    Face tokenizer's folder) into run_dir. state: the weights to write, by their plain names
+    (a LoRA run's merged weights, lora.merged_state_dict); default: the model's state_dict."""
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     module = unwrap(model)
-    state = module.state_dict()
+    state = module.state_dict() if state is None else state
     # safetensors refuses tensors that share memory; a tied weight is stored under its first
     # name only, and loading puts it back into every name of the group.
     tied = {}
@@ -135,15 +141,18 @@ class TrainState:
 
 def save_run(run_dir: str | os.PathLike, model: torch.nn.Module,
              tokenizer: tokenizer_mod.Tokenizer, state: TrainState,
-             train_args: dict | None = None, extra: dict | None = None) -> None:
-    """A training checkpoint: train_state.pt, then the weights, config.json (whose "step" is
-    state.step) and the tokenizer. Each file is atomic; load_for_resume refuses a directory
-    whose weights and state disagree (a crash between the two files)."""
+             train_args: dict | None = None, extra: dict | None = None,
+             weights: dict | None = None) -> None:
+    """A training checkpoint: train_state.pt, then the weights (`weights`, else the model's
+    state_dict: see save_model), config.json (whose "step" is state.step) and the tokenizer.
+    Each file is atomic; load_for_resume refuses a directory whose weights and state disagree
+    (a crash between the two files)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(run_dir / STATE_FILE) as tmp:
         torch.save(state.to_dict(), str(tmp))
-    save_model(run_dir, model, tokenizer, train_args, {**(extra or {}), "step": state.step})
+    save_model(run_dir, model, tokenizer, train_args, {**(extra or {}), "step": state.step},
+               state=weights)
 
 
 # -- loading ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 - Parser: argparse with one-line usage errors.
 - atomic_write: the one atomic file write of the package.
 - first_line: an exception's message as one line.
+- transformers_module: the optional transformers package, or an ImportError saying how to get it.
 
 The shape follows nanochat's common.py (a leaf module that breaks import cycles).
 """
@@ -123,3 +124,13 @@ def _remove_stale_temporaries(path: Path) -> None:
         pid = old.name[len(prefix):]
         if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
             old.unlink(missing_ok=True)
+
+
+# -- optional packages -----------------------------------------------------------------------------
+def transformers_module():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("gptmod_ext.hf needs the optional dependency `transformers`: "
+                          "pip install transformers (the package's hf extra)") from e
+    return transformers

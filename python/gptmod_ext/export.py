@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
-        from .hf import transformers_module
+        from .common import transformers_module
 
         transformers_module().utils.logging.disable_progress_bar()  # stderr is for errors only
         print(export(args.ckpt, args.out, args.dtype, args.force, args.tokenizer_path),

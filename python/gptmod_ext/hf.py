@@ -8,7 +8,7 @@
   save_hf(model, tok, dir)            both as a folder transformers loads on its own (what
                                       `python -m gptmod_ext.export` writes)
   HFTokenizer(path)                   a folder's transformers tokenizer behind our tokenizer
-                                      interface (checkpoint.load_model uses it)
+                                      interface (defined in tokenizer.py, with the other kinds)
 
 The modern architecture maps onto Llama one to one: RoPE with HF's half-split convention
 (rotate_half, same as ours), RMSNorm, SwiGLU (HF's separate gate/up projections become our fused
@@ -32,17 +32,9 @@ from typing import Optional
 import torch
 
 from . import devices
-from .common import first_line
+from .common import transformers_module
 from .model import GPT, GPTConfig
-
-
-def transformers_module():
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError("gptmod_ext.hf needs the optional dependency `transformers`: "
-                          "pip install transformers (the package's hf extra)") from e
-    return transformers
+from .tokenizer import EOT, HFTokenizer  # noqa: F401  (HFTokenizer: part of this module's API)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -211,85 +203,6 @@ def from_hf(model_or_path, block_size: Optional[int] = None, dtype: Optional[tor
     return model.to(dtype or src_dtype).eval()
 
 
-class HFTokenizer:
-    """A transformers tokenizer of a local folder behind the encode/decode/eot_id interface of
-    ours (checkpoint.load_model returns it for Hugging Face folders). It has no decode_bytes,
-    so streaming.TextStreamer streams it by re-decoding."""
-
-    FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        if not any((path / f).is_file() for f in self.FILES):
-            raise ValueError(f"{path} holds no tokenizer files ({', '.join(self.FILES)}); "
-                             "save one there with tokenizer.save_pretrained()")
-        transformers = transformers_module()
-        transformers.logging.set_verbosity_error()
-        try:
-            self.hf = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except Exception as e:  # transformers raises many types for unusable files
-            raise ValueError(f"cannot load the tokenizer in {path}: {first_line(e)}") from None
-        self.eot_id = self.hf.eos_token_id
-        self.bos_id = self.hf.bos_token_id
-        self.vocab_size = len(self.hf)
-        self._special_ids = frozenset(self.hf.all_special_ids)
-        self._token_bytes = _byte_level_tokens(self.hf, self._special_ids)
-        # A byte-level BPE (GPT-2's, Llama 3's, every folder `export` writes) streams through
-        # decode_bytes exactly as our own tokenizers do; others are re-decoded as whole texts.
-        self.byte_level = self._token_bytes is not None
-
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=True)
-
-    def is_special(self, token_id: int) -> bool:
-        return int(token_id) in self._special_ids
-
-    def decode(self, ids) -> str:
-        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
-
-    def decode_bytes(self, ids) -> bytes:
-        """The raw bytes of ids (special tokens skipped, as decode does); byte-level
-        tokenizers only."""
-        if self._token_bytes is None:
-            raise TypeError("decode_bytes: this tokenizer is not a byte-level BPE")
-        return b"".join(self._token_bytes[int(i)] for i in ids)
-
-
-def _gpt2_byte_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level BPE writes each byte as one printable character: the printable
-    Latin-1 bytes as themselves, the other 68 as chr(256 + n) in byte order. char -> byte."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    others = [b for b in range(256) if b not in printable]
-    table = {chr(b): b for b in printable}
-    table.update({chr(256 + n): b for n, b in enumerate(others)})
-    return table
-
-
-def _byte_level_tokens(hf_tok, special_ids) -> Optional[list[bytes]]:
-    """Each id's bytes when the tokenizer is a plain byte-level BPE (its decoder is ByteLevel
-    and every ordinary token is spelled in the byte alphabet), else None. Special tokens
-    decode to nothing; other added tokens to their UTF-8 text."""
-    backend = getattr(hf_tok, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
-    if decoder.get("type") != "ByteLevel":
-        return None
-    alphabet = _gpt2_byte_alphabet()
-    added = {i: t.content for i, t in hf_tok.added_tokens_decoder.items()}
-    out = []
-    for i, piece in enumerate(hf_tok.convert_ids_to_tokens(list(range(len(hf_tok))))):
-        if i in special_ids:
-            out.append(b"")
-        elif i in added:
-            out.append(added[i].encode("utf-8"))
-        elif piece is not None and all(ch in alphabet for ch in piece):
-            out.append(bytes(alphabet[ch] for ch in piece))
-        else:
-            return None
-    return out
-
-
 # -----------------------------------------------------------------------------------------------
 # Ours -> HF
 
@@ -450,8 +363,6 @@ def to_hf_tokenizer(tok, model_max_length: Optional[int] = None):
             hf_tok.init_kwargs["model_max_length"] = model_max_length
         return hf_tok
     transformers = transformers_module()
-    from .tokenizer import EOT
-
     extra = {} if model_max_length is None else {"model_max_length": model_max_length}
     if tok.kind == "char":
         return _char_tokenizer(tok, extra)
@@ -465,16 +376,19 @@ def to_hf_tokenizer(tok, model_max_length: Optional[int] = None):
     if fast.get_vocab_size() != tok.vocab_size or wrong:
         raise ValueError(f"tokenizer {tok.name!r}: the converted ids differ from ours "
                          f"({', '.join(wrong) or 'vocabulary size'})")
-    return transformers.PreTrainedTokenizerFast(
+    hf_tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=fast, bos_token=EOT, eos_token=EOT, clean_up_tokenization_spaces=False,
         **extra)
+    hf_tok.chat_template = tok.chat_template  # chat.py's template (None for a base model)
+    return hf_tok
 
 
 def save_hf(model: GPT, tokenizer, directory, dtype=None, overwrite: bool = False) -> Path:
     """Writes `model` and `tokenizer` (ours) as a Hugging Face folder that transformers loads
     with no gptmod_ext code: config.json, model.safetensors, generation_config.json (eos =
     <|endoftext|>; none for a char vocabulary, which has no end-of-text token), tokenizer.json
-    and tokenizer_config.json. Returns the folder's path.
+    and tokenizer_config.json (with the tokenizer's chat template, when it has one, as
+    chat_template). Returns the folder's path.
 
     The architecture is to_hf's (Llama or GPT-2; what neither can express is a ValueError).
     dtype: 'fp32', 'bf16', 'fp16' or a torch dtype; by default the model's. The folder is
@@ -514,11 +428,16 @@ def _edit_json(path: Path, **entries) -> None:
 def _for_older_readers(folder: Path, c: GPTConfig) -> None:
     """Keys that transformers 5 no longer writes but earlier releases (and the tools pinned to
     them) read: the tokenizer class by its long-standing name (5 writes its new alias,
-    TokenizersBackend), and Llama's rope_theta at the top level (5 nests it in
-    rope_parameters; a reader that looks only at the top would fall back to 10000)."""
+    TokenizersBackend), the chat template as tokenizer_config.json's chat_template (5 writes
+    chat_template.jinja; it reads either, the same string), and Llama's rope_theta at the top
+    level (5 nests it in rope_parameters; a reader that looks only at the top would fall back
+    to 10000)."""
     tok_config = folder / "tokenizer_config.json"
     if json.loads(tok_config.read_text()).get("tokenizer_class") == "TokenizersBackend":
         _edit_json(tok_config, tokenizer_class="PreTrainedTokenizerFast")
+    template = folder / "chat_template.jinja"
+    if template.is_file():
+        _edit_json(tok_config, chat_template=template.read_text())
     if c.pos_emb == "rope":
         _edit_json(folder / "config.json", rope_theta=c.rope_base)
 

@@ -13,7 +13,13 @@ Split: documents are assigned to train/val by a seeded random choice of round(n 
 of them (at least one each way). A corpus with fewer than 20 documents (one long text file,
 say) is split by position instead: the last val_fraction of each document goes to val.
 
-Output (see data.py): train.bin, val.bin, meta.json, tokenizer.json.
+Chat: .jsonl files whose rows are {"messages": [{"role", "content"}, ...]} make a chat data set
+instead (prepare_chat): whole conversations, split by a seeded draw, tokenized through the
+tokenizer's chat template (chat.py; ours is added when it has none), with the mask of the
+tokens trained on.
+
+Output (see data.py): train.bin, val.bin, meta.json, tokenizer.json (chat: also the masks and
+conversation starts; a Hugging Face tokenizer: hf_tokenizer/ instead of tokenizer.json).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from . import chat as chat_mod
 from . import data as data_mod
 from .common import Parser, UserError, atomic_write, run_cli
 from . import tokenizer as tokenizer_mod
@@ -143,7 +150,8 @@ def read_text_documents(path: Path, errors: str = "strict") -> Iterator[str]:
         yield doc
 
 
-def read_jsonl_documents(path: Path, field: str, errors: str = "strict") -> Iterator[str]:
+def jsonl_rows(path: Path, errors: str = "strict") -> Iterator[tuple[str, object]]:
+    """(where, row) for every non-empty line of a .jsonl file, where = 'file:line'."""
     try:
         with open(path, "rb") as f:
             offset = 0
@@ -156,16 +164,44 @@ def read_jsonl_documents(path: Path, field: str, errors: str = "strict") -> Iter
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise PrepareError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or field not in row:
-                    raise PrepareError(f"{path}:{lineno}: no field {field!r} "
-                                       "(choose it with --jsonl-field)")
-                text = row[field]
-                if not isinstance(text, str):
-                    raise PrepareError(f"{path}:{lineno}: field {field!r} is not a string")
-                if text:
-                    yield text
+                yield f"{path}:{lineno}", row
     except OSError as e:
         raise PrepareError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def read_jsonl_documents(path: Path, field: str, errors: str = "strict") -> Iterator[str]:
+    for where, row in jsonl_rows(path, errors):
+        if not isinstance(row, dict) or field not in row:
+            raise PrepareError(f"{where}: no field {field!r} (choose it with --jsonl-field)")
+        text = row[field]
+        if not isinstance(text, str):
+            raise PrepareError(f"{where}: field {field!r} is not a string")
+        if text:
+            yield text
+
+
+def read_conversations(path: Path, errors: str = "strict") -> Iterator[tuple[str, list]]:
+    """(where, messages) of every row of a chat .jsonl file (chat.check_messages)."""
+    for where, row in jsonl_rows(path, errors):
+        try:
+            yield where, chat_mod.check_messages(row, where)
+        except chat_mod.ChatError as e:
+            raise PrepareError(str(e)) from None
+
+
+def is_chat_file(path: Path) -> bool:
+    """A .jsonl file whose first row has "messages": a chat data set."""
+    if Path(path).suffix != ".jsonl":
+        return False
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    row = json.loads(raw)
+                    return isinstance(row, dict) and "messages" in row
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def iter_documents(files: list[Path], jsonl_field: str = "text", errors: str = "strict",
@@ -209,9 +245,9 @@ def _input_files(inputs: list[str] | None, max_bytes: int | None) -> tuple[list,
     return files, [f"stdlib:{sysconfig.get_paths()['stdlib']} ({len(files)} files)"]
 
 
-def _first_pass(docs, tokenizer: str, vocab_size: int, tokenizer_path: str | None):
+def _first_pass(docs, tokenizer: str, vocab_size: int, tokenizer_path: str | None, tok=None):
     """(tokenizer, number of documents): counts the documents (the split needs n) and trains
-    the BPE on the text."""
+    the BPE on the text; a given tok is used as it is."""
     n_docs, n_bytes = 0, 0
 
     def counted(limit_bytes):
@@ -223,7 +259,10 @@ def _first_pass(docs, tokenizer: str, vocab_size: int, tokenizer_path: str | Non
                 yield d
 
     try:
-        if tokenizer == "bpe":
+        if tok is not None:
+            for _ in counted(0):
+                pass
+        elif tokenizer == "bpe":
             tok = tokenizer_mod.train_bpe(counted(BPE_TRAIN_MAX_BYTES), vocab_size)
         else:
             for _ in counted(0):
@@ -245,10 +284,13 @@ def _write_splits(docs, tok, out: Path, n_docs: int, val_fraction: float, seed: 
         tmps = {s: stack.enter_context(atomic_write(out / f"{s}.bin")) for s in data_mod.SPLITS}
         handles = {s: stack.enter_context(open(tmps[s], "wb")) for s in data_mod.SPLITS}
 
+        # A char vocabulary has no end-of-text token: its documents are written back to back.
+        tail = [] if tok.eot_id is None else [tok.eot_id]
+
         def flush(batch):
             ids = tok.encode_batch([text for _, text in batch])
             for (split, text), toks in zip(batch, ids):
-                arr = np.asarray(toks + [tok.eot_id], dtype=dtype)
+                arr = np.asarray(list(toks) + tail, dtype=dtype)
                 handles[split].write(arr.tobytes())
                 st = stats[split]
                 st["tokens"] += len(arr)
@@ -276,24 +318,31 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str
             vocab_size: int = 4096, tokenizer_path: str | None = None,
             jsonl_field: str = "text", val_fraction: float = 0.05, seed: int = 1337,
             errors: str = "strict", max_bytes: int | None = None,
-            progress: bool = True) -> dict:
-    """Prepares `inputs` (None: the default stdlib corpus) into `out_dir`; returns meta."""
+            progress: bool = True, tok=None) -> dict:
+    """Prepares `inputs` (None: the default stdlib corpus) into `out_dir`; returns meta.
+    tok: a tokenizer to use as it is (a fine-tuned model's) instead of --tokenizer's. Chat
+    .jsonl files ({"messages": [...]} rows) make a chat data set (prepare_chat)."""
     if not 0 < val_fraction < 1:
         raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     files, sources = _input_files(inputs, max_bytes)
+    chats = [f for f in files if is_chat_file(f)]
+    if chats:
+        if len(chats) != len(files):
+            raise PrepareError(f"{chats[0]} is a chat data set ({{\"messages\": [...]}} rows) "
+                               "and cannot be mixed with text inputs; prepare them apart")
+        return prepare_chat(files, out_dir, tok, dict(tokenizer=tokenizer, vocab_size=vocab_size,
+                            tokenizer_path=tokenizer_path, jsonl_field=jsonl_field,
+                            errors=errors, max_bytes=max_bytes), val_fraction, seed, progress)
 
     def docs(desc):
         return iter_documents(files, jsonl_field, errors, progress, desc)
 
-    tok, n_docs = _first_pass(docs, tokenizer, vocab_size, tokenizer_path)
+    tok, n_docs = _first_pass(docs, tokenizer, vocab_size, tokenizer_path, tok)
     if n_docs == 0:
         raise PrepareError("the corpus is empty (no non-empty document in "
                            f"{len(files)} file{'s' if len(files) != 1 else ''})")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / data_mod.META).unlink(missing_ok=True)  # incomplete until meta.json is back
+    out = _open_output(out_dir)
     written = _write_splits(docs, tok, out, n_docs, val_fraction, seed)
-    tok.save(out)
     meta = {
         "format": data_mod.FORMAT,
         "dtype": written["dtype"],
@@ -306,13 +355,124 @@ def prepare(inputs: list[str] | None, out_dir: str | os.PathLike, tokenizer: str
                  "tokenizer_path": tokenizer_path, "jsonl_field": jsonl_field,
                  "errors": errors, "max_bytes": max_bytes},
     }
+    return _close_output(out, tok, meta)
+
+
+def _open_output(out_dir) -> Path:
+    """The output directory, made, and not a data directory until _close_output."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / data_mod.META).unlink(missing_ok=True)  # incomplete until meta.json is back
+    return out
+
+
+def _close_output(out: Path, tok, meta: dict) -> dict:
+    """The tokenizer, then meta.json, which makes the directory a data directory."""
+    tok.save(out)
     with atomic_write(out / data_mod.META) as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
     return meta
 
 
+# -- chat data sets ------------------------------------------------------------------------------
+def _conversations(files: list[Path], errors: str, progress: bool, desc: str):
+    """(where, messages) of every conversation of the chat files (read_conversations)."""
+    total = sum(f.stat().st_size for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress,
+              file=sys.stderr) as bar:
+        for f in files:
+            yield from read_conversations(f, errors)
+            bar.update(f.stat().st_size)
+
+
+def _chat_tokenizer(convs, tok, tok_args: dict):
+    """(tokenizer with a chat template, number of conversations): tok, or --tokenizer's (a BPE
+    trained on the messages' text, one id short of --vocab-size to leave room for the
+    template's token), through chat.with_template."""
+    n = 0
+
+    def texts():
+        nonlocal n
+        for _, msgs in convs("reading"):
+            n += 1
+            yield from (m["content"] for m in msgs)
+
+    try:
+        if tok is None and tok_args["tokenizer"] == "bpe":
+            tok = tokenizer_mod.train_bpe(texts(), tok_args["vocab_size"] - 1)
+        else:
+            for _ in texts():
+                pass
+            if tok is None:
+                tok = tokenizer_mod.build(tok_args["tokenizer"], path=tok_args["tokenizer_path"])
+        return chat_mod.with_template(tok), n
+    except (tokenizer_mod.TokenizerError, chat_mod.ChatError) as e:
+        raise PrepareError(str(e)) from None
+
+
+def _write_chat(convs, tok, out: Path, n: int, val_fraction: float, seed: int) -> dict:
+    """Pass 2: each conversation's ids (chat.conversation_ids), target mask and start into the
+    split it was drawn for; the splits' stats."""
+    dtype = data_mod.token_dtype(tok.vocab_size)
+    val_ids = choose_val_docs(n, val_fraction, seed)
+    stats = {s: {"file": f"{s}.bin", "mask": f"{s}.mask.bin", "idx": f"{s}.idx.bin", "tokens": 0,
+                 "bytes": 0, "docs": 0, "targets": 0, "target_bytes": 0} for s in data_mod.SPLITS}
+    starts = {s: [0] for s in data_mod.SPLITS}
+    names = [(s, k) for s in data_mod.SPLITS for k in ("file", "mask", "idx")]
+    with contextlib.ExitStack() as stack:  # every file appears, or none does
+        tmps = {nk: stack.enter_context(atomic_write(out / stats[nk[0]][nk[1]])) for nk in names}
+        handles = {nk: stack.enter_context(open(tmps[nk], "wb")) for nk in names if nk[1] != "idx"}
+        for i, (where, msgs) in enumerate(convs("tokenizing")):
+            try:
+                ids, trained = chat_mod.conversation_ids(tok, msgs)
+            except chat_mod.ChatError as e:
+                raise PrepareError(f"{where}: {e}") from None
+            split = "val" if i in val_ids else "train"
+            handles[split, "file"].write(np.asarray(ids, dtype=dtype).tobytes())
+            handles[split, "mask"].write(np.asarray(trained, dtype=np.uint8).tobytes())
+            st = stats[split]
+            st["tokens"] += len(ids)
+            st["docs"] += 1
+            st["targets"] += sum(trained)
+            st["bytes"] += sum(len(m["content"].encode("utf-8")) for m in msgs)
+            st["target_bytes"] += sum(len(m["content"].encode("utf-8")) for m in msgs
+                                      if m["role"] == "assistant")
+            starts[split].append(st["tokens"])
+        for s in data_mod.SPLITS:
+            handles[s, "file"].close()
+            handles[s, "mask"].close()
+            np.asarray(starts[s], dtype=np.int64).tofile(tmps[s, "idx"])
+    return {"dtype": dtype.name, **stats}
+
+
+def prepare_chat(files: list[Path], out_dir, tok, tok_args: dict, val_fraction: float,
+                 seed: int, progress: bool) -> dict:
+    """A chat data set (data.py) from chat .jsonl files: conversations split by a seeded draw
+    (at least one each way), tokenized with tok (or --tokenizer's) given a chat template."""
+    def convs(desc):
+        return _conversations(files, tok_args["errors"], progress, desc)
+
+    tok, n = _chat_tokenizer(convs, tok, tok_args)
+    if n < 2:
+        raise PrepareError(f"a chat data set needs at least 2 conversations (one goes to val), "
+                           f"found {n}")
+    out = _open_output(out_dir)
+    written = _write_chat(convs, tok, out, n, val_fraction, seed)
+    return _close_output(out, tok, {
+        "format": data_mod.FORMAT, "kind": "chat", "dtype": written["dtype"],
+        "train": written["train"], "val": written["val"], "tokenizer": tok.describe(),
+        "sources": [str(f) for f in files],
+        "split": {"by": "conversation", "val_fraction": val_fraction, "seed": seed},
+        "args": tok_args})
+
+
 def summary(meta: dict, out_dir) -> str:
     t, v = meta["train"], meta["val"]
+    if meta.get("kind") == "chat":
+        return (f"wrote {out_dir}: chat, train {t['docs']:,} conversations ({t['tokens']:,} "
+                f"tokens, {t['targets']:,} trained), val {v['docs']:,} conversations "
+                f"({v['targets']:,} trained tokens), {meta['dtype']}, tokenizer "
+                f"{meta['tokenizer']['name']} (vocab {meta['tokenizer']['vocab_size']})")
     return (f"wrote {out_dir}: train {t['tokens']:,} tokens ({t['docs']:,} docs, "
             f"{t['bytes']:,} bytes), val {v['tokens']:,} tokens ({v['docs']:,} docs), "
             f"{meta['dtype']}, tokenizer {meta['tokenizer']['name']} "

@@ -15,10 +15,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from .chat import CHAT_STOP, render_chat  # noqa: F401  (the plain chat lines, without a template)
 from .engine import Event
 from .sampling import SamplingError, SamplingParams
 
-CHAT_STOP = "\nuser:"
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -31,12 +31,6 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
-
-
-# -- the chat template -------------------------------------------------------------------------
-def render_chat(messages: list[dict]) -> str:
-    """'{role}: {content}\\n' for each message, then 'assistant:' (the model continues it)."""
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 # -- field validation --------------------------------------------------------------------------
@@ -265,8 +259,8 @@ class ChatApi(Api):
     extra_stop = (CHAT_STOP,)
 
     def __init__(self, template=None):
-        # messages -> prompt token ids (a Hugging Face chat template, which marks the end of a
-        # turn itself, so no extra stop string); None: render_chat
+        # messages -> prompt token ids (the tokenizer's chat template, chat.prompt_ids: the
+        # end-of-text token ends a turn, so no extra stop string); None: render_chat
         self.template = template
         if template is not None:
             self.extra_stop = ()

@@ -30,6 +30,11 @@ What it does, in the terms of the flags:
   checkpoint, prompt or runtime problem, 2 for a usage error. GPTMOD_DEBUG=1 shows tracebacks.
 - --interactive reads one prompt per line (the model keeps no chat state; the line is not
   echoed) until EOF (Ctrl-D) or Ctrl-C, and exits 0.
+- --chat is a conversation: each line is a user message, the model answers it with the whole
+  conversation so far (--system opens it) rendered by the run's chat template (chat.py; a
+  Hugging Face folder's own), and the answer ends at the end-of-text token; a model without a
+  template gets plain "role: content" lines and its answer ends at "\\nuser:", as the server
+  does. Only the answers go to stdout.
 """
 from __future__ import annotations
 
@@ -129,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("-q", "--quiet", action="store_true", help="no load/speed report on stderr")
     a("--interactive", action="store_true",
       help="read prompts line by line until EOF (Ctrl-D) or Ctrl-C")
+    a("--chat", action="store_true",
+      help="a conversation: one user message per line, answered with the history through the "
+           "model's chat template, until EOF (Ctrl-D) or Ctrl-C")
+    a("--system", default=None, metavar="TEXT", help="with --chat: the system message")
     return p
 
 
@@ -147,6 +156,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.interactive and (args.prompt is not None or args.prompt_file):
         parser.error("--interactive reads its prompts from stdin; drop --prompt/--prompt-file")
+    if args.chat and (args.prompt is not None or args.prompt_file or args.interactive
+                      or args.num_samples != 1):
+        parser.error("--chat reads its messages from stdin and answers each once; drop "
+                     "--prompt/--prompt-file/--interactive/--num-samples")
+    if args.system is not None and not args.chat:
+        parser.error("--system is for --chat")
     try:
         stop = [_unescape(s) for s in args.stop]
     except UnicodeDecodeError as e:
@@ -259,6 +274,7 @@ class Stats:
     new_tokens: list
     ttft: float   # seconds from the start of the prefill to the first sampled token
     seconds: float
+    text: str = ""  # sample 1's text
 
     def line(self, seed) -> str:
         total = sum(self.new_tokens)
@@ -269,15 +285,18 @@ class Stats:
                 f"token {self.ttft * 1000:.1f} ms, {rate:.1f} tokens/s{seed_part}")
 
 
-def generate(model, tok, prompt: str, args, seed, echo: bool, out, err) -> Stats:
+def generate(model, tok, prompt: str, args, seed, echo: bool, out, err, ids=None,
+             stop=()) -> Stats:
     """Generates args.params.n continuations of prompt as one batch and writes them to out
-    (sample 1 live, token by token; the others after it)."""
+    (sample 1 live, token by token; the others after it). ids: the prompt's ids when the
+    caller made them (a chat); stop: stop strings besides --stop."""
     import torch
 
     from .streaming import SequenceOutput
 
-    ids = encode_prompt(tok, prompt)
-    params = dataclasses.replace(args.params, max_tokens=_room(ids, model, args, err), seed=seed)
+    ids = encode_prompt(tok, prompt) if ids is None else ids
+    params = dataclasses.replace(args.params, max_tokens=_room(ids, model, args, err), seed=seed,
+                                 stop=args.params.stop + tuple(stop))
     B = params.n
     bad = [t for t in params.logit_bias if t >= model.config.vocab_size]
     if bad:
@@ -308,7 +327,7 @@ def generate(model, tok, prompt: str, args, seed, echo: bool, out, err) -> Stats
     for i in range(1, B):
         out.write(separator(i + 1, B) + (prompt if echo else "") + outs[i].text + "\n")
     out.flush()
-    return Stats(len(ids), [o.num_tokens for o in outs], ttft or 0.0, seconds)
+    return Stats(len(ids), [o.num_tokens for o in outs], ttft or 0.0, seconds, outs[0].text)
 
 
 def _room(ids: list, model, args, err) -> int:
@@ -339,16 +358,25 @@ def interactive(loaded: Loaded, args, out, err) -> None:
     tty = sys.stdin.isatty()
     if tty and not args.quiet:
         print("one prompt per line; Ctrl-D or Ctrl-C to quit", file=err)
+    for answered, prompt in enumerate(_lines(err, tty), 1):
+        if not tty:  # a log of piped prompts: each answer under a line naming its prompt
+            out.write(prompt_separator(answered, prompt))
+        seed = _pick_seed(args)
+        stats = generate(loaded.model, loaded.tok, prompt, args, seed, False, out, err)
+        if not args.quiet:
+            print(stats.line(seed), file=err, flush=True)
+
+
+def _lines(err, tty: bool):
+    """stdin's non-empty lines (without their line ends) until EOF; at a terminal with a "> "
+    prompt on stderr (stdout keeps only generated text) and input()'s line editing."""
     if tty:
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    answered = 0
     while True:
         if tty:
-            # The "> " goes to stderr so that stdout keeps only generated text; input() gives
-            # line editing at a terminal.
             err.write("> ")
             err.flush()
             try:
@@ -361,16 +389,48 @@ def interactive(loaded: Loaded, args, out, err) -> None:
             if tty:
                 err.write("\n")
             return
-        prompt = line.rstrip("\r\n")
-        if not prompt:
-            continue
-        answered += 1
-        if not tty:  # a log of piped prompts: each answer under a line naming its prompt
-            out.write(prompt_separator(answered, prompt))
+        if line.rstrip("\r\n"):
+            yield line.rstrip("\r\n")
+
+
+def chat_session(loaded: Loaded, args, out, err) -> None:
+    """--chat: each line a user message, answered from the whole conversation (chat.prompt:
+    the model's template, or plain lines without one); the answers join the history."""
+    from . import chat
+
+    tty = sys.stdin.isatty()
+    if tty and not args.quiet:
+        kind = "its chat template" if chat.template_of(loaded.tok) else "plain 'role: ' lines"
+        print(f"chat ({kind}): one message per line; Ctrl-D or Ctrl-C to quit", file=err)
+    messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+    for i, line in enumerate(_lines(err, tty), 1):
+        if not tty:  # a log of piped messages: each answer under a line naming its message
+            out.write(prompt_separator(i, line))
+        messages.append({"role": "user", "content": line})
+        ids, stop = _fit_history(loaded, messages, err)
         seed = _pick_seed(args)
-        stats = generate(loaded.model, loaded.tok, prompt, args, seed, False, out, err)
+        stats = generate(loaded.model, loaded.tok, line, args, seed, False, out, err, ids, stop)
+        messages.append({"role": "assistant", "content": stats.text})
         if not args.quiet:
             print(stats.line(seed), file=err, flush=True)
+
+
+def _fit_history(loaded: Loaded, messages: list, err) -> tuple[list, tuple]:
+    """chat.prompt of the conversation, its oldest exchanges dropped (with a warning; the
+    system message stays) while it leaves no room for an answer in the model's context."""
+    from . import chat
+
+    first = 1 if messages[0]["role"] == "system" else 0
+    ids, stop = chat.prompt(loaded.tok, messages)
+    dropped = 0
+    while len(ids) >= loaded.model.config.block_size and len(messages) > first + 2:
+        del messages[first:first + 2]  # the oldest question and its answer
+        dropped += 1
+        ids, stop = chat.prompt(loaded.tok, messages)
+    if dropped:
+        print(f"warning: the conversation outgrew the context ({loaded.model.config.block_size} "
+              f"tokens); its {dropped} oldest exchange(s) are forgotten", file=err, flush=True)
+    return ids, stop
 
 
 def run(args) -> int:
@@ -383,9 +443,9 @@ def run(args) -> int:
     if not args.quiet:
         print(f"loaded {loaded.description} in {time.perf_counter() - t:.2f} s", file=err,
               flush=True)
-    if args.interactive:
+    if args.interactive or args.chat:
         try:
-            interactive(loaded, args, out, err)
+            (chat_session if args.chat else interactive)(loaded, args, out, err)
         except KeyboardInterrupt:  # Ctrl-C ends the session cleanly, like Ctrl-D
             out.flush()
             err.write("\n")

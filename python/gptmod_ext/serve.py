@@ -11,10 +11,11 @@ thread; each HTTP handler submits one engine request per prompt and reads their 
 asyncio.Queue that the engine thread feeds through loop.call_soon_threadsafe. The wire format
 (parsing, choices, chunks, logprobs) is in protocol.py.
 
-Chat: the models are base models, so messages are rendered as plain text, one line per
-message, "{role}: {content}\\n", followed by "assistant:"; generation stops at "\\nuser:"
-(added to the request's own stop strings) so the model does not write the user's next turn.
-A Hugging Face folder with a chat template uses its template instead.
+Chat: a model whose tokenizer has a chat template (a run trained on chat data, a Hugging Face
+folder with one: chat.py) gets its messages rendered by that template, and a reply ends at the
+end-of-text token. A base model's messages are rendered as plain text, one line per message,
+"{role}: {content}\\n", followed by "assistant:"; generation stops at "\\nuser:" (added to the
+request's own stop strings) so the model does not write the user's next turn.
 
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for invalid
 requests (bad JSON, a field of the wrong type or out of range, an empty prompt, prompt +
@@ -28,6 +29,7 @@ stream, whose headers are already sent, that error is the last event).
 import argparse
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import signal
@@ -47,7 +49,7 @@ except ImportError as e:  # the one optional dependency group this module needs
     raise ImportError(f"gptmod_ext.serve needs fastapi and uvicorn: "
                       f"pip install fastapi uvicorn prometheus_client (the serve extra) ({e})") from None
 
-from . import decode
+from . import chat, decode
 from .common import Parser, UserError, run_cli
 from .devices import DTYPE_CHOICES
 from .engine import Engine, Event, QueueFull
@@ -557,17 +559,13 @@ class _DrainingServer:
 
 
 def chat_template(tok):
-    """(template string, messages -> prompt ids) of a Hugging Face tokenizer that has a chat
-    template; (None, None) otherwise (render_chat's plain text is used)."""
-    hf_tok = getattr(tok, "hf", None)
-    template = getattr(hf_tok, "chat_template", None)
+    """(template string, messages -> prompt ids) of a tokenizer that has a chat template (a
+    Hugging Face folder's, or a run's: chat.py); (None, None) otherwise (render_chat's plain
+    text is used)."""
+    template = chat.template_of(tok)
     if not template:
         return None, None
-
-    def render(messages):
-        return hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                          return_dict=False)
-    return template, render
+    return template, functools.partial(chat.prompt_ids, tok)
 
 
 def build_app(args) -> tuple:

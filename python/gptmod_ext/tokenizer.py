@@ -8,11 +8,17 @@ interface but no end-of-text token (`eot_id` None): generation runs to its token
 nanoGPT. Every tokenizer is saved as one JSON file (`tokenizer.json`) that holds everything
 needed to rebuild it (kind, split pattern, mergeable ranks as base64, special tokens; or the
 characters), so a run directory can be sampled from without the corpus or the network.
+An `HFTokenizer` (kind 'hf') is a transformers tokenizer behind the same interface: a Hugging
+Face folder's, kept in the run and data directories of a model fine-tuned from one as a
+save_pretrained folder named `hf_tokenizer`. A tokenizer may carry a chat template
+(`tok.chat_template`, a Jinja string, see chat.py): ours in tokenizer.json, an HFTokenizer's
+in its folder.
 
     tok = tokenizer.train_bpe(texts, vocab_size=4096)   # rustbpe trains, tiktoken serves
     tok = tokenizer.byte_tokenizer()                    # 256 bytes + <|endoftext|>
     tok = tokenizer.gpt2(path=None)                     # GPT-2's BPE from a local file/cache
     tok = tokenizer.from_meta_pkl("data/shakespeare_char/meta.pkl")   # nanoGPT's characters
+    tok = tokenizer.HFTokenizer("path/to/hf_folder")  # a Hugging Face folder's tokenizer
     tok.save(run_dir); tok = tokenizer.load(run_dir)
     ids = tok.encode(text); text = tok.decode(ids); raw = tok.decode_bytes(ids)
 
@@ -32,10 +38,11 @@ from typing import Iterable
 
 import tiktoken
 
-from .common import UserError, atomic_write
+from .common import UserError, atomic_write, first_line, transformers_module
 
 EOT = "<|endoftext|>"
 FILENAME = "tokenizer.json"
+HF_DIR = "hf_tokenizer"  # a Hugging Face tokenizer (HFTokenizer) inside a run or data directory
 FORMAT = "gptmod_ext.tokenizer/1"
 
 # GPT-4's split pattern (cl100k_base), also rustbpe's default: case-insensitive contractions,
@@ -71,11 +78,16 @@ class _Saved:
                 "sha1": hashlib.sha1(self.to_json().encode()).hexdigest()}
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Writes `directory/tokenizer.json` (through a temporary file and a rename)."""
+        """Writes `directory/tokenizer.json` (through a temporary file and a rename), and
+        removes a Hugging Face tokenizer an earlier run left there (load would prefer ours, but
+        a directory holds one tokenizer)."""
         path = Path(directory) / FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as tmp:
             tmp.write_text(self.to_json())
+        if (path.parent / HF_DIR).is_dir():
+            import shutil
+            shutil.rmtree(path.parent / HF_DIR, ignore_errors=True)
         return path
 
 
@@ -85,7 +97,8 @@ class Tokenizer(_Saved):
     byte_level = True  # decode_bytes gives each token's raw bytes (streaming.TextStreamer)
 
     def __init__(self, kind: str, name: str, pattern: str,
-                 mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int]):
+                 mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int],
+                 chat_template: str | None = None):
         if EOT not in special_tokens:
             raise TokenizerError(f"tokenizer {name!r} has no {EOT} special token")
         self.kind = kind
@@ -99,6 +112,7 @@ class Tokenizer(_Saved):
         self.eot_id = self.special_tokens[EOT]
         self.vocab_size = self.enc.n_vocab
         self._special_ids = set(self.special_tokens.values())
+        self.chat_template = chat_template  # a Jinja string (chat.py), None for a base model
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, name={self.name!r}, vocab_size={self.vocab_size})"
@@ -131,10 +145,17 @@ class Tokenizer(_Saved):
     def is_special(self, token_id: int) -> bool:
         return int(token_id) in self._special_ids
 
+    def with_chat_template(self, marker: str, template: str) -> "Tokenizer":
+        """A copy with `marker` added as a special token (the next id) and `template` as its
+        chat template (chat.with_template decides when)."""
+        specials = {**self.special_tokens, marker: self.special_tokens.get(marker, self.vocab_size)}
+        return Tokenizer(self.kind, self.name, self.pattern, self.mergeable_ranks, specials,
+                         chat_template=template)
+
     # -- saving --------------------------------------------------------------------------------
     def to_json(self) -> str:
         ranks = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
-        return json.dumps({
+        d = {
             "format": FORMAT,
             "kind": self.kind,
             "name": self.name,
@@ -142,7 +163,10 @@ class Tokenizer(_Saved):
             "special_tokens": self.special_tokens,
             # Ranks are the ids 0..n-1 in order, so a list of base64 byte strings suffices.
             "ranks": [base64.b64encode(tok).decode("ascii") for tok, _ in ranks],
-        })
+        }
+        if self.chat_template is not None:  # absent for base tokenizers: their sha1 stays
+            d["chat_template"] = self.chat_template
+        return json.dumps(d)
 
 
 class CharTokenizer(_Saved):
@@ -245,16 +269,20 @@ def from_json(text: str, where: str = "tokenizer.json") -> Tokenizer | CharToken
             return CharTokenizer(d["chars"], d["name"])
         ranks = {base64.b64decode(s): i for i, s in enumerate(d["ranks"])}
         return Tokenizer(d["kind"], d["name"], d["pattern"], ranks,
-                         {k: int(v) for k, v in d["special_tokens"].items()})
+                         {k: int(v) for k, v in d["special_tokens"].items()},
+                         chat_template=d.get("chat_template"))
     except TokenizerError:
         raise
     except (ValueError, KeyError, TypeError) as e:
         raise TokenizerError(f"{where} is corrupt ({type(e).__name__}: {e})") from None
 
 
-def load(directory_or_file: str | os.PathLike) -> Tokenizer | CharTokenizer:
-    """Loads the tokenizer saved in a run or data directory (or a tokenizer.json path)."""
+def load(directory_or_file: str | os.PathLike) -> Tokenizer | CharTokenizer | HFTokenizer:
+    """Loads the tokenizer saved in a run or data directory (our tokenizer.json, or a Hugging
+    Face tokenizer in its HF_DIR folder), or a tokenizer.json path."""
     path = Path(directory_or_file)
+    if path.is_dir() and not (path / FILENAME).is_file() and (path / HF_DIR).is_dir():
+        return HFTokenizer(path / HF_DIR)
     if path.is_dir():
         path = path / FILENAME
     if not path.is_file():
@@ -272,6 +300,161 @@ def document_start(tok) -> int | None:
     documents); None when it has neither."""
     bos = getattr(tok, "bos_id", None)
     return bos if bos is not None else getattr(tok, "eot_id", None)
+
+
+# -- a Hugging Face tokenizer -------------------------------------------------------------------
+class HFTokenizer:
+    """A transformers tokenizer behind the interface of ours (kind 'hf'): a Hugging Face
+    folder's (checkpoint.load_model returns it for those), and the tokenizer of a run
+    fine-tuned from one, kept in the run and data directories as a save_pretrained folder
+    named HF_DIR. A byte-level BPE streams through decode_bytes as ours do; any other has no
+    decode_bytes, and streaming.TextStreamer re-decodes it.
+
+    path_or_tokenizer: a folder with tokenizer files, or a transformers tokenizer object."""
+
+    kind = "hf"
+    FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+    def __init__(self, path_or_tokenizer):
+        if isinstance(path_or_tokenizer, (str, os.PathLike)):
+            path_or_tokenizer = _load_hf_tokenizer(Path(path_or_tokenizer))
+        self.hf = path_or_tokenizer
+        self.name = Path(self.hf.name_or_path or "hf").name
+        self.eot_id = self.hf.eos_token_id
+        self.bos_id = self.hf.bos_token_id
+        self.vocab_size = len(self.hf)
+        # Every added token marked special (a chat template's markers too) has no text.
+        self._special_ids = frozenset(self.hf.all_special_ids) | frozenset(
+            i for i, t in self.hf.added_tokens_decoder.items() if t.special)
+        self._token_bytes = _byte_level_tokens(self.hf, self._special_ids)
+        # A byte-level BPE (GPT-2's, Llama 3's, every folder `export` writes) streams through
+        # decode_bytes exactly as our own tokenizers do; others are re-decoded as whole texts.
+        self.byte_level = self._token_bytes is not None
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.hf.chat_template or None
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """A prompt's ids: the tokenizer's own special tokens added (a BOS, for most), and its
+        special tokens' text recognized unless allow_special is False."""
+        if allow_special:
+            return self.hf.encode(text, add_special_tokens=True)
+        return self.hf.encode(text, add_special_tokens=True, split_special_tokens=True)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """A document's ids, as prepare writes them: the tokenizer's own BOS where it adds one,
+        special tokens' text as plain text."""
+        return self.encode(text, allow_special=False)
+
+    def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
+        return self.hf(list(texts), add_special_tokens=True, split_special_tokens=True)["input_ids"]
+
+    def is_special(self, token_id: int) -> bool:
+        return int(token_id) in self._special_ids
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def decode_bytes(self, ids) -> bytes:
+        """The raw bytes of ids (special tokens skipped, as decode does); byte-level
+        tokenizers only."""
+        if self._token_bytes is None:
+            raise TypeError("decode_bytes: this tokenizer is not a byte-level BPE")
+        return b"".join(self._token_bytes[int(i)] for i in ids)
+
+    def with_chat_template(self, marker: str, template: str) -> "HFTokenizer":
+        """A copy with `marker` added as a special token (its next free id) and `template` as
+        its chat template (chat.with_template decides when)."""
+        import copy
+
+        hf = copy.deepcopy(self.hf)
+        hf.add_special_tokens({"additional_special_tokens": [marker]})
+        hf.chat_template = template
+        return HFTokenizer(hf)
+
+    def describe(self) -> dict:
+        """As _Saved.describe: sha1 covers the vocabulary, merges, normalization, special
+        tokens and chat template (what decides the ids), not where the files were read."""
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        body = backend.to_str() if backend is not None else json.dumps(
+            sorted(self.hf.get_vocab().items()))
+        key = json.dumps([body, self.chat_template, self.eot_id, self.bos_id])
+        return {"kind": self.kind, "name": self.name, "vocab_size": self.vocab_size,
+                "eot_id": self.eot_id, "file": HF_DIR,
+                "sha1": hashlib.sha1(key.encode()).hexdigest()}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes the tokenizer's files (save_pretrained) into `directory/HF_DIR`, through a
+        temporary folder that replaces the old one."""
+        import shutil
+
+        target = Path(directory) / HF_DIR
+        tmp = target.with_name(f".{HF_DIR}.tmp{os.getpid()}")
+        old = target.with_name(f".{HF_DIR}.old{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            self.hf.save_pretrained(str(tmp))
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+        ours = Path(directory) / FILENAME  # an earlier run's tokenizer.json would win in load()
+        if ours.is_file() and ours.read_bytes()[:64].startswith(b'{"format": "' + FORMAT.encode()):
+            ours.unlink()
+        return target
+
+
+def _load_hf_tokenizer(path: Path):
+    if not any((path / f).is_file() for f in HFTokenizer.FILES):
+        raise TokenizerError(f"{path} holds no tokenizer files ({', '.join(HFTokenizer.FILES)}); "
+                             "save one there with tokenizer.save_pretrained()")
+    transformers = transformers_module()
+    transformers.logging.set_verbosity_error()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises many types for unusable files
+        raise TokenizerError(f"cannot load the tokenizer in {path}: {first_line(e)}") from None
+
+
+def _gpt2_byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as one printable character: the printable
+    Latin-1 bytes as themselves, the other 68 as chr(256 + n) in byte order. char -> byte."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(others)})
+    return table
+
+
+def _byte_level_tokens(hf_tok, special_ids) -> list[bytes] | None:
+    """Each id's bytes when the tokenizer is a plain byte-level BPE (its decoder is ByteLevel
+    and every ordinary token is spelled in the byte alphabet), else None. Special tokens
+    decode to nothing; other added tokens to their UTF-8 text."""
+    backend = getattr(hf_tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    if decoder.get("type") != "ByteLevel":
+        return None
+    alphabet = _gpt2_byte_alphabet()
+    added = {i: t.content for i, t in hf_tok.added_tokens_decoder.items()}
+    out = []
+    for i, piece in enumerate(hf_tok.convert_ids_to_tokens(list(range(len(hf_tok))))):
+        if i in special_ids:
+            out.append(b"")
+        elif i in added:
+            out.append(added[i].encode("utf-8"))
+        elif piece is not None and all(ch in alphabet for ch in piece):
+            out.append(bytes(alphabet[ch] for ch in piece))
+        else:
+            return None
+    return out
 
 
 # -- the three kinds ----------------------------------------------------------------------------

@@ -33,6 +33,10 @@ builds everything a run needs (a Run), `fit` is the loop, `train_step` one optim
 - Exact resume: train_state.pt (checkpoint.TrainState) holds the optimizer, every RNG and the
   data sampler state; evaluation and samples draw from their own generators, so stopping at
   step k and resuming gives the same weights as never stopping (bitwise on the CPU in fp32).
+- --init-from SRC starts from a trained model (finetune.py: its weights, architecture and
+  tokenizer) with fine-tuning defaults (optimizer_defaults); --lora-rank trains LoRA adapters
+  on its frozen weights (lora.py). A chat data set (data.py) is read as whole conversations,
+  its loss on the answers only; the loop is the same.
 
 Launching data-parallel runs (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; only rank 0 prints
 and writes files):
@@ -65,6 +69,7 @@ import torch
 from . import _ext
 from . import checkpoint as ckpt
 from . import data as data_mod
+from . import finetune, lora
 from . import prepare as prepare_mod
 from . import tokenizer as tokenizer_mod
 from .common import Parser, UserError, atomic_write, first_line, run_cli
@@ -72,6 +77,9 @@ from .devices import DTYPE_CHOICES, dtype_name, pick_device, pick_dtype
 
 PROG = "python -m gptmod_ext.train"
 DEFAULT_DATA = "data/stdlib"
+# --lr and --weight-decay when not given: training from scratch, fine-tuning (--init-from), LoRA.
+PRETRAIN_LR, FINETUNE_LR, LORA_LR = 2e-3, 1e-4, 1e-3
+PRETRAIN_WEIGHT_DECAY, FINETUNE_WEIGHT_DECAY = 0.1, 0.0
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 # Evaluations in a row at which val loss rose before the run warns of overfitting (once).
@@ -103,10 +111,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--grad-accum", type=int, default=None,
       help="micro-steps per optimizer step, in total over all DDP processes (must be "
            "divisible by their number); default: one per process")
-    a("--lr", type=float, default=2e-3, help="peak learning rate")
+    a("--lr", type=float, default=None, help="peak learning rate (default 2e-3; with "
+      f"--init-from {FINETUNE_LR:g}, with LoRA {LORA_LR:g})")
     a("--min-lr", type=float, default=None, help="final learning rate (default lr / 10)")
     a("--warmup-iters", type=int, default=None, help="default: max_iters / 20")
-    a("--weight-decay", type=float, default=0.1)
+    a("--weight-decay", type=float, default=None, help="default 0.1; with --init-from 0")
     a("--beta1", type=float, default=0.9)
     a("--beta2", type=float, default=0.95)
     a("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
@@ -134,6 +143,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--mlflow", default=None, metavar="URI",
       help="log params and metrics to MLflow (e.g. sqlite:///mlruns.db); needs mlflow")
     a("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    a("--init-from", default=None, metavar="SRC",
+      help="start from this model: a run directory, a Hugging Face Llama/GPT-2 folder, or a "
+           "nanoGPT ckpt.pt / moderno model_XXXXX.pt (its tokenizer: --tokenizer-path); its "
+           "architecture, weights and tokenizer (see finetune.py)")
+    a("--lora-rank", type=int, default=0,
+      help="with --init-from: train rank-R LoRA adapters on frozen weights (0 = off)")
+    a("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default 2 x rank)")
+    a("--lora-targets", default=",".join(lora.TARGETS),
+      help=f"the adapted Linears, comma separated: {', '.join(lora.TARGETS)} (every Linear in "
+           "the blocks, the default) and lm_head")
     prepare_mod.add_tokenizer_args(p)
     return p.parse_args(argv)
 
@@ -226,6 +245,10 @@ class Config:
     jsonl_field: str
     errors: str
     world_size: int = 1
+    init_from: str | None = None  # the model the run started from (finetune.py)
+    lora_rank: int = 0            # 0: every weight trains; R: LoRA adapters only (lora.py)
+    lora_alpha: float | None = None
+    lora_targets: str = ""
 
     @property
     def micro_steps(self) -> int:
@@ -253,15 +276,31 @@ def resolve_config(args, env: "Env", data_dir: Path, block_size: int, backend: s
     for ok, msg in checks:
         if not ok:
             raise TrainError(msg)
+    opt = optimizer_defaults(args)
     resolved = dict(
         data=str(data_dir), block_size=args.block_size or block_size,
         grad_accum=args.grad_accum if args.grad_accum is not None else env.world,
-        min_lr=args.min_lr if args.min_lr is not None else args.lr / 10,
+        min_lr=args.min_lr if args.min_lr is not None else opt["lr"] / 10, **opt,
         warmup_iters=(args.warmup_iters if args.warmup_iters is not None
                       else max(args.max_iters // 20, 1)),
         device=str(env.device), dtype=dtype_name(pick_dtype(args.dtype, env.device, training=True)),
         backend=backend, world_size=env.world)
     return Config(**{**vars(args), **resolved})
+
+
+def optimizer_defaults(args) -> dict:
+    """lr, weight_decay and lora_alpha as given, else their defaults: pretraining 2e-3 and 0.1;
+    fine-tuning (--init-from) 1e-4 and 0, a tenth of pretraining's peak, as nanoGPT's and
+    litgpt's fine-tuning recipes lower it; LoRA 1e-3 (the adapters start at zero and, being
+    few, take a larger step, as in the LoRA paper and peft's examples) with alpha = 2 x rank."""
+    if args.init_from is None:
+        lr, wd = PRETRAIN_LR, PRETRAIN_WEIGHT_DECAY
+    else:
+        lr, wd = (LORA_LR if args.lora_rank else FINETUNE_LR), FINETUNE_WEIGHT_DECAY
+    return dict(lr=lr if args.lr is None else args.lr,
+                weight_decay=wd if args.weight_decay is None else args.weight_decay,
+                lora_alpha=(2.0 * args.lora_rank if args.lora_alpha is None
+                            else args.lora_alpha) if args.lora_rank else None)
 
 
 # -- environment ------------------------------------------------------------------------------
@@ -301,28 +340,37 @@ def setup_distributed(device_arg: str) -> Env:
     return Env(True, rank, world, device)
 
 
-def resolve_data(data: str | None, tok_args: dict, env: Env, progress: bool) -> Path:
-    """A prepared data directory for --data, preparing raw text (rank 0 only) when needed."""
+def resolve_data(data: str | None, tok_args: dict, env: Env, progress: bool,
+                 tok=None) -> Path:
+    """A prepared data directory for --data, preparing raw text (rank 0 only) when needed.
+    tok: the tokenizer of --init-from's model, which prepares raw text instead of the
+    tokenizer options; a prepared directory must have been made with it (finetune.py)."""
     if data is not None and data_mod.is_data_dir(data):
+        if tok is not None:
+            finetune.check_data(Path(data), tok)
         return Path(data)
-    if data is None:
-        out, inputs = Path(DEFAULT_DATA), None
+    recipe = tok_args if tok is None else {"tokenizer_sha1": tok.describe()["sha1"]}
+    if data is None:  # the default corpus; with a source's tokenizer, a directory of its own
+        suffix = "" if tok is None else "-" + recipe["tokenizer_sha1"][:8]
+        out, inputs = Path(DEFAULT_DATA + suffix), None
     else:
         p = Path(data)
         if not p.exists() and not any(ch in data for ch in "*?["):
             raise TrainError(f"--data {data} does not exist")
         # Raw text is prepared once into data/<name>-<hash of the inputs and tokenizer>.
-        key = hashlib.sha1(json.dumps([str(p.resolve()), tok_args]).encode()).hexdigest()[:8]
+        key = hashlib.sha1(json.dumps([str(p.resolve()), recipe]).encode()).hexdigest()[:8]
         out, inputs = Path("data") / f"{p.stem.strip('*') or 'corpus'}-{key}", [data]
     if data_mod.is_data_dir(out):
         meta = json.loads((out / data_mod.META).read_text())
-        if {k: meta.get("args", {}).get(k) for k in tok_args} == tok_args:
+        if tok is not None and finetune.made_with(meta, tok):
+            return out
+        if tok is None and {k: meta.get("args", {}).get(k) for k in tok_args} == tok_args:
             return out
     if env.is_main:
         print(f"preparing {'the default corpus (Python stdlib source)' if inputs is None else data}"
               f" into {out}", file=sys.stderr)
         try:
-            meta = prepare_mod.prepare(inputs, out, **tok_args, progress=progress)
+            meta = prepare_mod.prepare(inputs, out, **tok_args, progress=progress, tok=tok)
         except prepare_mod.PrepareError as e:
             raise TrainError(str(e)) from None
         print(prepare_mod.summary(meta, out), file=sys.stderr)
@@ -394,8 +442,7 @@ def evaluate(model, dataset, cfg: Config, device, autocast) -> dict:
         g = torch.Generator().manual_seed(cfg.seed + 10_000 + (split == "val"))
         losses = []
         for _ in range(cfg.eval_iters):
-            x, y = data_mod.get_batch(dataset.split(split), cfg.batch_size, cfg.block_size,
-                                      g, device)
+            x, y = dataset.get_batch(split, cfg.batch_size, cfg.block_size, g, device)
             with autocast:
                 _, loss = model(x, y)
             losses.append(loss.item())
@@ -427,9 +474,32 @@ def evaluate_split(model, tokens, block_size: int, batch_size: int, device, auto
 
 
 @torch.no_grad()
+def evaluate_chat_split(model, dataset, block_size: int, batch_size: int, device,
+                        autocast) -> tuple[float, int]:
+    """evaluate_split for a chat data set: every val conversation once (cut to block_size + 1
+    tokens, see data.py), the loss averaged over their trained targets."""
+    n_conv = len(dataset.starts["val"]) - 1
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, n_conv, batch_size):
+        picks = torch.arange(i, min(i + batch_size, n_conv))
+        x, y = dataset.batch("val", picks, block_size, device)
+        n = int((y != -1).sum())
+        if n:
+            with autocast:
+                _, loss = model(x, y)
+            total, count = total + loss.item() * n, count + n
+    model.train()
+    return total / max(count, 1), count
+
+
+@torch.no_grad()
 def sample_text(model, tok, device, n_tokens: int, seed: int) -> str:
-    """A short continuation of the end-of-text token (a fresh document)."""
-    idx = torch.tensor([[tok.eot_id]], dtype=torch.long, device=device)
+    """A short continuation of a fresh document: its start token (tokenizer.document_start),
+    or a newline for a char vocabulary, which has none (nanoGPT's sampler starts there)."""
+    start = tokenizer_mod.document_start(tok)
+    idx = torch.tensor([[start] if start is not None else tok.encode("\n")[:1] or [0]],
+                       dtype=torch.long, device=device)
     n = min(n_tokens, model.config.block_size - 1)
     ids = model.generate(idx, n, temperature=0.8, top_k=50, seed=seed)[0, 1:].tolist()
     return tok.decode(ids)
@@ -619,6 +689,7 @@ class Run:
     unigram: float                 # the loss of the best context-free model: the one to beat
     step: int = 0
     best_val: float = float("inf")
+    source: dict | None = None     # --init-from: config.json's "init_from" (finetune.Source)
 
 
 def _read_resume(args) -> ckpt.Resumed | None:
@@ -630,9 +701,14 @@ def _read_resume(args) -> ckpt.Resumed | None:
         raise TrainError(f"--resume: {e}") from None
 
 
-def _load_data(args, env: Env, resumed) -> tuple[Path, data_mod.Dataset, tokenizer_mod.Tokenizer]:
+def _load_data(args, env: Env, resumed, source=None
+               ) -> tuple[Path, data_mod.Dataset, tokenizer_mod.Tokenizer]:
     data = args.data if args.data is not None or resumed is None else resumed.config.get("data")
-    data_dir = resolve_data(data, tokenizer_args(args), env, progress=not args.no_progress)
+    if resumed is not None and resumed.config.get("init_from") and not (
+            data is not None and data_mod.is_data_dir(data)):
+        data = resumed.config.get("data")  # a fine-tune resumes on the data it prepared
+    data_dir = resolve_data(data, tokenizer_args(args), env, progress=not args.no_progress,
+                            tok=None if source is None else source.tok)
     try:
         dataset = data_mod.load(data_dir)
         tok = dataset.tokenizer()
@@ -649,9 +725,75 @@ def _check_sizes(cfg: Config, model, dataset, vocab_size: int) -> None:
         raise TrainError(f"the model's vocab_size {model.config.vocab_size} is smaller than the "
                          f"tokenizer's {vocab_size}")
     for split in ("train", "val"):
-        if len(dataset.split(split)) <= cfg.block_size:
+        if not dataset.chat and len(dataset.split(split)) <= cfg.block_size:
             raise TrainError(f"the {split} split of {cfg.data} has {len(dataset.split(split))} "
                              f"tokens, too few for --block-size {cfg.block_size}")
+
+
+def _read_source(args, resumed) -> finetune.Source | None:
+    """--init-from's model and tokenizer (finetune.load_source): for a new run, and for a LoRA
+    run's --resume (its frozen base, which must be the one the run started from)."""
+    if resumed is not None:
+        _check_resume_options(args, resumed.config)
+    if args.init_from is None:
+        if args.lora_rank:
+            raise TrainError("--lora-rank needs --init-from: LoRA adapts a trained model")
+        return None
+    finetune.check_options(args, vars(parse_args([])))
+    if resumed is not None and not args.lora_rank:
+        return None  # the run directory holds every weight
+    source = finetune.load_source(args.init_from, args.tokenizer_path)
+    if resumed is not None and source.record["sha1"] != resumed.config["init_from"]["sha1"]:
+        raise TrainError(f"--resume: the weights of {args.init_from} changed since the run in "
+                         f"{args.out_dir} started from them; a LoRA run resumes on the same base")
+    return source
+
+
+def _check_resume_options(args, config: dict) -> None:
+    """A LoRA run resumes with the options it started with (its model is rebuilt from SRC and
+    them); any other run's directory holds every weight it needs."""
+    was = config.get("train", {})
+    now = {"lora_rank": args.lora_rank, "lora_alpha": optimizer_defaults(args)["lora_alpha"],
+           "lora_targets": args.lora_targets,
+           "init_from": args.init_from and str(Path(args.init_from).resolve())}
+    before = {"lora_rank": was.get("lora_rank", 0), "lora_alpha": was.get("lora_alpha"),
+              "lora_targets": was.get("lora_targets"),
+              "init_from": (config.get("init_from") or {}).get("path")}
+    for key in now if (now["lora_rank"] or before["lora_rank"]) else ["lora_rank"]:
+        if now[key] != before[key]:
+            raise TrainError(f"--resume: the run in {args.out_dir} was trained with "
+                             f"--{key.replace('_', '-')} {before[key]}, not {now[key]}; resume "
+                             "it with the options it started with")
+
+
+def _initial_model(args, resumed, source, tok):
+    """The model a run starts from: the resumed run's, SRC's (with its LoRA adapters, read
+    back on --resume), or a fresh one of --preset."""
+    if source is None:
+        return resumed.model if resumed is not None else new_model(args, tok.vocab_size)
+    model = finetune.build_model(source, tok, parse_model_args(args.model_args))
+    if args.lora_rank:
+        lora.apply(model, args.lora_rank, optimizer_defaults(args)["lora_alpha"],
+                   lora.parse_targets(args.lora_targets))
+        if resumed is not None:
+            lora.load_adapters(model, args.out_dir, resumed.state.step)
+    return model
+
+
+def _check_chat(run: Run) -> None:
+    """A chat data set's conversations against the window: how many are cut (reported), none
+    left with nothing to train (refused)."""
+    if not run.dataset.chat:
+        return
+    for split, r in data_mod.chat_report(run.dataset, run.cfg.block_size).items():
+        if r["untrainable"] is not None:
+            raise TrainError(f"conversation {r['untrainable']} of the {split} split of "
+                             f"{run.cfg.data} has no assistant token within --block-size "
+                             f"{run.cfg.block_size} + 1 tokens; raise --block-size or shorten it")
+        if r["cut"]:
+            run.log.print(f"{r['cut']} of the {r['conversations']} {split} conversations are "
+                          f"longer than --block-size {run.cfg.block_size} + 1 tokens: they are "
+                          "cut there, and what is cut is not trained")
 
 
 def _restore(run: Run, state: ckpt.TrainState) -> None:
@@ -681,9 +823,10 @@ def setup(args, env: Env) -> Run:
     if args.threads:
         torch.set_num_threads(args.threads)
     resumed = _read_resume(args)
-    data_dir, dataset, tok = _load_data(args, env, resumed)
+    source = _read_source(args, resumed)
+    data_dir, dataset, tok = _load_data(args, env, resumed, source)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = resumed.model if resumed is not None else new_model(args, tok.vocab_size)
+    model = _initial_model(args, resumed, source, tok)
     cfg = resolve_config(args, env, data_dir, model.config.block_size,
                          resolve_backend(args.backend, env.device))
     _check_sizes(cfg, model, dataset, tok.vocab_size)
@@ -699,7 +842,9 @@ def setup(args, env: Env) -> Run:
     run = Run(cfg, env, dataset, tok, model, model, configure_optimizer(model, cfg),
               torch.amp.GradScaler(env.device.type, enabled=(dtype == torch.float16)),
               autocast, torch.Generator().manual_seed(cfg.seed), None,
-              data_mod.unigram_entropy(dataset.train, tok.vocab_size))
+              data_mod.unigram_entropy(dataset.targets("train"), tok.vocab_size))
+    run.source = source.record if source is not None else (
+        resumed.config.get("init_from") if resumed is not None else None)
     if resumed is not None:
         _restore(run, resumed.state)
     if run.step >= cfg.max_iters:
@@ -708,6 +853,7 @@ def setup(args, env: Env) -> Run:
     run.model = _wrap(model, cfg, env)
     run.log = RunLogger(cfg, env.is_main, run.step, run.unigram,
                         model.flops_per_token(cfg.block_size) * cfg.tokens_per_step, peak)
+    _check_chat(run)
     return run
 
 
@@ -716,7 +862,11 @@ def print_banner(run: Run, defaulted_accum: bool) -> None:
     cfg, m = run.cfg, run.raw_model
     if not run.env.is_main:
         return
-    run.log.print(f"model: {cfg.preset} {m.num_params() / 1e6:.2f}M params, backend "
+    what = cfg.preset if cfg.init_from is None else f"from {cfg.init_from}"
+    if cfg.lora_rank:
+        trained = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        what += f" + LoRA rank {cfg.lora_rank} ({trained / 1e6:.3f}M trained)"
+    run.log.print(f"model: {what} {m.num_params() / 1e6:.2f}M params, backend "
                   f"{m.backend}, {cfg.device} {cfg.dtype}{', compiled' if cfg.compile else ''}; "
                   f"data {cfg.data}: {len(run.dataset.train):,} train tokens, tokenizer "
                   f"{run.tok.name}")
@@ -746,12 +896,12 @@ def train_step(run: Run) -> tuple[float, float, torch.Tensor | None]:
         group["lr"] = lr
     accum = cfg.micro_steps
     loss_sum = torch.zeros((), device=env.device)
-    offsets = data_mod.random_offsets(len(run.dataset.train), cfg.block_size,
-                                      cfg.grad_accum * cfg.batch_size, run.sampler)
+    offsets = run.dataset.draw("train", cfg.block_size, cfg.grad_accum * cfg.batch_size,
+                               run.sampler)
     for micro in range(accum):
         first = (env.rank * accum + micro) * cfg.batch_size
-        x, y = data_mod.windows(run.dataset.train, offsets[first:first + cfg.batch_size],
-                                cfg.block_size, env.device)
+        x, y = run.dataset.batch("train", offsets[first:first + cfg.batch_size], cfg.block_size,
+                                 env.device)
         # Gradients are averaged across ranks on the last micro-step only.
         last = not env.ddp or micro == accum - 1
         with contextlib.nullcontext() if last else run.model.no_sync():
@@ -799,11 +949,18 @@ def final_evaluation(run: Run) -> float | None:
     if not run.env.is_main or run.cfg.final_eval_tokens <= 0:
         return None
     val = run.dataset.val
-    loss, n = evaluate_split(run.raw_model, val, run.cfg.block_size, run.cfg.batch_size,
-                             run.env.device, run.autocast, run.cfg.final_eval_tokens)
+    if run.dataset.chat:
+        loss, n = evaluate_chat_split(run.raw_model, run.dataset, run.cfg.block_size,
+                                      run.cfg.batch_size, run.env.device, run.autocast)
+        val = run.dataset.targets("val")
+        scope = "the answers of every val conversation" + (
+            "" if n == len(val) else f" (of {len(val):,}: the rest is cut by --block-size)")
+    else:
+        loss, n = evaluate_split(run.raw_model, val, run.cfg.block_size, run.cfg.batch_size,
+                                 run.env.device, run.autocast, run.cfg.final_eval_tokens)
+        scope = ("the whole val split" if n >= len(val) - 1 else f"an evenly spaced sample of "
+                 f"the val split's {len(val) - 1:,} (--final-eval-tokens)")
     bpb = data_mod.bits_per_byte(loss, run.dataset.bytes_per_token("val"))
-    scope = ("the whole val split" if n >= len(val) - 1 else
-             f"an evenly spaced sample of the val split's {len(val) - 1:,} (--final-eval-tokens)")
     run.log.add({"step": run.step, "final_val_loss": loss, "final_val_bpb": bpb,
                  "final_val_tokens": n, "val_split_tokens": len(val)})
     run.log.print(f"final evaluation: val loss {loss:.4f} ({bpb:.3f} bits/byte) over {n:,} "
@@ -820,9 +977,14 @@ def save(run: Run, val_loss: float | None) -> None:
                             rng=ckpt.rng_state(), sampler=run.sampler.get_state(),
                             grad_accum=cfg.grad_accum, batch_size=cfg.batch_size,
                             best_val_loss=run.best_val, world_size=cfg.world_size)
+    weights = None
+    if cfg.lora_rank:  # the adapters first: the training state names their step
+        lora.save_adapters(cfg.out_dir, run.raw_model, cfg.lora_rank, cfg.lora_alpha,
+                           lora.parse_targets(cfg.lora_targets), run.step)
+        weights = lora.merged_state_dict(run.raw_model)
     ckpt.save_run(cfg.out_dir, run.raw_model, run.tok, state, dataclasses.asdict(cfg),
                   {"val_loss": val_loss, "data": str(Path(cfg.data).resolve()),
-                   "unigram_entropy": run.unigram})
+                   "unigram_entropy": run.unigram, "init_from": run.source}, weights)
     run.log.write_metrics()
 
 
