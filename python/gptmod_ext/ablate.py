@@ -401,7 +401,8 @@ def run_grid(specs: list[RunSpec], grid: Grid, args, on_done) -> int:
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(todo) * grid.max_iters, initial=sum(starts.values()),
+        end = grid.max_iters if args.stop_at is None else min(args.stop_at, grid.max_iters)
+        bar = tqdm(total=len(todo) * end, initial=sum(starts.values()),
                    unit="step", desc=PROG.split()[-1], dynamic_ncols=True, file=sys.stderr)
     ex, failed = Executor(args.jobs, bar), 0
     pool = ThreadPoolExecutor(max_workers=args.jobs)
@@ -438,17 +439,11 @@ def _checkpoint_step(run_dir: Path) -> int:
 
 # -- the report -------------------------------------------------------------------------------
 def read_rows(path: Path) -> list[dict]:
+    """A run's metrics.jsonl rows (none when it cannot be read)."""
     try:
-        text = path.read_text()
+        return train_mod.read_metrics(path, math.inf)
     except OSError:
         return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
 
 
 def collect(spec: RunSpec, grid: Grid, error: str = "") -> dict:
