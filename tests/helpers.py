@@ -16,6 +16,15 @@ needs_ext = pytest.mark.skipif(not ops.AVAILABLE, reason="gptmod extension not b
 # get it on PYTHONPATH so they import the same package as the test process.
 PKG_PARENT = str(Path(gptmod_ext.__file__).resolve().parent.parent)
 
+def prepare_test_corpus(path):
+    """The trainer tests' corpus at `path`: 150 kB of the stdlib's source, a 512-token BPE."""
+    from gptmod_ext import prepare
+
+    files = [str(f) for f in prepare.stdlib_files(max_bytes=150_000)]
+    prepare.prepare(files, path, tokenizer="bpe", vocab_size=512, progress=False)
+    return path
+
+
 def run_capability_sweep(module, cap):
     """Runs `module.capability_sweep(cap)` in a subprocess capped by GPTMOD_CPU_CAPABILITY=cap, so
     a narrower CPU build of the kernels (DEFAULT = no SIMD extensions, AVX2) is the one tested."""

@@ -16,7 +16,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from helpers import PKG_PARENT
+from helpers import PKG_PARENT, prepare_test_corpus
 import torch
 from safetensors.torch import load_file
 
@@ -35,10 +35,7 @@ COMMON = ["--model-args", MODEL, "--block-size", "32", "--batch-size", "4", "--e
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    files = [str(f) for f in P.stdlib_files(max_bytes=150_000)]
-    P.prepare(files, d / "stdlib", tokenizer="bpe", vocab_size=512, progress=False)
-    return d / "stdlib"
+    return prepare_test_corpus(tmp_path_factory.mktemp("data") / "stdlib")
 
 
 def train(capsys, *args):
