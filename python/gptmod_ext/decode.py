@@ -30,8 +30,10 @@ from . import _ext, ops
 
 
 def weights_key(params) -> tuple:
-    """Changes whenever a tensor is replaced, updated in place or cast: packed copies are stale."""
-    return tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+    """Changes whenever a tensor is replaced, updated in place or cast: packed copies are stale.
+    (A model built under torch.inference_mode has inference tensors, which keep no version
+    counter: for those only replacement and casts count.)"""
+    return tuple((p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype) for p in params)
 
 
 class FusedDecode:
