@@ -137,8 +137,6 @@ def assert_greedy_agrees(got, want, prompt, next_logits, tie=1e-4):
     `next_logits(ids)` (the model's float64 next-token logits [V]) has its two best logits
     within `tie`, either token is right (another CPU's rounding may break the tie the other
     way) and the continuations may part from there. Returns the number of steps compared."""
-    import torch
-
     got, want = [int(t) for t in got], [int(t) for t in want]
     for i, (a, b) in enumerate(zip(got, want)):
         if a == b:

@@ -68,7 +68,7 @@ def test_grid_writes_the_report(grid):
 
 
 def test_report_numbers_are_the_run_dirs_own(grid):
-    out, runs = grid[0], grid[1]
+    out = grid[0]
     doc = json.loads((out / "results.json").read_text())
     md = (out / "results.md").read_text()
     final = {}
@@ -101,7 +101,7 @@ def non_embedding(model):
 
 
 def test_gpt2_and_modern_are_what_their_names_say(grid):
-    out, runs = grid[0], grid[1]
+    runs = grid[1]
     want = {"gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True,
                          tie_embeddings=True, logit_softcap=0.0, n_kv_head=2, ffn_hidden=128),
             "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False,

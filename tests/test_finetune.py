@@ -9,7 +9,6 @@ chat.py) spelled out byte by byte here, with the loss over the answers computed 
 float64; LoRA's rank and merge checked with float64 linear algebra on the saved files.
 """
 import json
-import math
 import random
 
 import numpy as np

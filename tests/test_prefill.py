@@ -105,8 +105,11 @@ class MatmulRows(TorchDispatchMode):
         self.rows = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-            self.rows.append(args[0 if func is torch.ops.aten.mm.default else 1].size(0))
+        # Under inference mode a Linear reaches the dispatcher as aten.linear, not mm.
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.linear.default):
+            self.rows.append(args[0].size(0))
+        elif func is torch.ops.aten.addmm.default:
+            self.rows.append(args[1].size(0))
         return func(*args, **(kwargs or {}))
 
 

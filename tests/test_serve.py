@@ -13,7 +13,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from gptmod_ext.serve import CHAT_STOP, render_chat  # noqa: E402
+from gptmod_ext.protocol import CHAT_STOP, render_chat  # noqa: E402
 from serve_util import (API_KEY, expected_text, greedy, live_server, make_tiny_run,  # noqa: E402
                         openai_client, served_model)
 

@@ -110,34 +110,6 @@ class FusedDecode:
         return logits[:, :c.vocab_size]
 
 
-class DecodeWeights:
-    """[in, out] copies of a model's Linear weights, for the plain cached step on CPUs.
-
-    PyTorch's CPU matrix-vector product streams a row-major [out, in] weight at about 10 GB/s
-    but an [in, out] one at over 20 GB/s (measured on the benchmark machine), and decoding one
-    token is bound by those weight reads. The Decoder makes them only where the fused step does
-    not run (other architectures, the torch backend), so a model holds at most one extra copy of
-    its weights; they are remade when a weight changes (weights_key)."""
-
-    def __init__(self, model):
-        layers = self.layers(model)
-        self.key = weights_key(lin.weight for lin in layers)
-        with torch.no_grad():
-            self.t = {id(lin): lin.weight.detach().t().contiguous() for lin in layers}
-
-    @staticmethod
-    def layers(model) -> list:
-        return [lin for b in model.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
-                                                   b.mlp.c_proj)] + [model.lm_head]
-
-    def current(self, model) -> bool:
-        return self.key == weights_key(lin.weight for lin in self.layers(model))
-
-    def linear(self, x, layer):
-        wt = self.t[id(layer)]
-        return torch.mm(x, wt) if layer.bias is None else torch.addmm(layer.bias, x, wt)
-
-
 # A step: (idx [b, T], cache, rows: slice, lengths or None, all_logits, fresh) -> logits,
 # the arguments of GPT.cached_step.
 Step = Callable[..., torch.Tensor]
@@ -158,9 +130,7 @@ class Decoder:
         self.fused = True        # the fused CPU step wherever it can run
         self.compiled = False    # compile_decode(): torch.compile where the fused step cannot run
         self.quantize: Optional[str] = None  # 'int8': the fused step reads int8 weights
-        self.cpu_copies = True   # DecodeWeights for the plain step on CPUs (False saves memory)
         self._fused: Optional[FusedDecode] = None
-        self._copies: Optional[DecodeWeights] = None
         self._compiled_step: Optional[Step] = None
 
     def fused_reason(self, model) -> Optional[str]:
@@ -212,28 +182,20 @@ class Decoder:
         fused_ok = self.fused_reason(model) is None
         fused = self._packed(model) if fused_ok else None
         compiled = self._compiled(model) if self.compiled and not fused_ok else None
-        copies = self._cpu_copies(model) if not fused_ok else None
 
         def step(idx, cache, rows, lengths, all_logits=False, fresh=False):
             name = pick_step(fused_ok, compiled is not None, idx.size(0), idx.size(1), all_logits)
             if name == "fused":
                 return fused.step(model, idx, cache, rows, lengths)
             if name == "compiled":
-                return compiled(idx, cache, rows, lengths, all_logits, fresh, copies, False)
-            return model.cached_step(idx, cache, rows, lengths, all_logits, fresh, copies)
+                return compiled(idx, cache, rows, lengths, all_logits, fresh, False)
+            return model.cached_step(idx, cache, rows, lengths, all_logits, fresh)
         return step
 
     def _packed(self, model) -> FusedDecode:
         if self._fused is None or not self._fused.current(model, self.quantize):
             self._fused = FusedDecode(model, self.quantize)
         return self._fused
-
-    def _cpu_copies(self, model) -> Optional[DecodeWeights]:
-        if model.device.type != "cpu" or not self.cpu_copies:
-            self._copies = None
-        elif self._copies is None or not self._copies.current(model):
-            self._copies = DecodeWeights(model)
-        return self._copies
 
     def _compiled(self, model) -> Step:
         if self._compiled_step is None:

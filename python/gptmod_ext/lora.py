@@ -14,9 +14,9 @@ their plain names (merged_state_dict: sample, serve, export and transformers loa
 LoRA code) and ADAPTER_FILE with A and B of every target (plus rank, alpha, targets and the
 step), which --resume reads back on top of the source's weights.
 
-The fused CPU decode step and the plain step's weight copies cache weights by identity and
-version (decode.py); a parametrized weight is a new tensor at each read, so both are turned
-off on an adapted model (its samples during training decode through the layers).
+The fused CPU decode step caches packed weights by identity and version (decode.py); a
+parametrized weight is a new tensor at each read, so it is turned off on an adapted model (its
+samples during training decode through the layers).
 """
 from __future__ import annotations
 
@@ -97,8 +97,7 @@ def apply(model, rank: int, alpha: float, targets) -> dict[str, nn.Linear]:
         out_f, in_f = layer.weight.shape
         lora = LoRA(out_f, in_f, rank, alpha).to(layer.weight.device)
         parametrize.register_parametrization(layer, "weight", lora)
-    model.decoder.fused = False       # see the module doc: cached weights would go stale
-    model.decoder.cpu_copies = False
+    model.decoder.fused = False  # see the module doc: packed weights would go stale
     return layers
 
 

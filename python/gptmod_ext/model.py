@@ -279,7 +279,6 @@ class Context:
     rows: slice = dataclasses.field(default_factory=lambda: slice(None))  # their cache rows
     lens_before: Optional[torch.Tensor] = None  # int32 [B]: cached rows before this forward
     lens_after: Optional[torch.Tensor] = None   # lens_before + T
-    weights: Optional["decode.DecodeWeights"] = None  # CPU plain decode: [in, out] weight copies
     fresh: bool = False                      # every row was empty before: nothing cached to read
     # Ragged prefill: x holds only the real tokens, rows `pack` [N] of the padded B·T grid
     # (see _packing); attention alone works on the grid.
@@ -298,12 +297,6 @@ class Context:
         """x [N, W] of the packed real tokens -> [B·T, W], zeros at the padding."""
         grid = x.new_zeros(self.B * self.T, x.size(-1))
         return grid.index_copy_(0, self.pack, x)
-
-    def linear(self, x, layer: nn.Linear):
-        """layer(x) for x [N, in], from the decode weight layout when this forward has one."""
-        if self.weights is None:
-            return F.linear(x, layer.weight, layer.bias)
-        return self.weights.linear(x, layer)
 
 
 class CausalSelfAttention(nn.Module):
@@ -337,9 +330,7 @@ class CausalSelfAttention(nn.Module):
         the cache as well."""
         B, T = ctx.B, ctx.T
         Hq, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        # Functional linears on the modules' weights rather than module calls: decoding one
-        # token is overhead-bound, and every avoided Python layer counts.
-        qkv = ctx.linear(x, self.c_attn)
+        qkv = self.c_attn(x)
         if ctx.pack is not None:
             qkv = ctx.to_grid(qkv)
         # One split, not two slices: its backward is one concatenation, where each slice's
@@ -365,7 +356,7 @@ class CausalSelfAttention(nn.Module):
         y = y.reshape(B * T, Hq * D)
         if ctx.pack is not None:
             y = y.index_select(0, ctx.pack)
-        y = ctx.linear(y, self.c_proj)
+        y = self.c_proj(y)
         return _dropout(y, self.dropout, self.training)
 
     def causal_attention(self, q, k, v):
@@ -409,7 +400,7 @@ class MLP(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x, ctx: Context):
-        h = ctx.linear(x, self.c_fc)
+        h = self.c_fc(x)
         if self.kind == "gelu":
             h = F.gelu(h, approximate=self.gelu_approx)
         elif ctx.backend == "ext":
@@ -417,7 +408,7 @@ class MLP(nn.Module):
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        h = ctx.linear(h, self.c_proj)
+        h = self.c_proj(h)
         return _dropout(h, self.dropout, self.training)
 
 
@@ -571,7 +562,7 @@ class GPT(nn.Module):
         return _dropout(x.view(-1, x.size(-1)), self.config.dropout, self.training)
 
     def _logits(self, x, ctx: Context, capped: bool = True):
-        logits = ctx.linear(self.ln_f(x, ctx.backend), self.lm_head)
+        logits = self.lm_head(self.ln_f(x, ctx.backend))
         if logits.size(-1) != self.config.vocab_size:  # a slice's backward zero-fills [B·T, V]
             logits = logits[..., :self.config.vocab_size]
         cap = self.config.logit_softcap
@@ -660,11 +651,11 @@ class GPT(nn.Module):
         return self
 
     def cached_step(self, idx, cache: KVCache, rows: slice, lengths=None, all_logits=False,
-                    fresh=False, weights=None, pack=True):
+                    fresh=False, pack=True):
         """The plain cached forward through the layers: forward_cached's body with no size
         check (generate checks the sizes once, up front), the step decode.py runs when it does
         not run its fused one. fresh: the caller knows every row was empty (Context.fresh), so
-        no layer has to ask the device. weights: decode.DecodeWeights or None. pack=False never
+        no layer has to ask the device. pack=False never
         packs ragged rows (a torch.compile'd step: a pack's size would recompile per batch)."""
         b, T = idx.shape
         pack = _packing(lengths, T, idx.device) if pack else None
@@ -675,7 +666,7 @@ class GPT(nn.Module):
         else:
             positions = lens_before.view(b, 1) + torch.arange(T, device=idx.device, dtype=torch.int32)
         ctx = Context(b, T, self._backend, self.rope_cos, self.rope_sin, positions, cache, rows,
-                      lens_before, lens_after, weights, fresh, pack)
+                      lens_before, lens_after, fresh, pack)
         x = self._embed(idx, positions)
         if pack is not None:
             x = x.index_select(0, pack)

@@ -54,9 +54,8 @@ from .common import Parser, UserError, run_cli
 from .devices import DTYPE_CHOICES
 from .engine import Engine, Event, QueueFull
 from .tokenizer import document_start
-from .protocol import (CHAT, CHAT_STOP, COMPLETIONS, SSE_DONE, Api, ApiError, ChatApi,  # noqa: F401
-                       ChoiceOutput, Job, boolean, encode_text, parse_request, render_chat,
-                       response_head, sse, usage)
+from .protocol import (CHAT, COMPLETIONS, SSE_DONE, Api, ApiError, ChatApi, ChoiceOutput, Job,
+                       boolean, encode_text, parse_request, response_head, sse, usage)
 
 MAX_BODY_BYTES = 1 << 20
 STATIC_DIR = Path(__file__).resolve().parent / "static"
