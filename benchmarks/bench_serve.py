@@ -61,6 +61,36 @@ def make_run(run_dir: Path, preset: str) -> Path:
     return run_dir
 
 
+def run_dir_for(src: str, run_dir: Path) -> Path:
+    """run_dir as the older package in src can read it: a copy whose config.json leaves out the
+    model fields that version does not know (it refuses unknown fields), provided each holds
+    its default, so both sides serve the same model; the same run_dir when nothing is missing."""
+    import dataclasses
+    import shutil
+
+    from gptmod_ext import GPTConfig
+
+    known = subprocess.run([sys.executable, "-c", "import dataclasses, json; from gptmod_ext "
+                            "import GPTConfig; print(json.dumps([f.name for f in "
+                            "dataclasses.fields(GPTConfig)]))"],
+                           env={**os.environ, "PYTHONPATH": src}, capture_output=True, text=True,
+                           check=True).stdout
+    known = set(json.loads(known))
+    config = json.loads((run_dir / "config.json").read_text())
+    unknown = sorted(set(config["model"]) - known)
+    if not unknown:
+        return run_dir
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    changed = [k for k in unknown if config["model"][k] != defaults[k]]
+    if changed:
+        raise SystemExit(f"the package in {src} cannot serve this model: it lacks {changed}")
+    old = run_dir.with_name(run_dir.name + "-before")
+    shutil.copytree(run_dir, old)
+    config["model"] = {k: v for k, v in config["model"].items() if k in known}
+    (old / "config.json").write_text(json.dumps(config, indent=2))
+    return old
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -231,10 +261,12 @@ def compare(baseline: str | None, quick: bool, preset: str | None, threads: int 
     preset = preset or ("tiny" if quick else "small")
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = make_run(Path(tmp) / f"bench-{preset}", preset)
+        dirs = {"before": run_dir_for(baseline, run_dir) if baseline else run_dir,
+                "after": run_dir}
         runs = {"before": [], "after": []}
         for _ in range(rounds):
             for side, src, extra in (("before", baseline, ()), ("after", None, after_args)):
-                runs[side].append(run(quick, preset, str(run_dir), concurrency, threads, src,
+                runs[side].append(run(quick, preset, str(dirs[side]), concurrency, threads, src,
                                       extra))
     med = {side: [{**rs[0][i], **{c: statistics.median(r[i][c] for r in rs) for c in RATIO_COLS}}
                   for i in range(len(rs[0]))] for side, rs in runs.items()}

@@ -167,6 +167,7 @@ def test_serve_comparison_sides_and_ratios(monkeypatch, tmp_path):
                 for c in (1, 32)]
     monkeypatch.setattr(bench_serve, "run", fake_run)
     monkeypatch.setattr(bench_serve, "make_run", lambda path, preset: path)
+    monkeypatch.setattr(bench_serve, "run_dir_for", lambda src, path: path)
     res = bench_serve.compare(None, True, None, None, rounds=2, after_args=["--compile"])
     assert calls == [(None, ()), (None, ("--compile",))] * 2
     assert res["after_over_before"] == [
@@ -179,6 +180,36 @@ def test_serve_comparison_sides_and_ratios(monkeypatch, tmp_path):
     res = bench_serve.compare("/elsewhere/python", True, None, None, rounds=1)
     assert calls == [("/elsewhere/python", ()), (None, ())]
     assert res["before"] == "the package in /elsewhere/python"
+
+
+def test_serve_baseline_reads_a_run_dir_without_newer_fields(tmp_path):
+    # An older package refuses config fields it does not know: the baseline side serves a copy
+    # without them, as long as each holds its default (the same model); otherwise one error.
+    import dataclasses
+
+    import bench_serve
+    from gptmod_ext import GPTConfig
+
+    fields = [f.name for f in dataclasses.fields(GPTConfig)]
+    old_fields = [f for f in fields if f not in ("softcap_in_loss", "norm_bias")]
+    pkg = tmp_path / "old" / "gptmod_ext"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(
+        "import dataclasses\n"
+        f"GPTConfig = dataclasses.make_dataclass('GPTConfig', {old_fields!r})\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    model = GPTConfig(vocab_size=64, n_layer=1, n_embd=32, n_head=2).to_dict()
+    (run / "config.json").write_text(json.dumps({"format": "x", "model": model}))
+    old = bench_serve.run_dir_for(str(tmp_path / "old"), run)
+    assert old != run and json.loads((run / "config.json").read_text())["model"] == model
+    got = json.loads((old / "config.json").read_text())["model"]
+    assert sorted(got) == sorted(old_fields) and all(got[k] == model[k] for k in got)
+    assert bench_serve.run_dir_for(os.pathsep.join([str(tmp_path / "old"), "x"]), old) == old
+    model["softcap_in_loss"] = False
+    (run / "config.json").write_text(json.dumps({"format": "x", "model": model}))
+    with pytest.raises(SystemExit, match="softcap_in_loss"):
+        bench_serve.run_dir_for(str(tmp_path / "old"), run)
 
 
 def test_bench_ab_alternates_and_takes_ratios_per_pair(monkeypatch):

@@ -104,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--preset", default="tiny", help="model preset (gptmod_ext.model.PRESETS)")
     a("--model-args", default="",
       help="GPTConfig overrides, comma separated: n_layer=2,n_embd=64,dropout=0.1")
-    a("--max-iters", type=int, default=1000, help="optimizer steps: the schedule's horizon")
+    a("--max-iters", type=int, default=850, help="optimizer steps: the schedule's horizon")
     a("--batch-size", type=int, default=8, help="windows per micro-step per process")
     a("--block-size", type=int, default=None,
       help="window length (default and maximum: the model's block_size)")
