@@ -62,7 +62,7 @@ def build(mode: str, args, device) -> tuple:
     model.train()
 
     def step():
-        _, loss = model(x, y)
+        _, loss = model(x, y, return_logits=False)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

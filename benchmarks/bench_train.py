@@ -85,7 +85,7 @@ def engines(cfg, init, x, y, device, default, compile=False):
 
         def loss(fwd=fwd, amp=amp):
             with amp:
-                return fwd(x, y)[1]
+                return fwd(x, y, return_logits=False)[1]
         name = "gptmod default" if dt == default else f"gptmod {dtype_name(dt)}"
         out[name] = (_step(loss, model.parameters()), dt,
                      f"backend {model.backend}{', compiled' if compile else ''}")

@@ -54,7 +54,7 @@ def make_step(model, x, y, autocast):
 
     def step():
         with record_function("forward"), autocast:
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)
         with record_function("backward"):
             loss.backward()
         with record_function("optimizer"):

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import run  # noqa: E402  (benchmarks/run.py)
+from helpers import needs_ext  # noqa: E402
 
 BAR_STATES = {"PASS", "FAIL", "not measured"}
 
@@ -210,6 +211,19 @@ def test_serve_baseline_reads_a_run_dir_without_newer_fields(tmp_path):
     (run / "config.json").write_text(json.dumps({"format": "x", "model": model}))
     with pytest.raises(SystemExit, match="softcap_in_loss"):
         bench_serve.run_dir_for(str(tmp_path / "old"), run)
+
+
+@needs_ext
+def test_bench_softcap_writes_its_three_ways(tmp_path):
+    import bench_softcap
+
+    assert bench_softcap.main(["--budget", "0", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    md = next(tmp_path.glob("*-softcap.md")).read_text()
+    doc = json.loads(next(tmp_path.glob("*-softcap.json")).read_text())
+    assert [r["way"] for r in doc["rows"]] == ["no cap", "cap, logits returned",
+                                               "cap, return_logits=False"]
+    assert all(r["rounds"] == 2 and r["ms_per_step"] > 0 for r in doc["rows"])
+    assert "| cap, return_logits=False |" in md
 
 
 def test_bench_ab_alternates_and_takes_ratios_per_pair(monkeypatch):

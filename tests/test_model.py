@@ -349,6 +349,28 @@ def test_ext_matches_torch_logits_and_grads(arch):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("ext", marks=needs_ext)])
+@pytest.mark.parametrize("arch", ["exotic", "neox_two_norms", "modern"])
+def test_loss_without_logits_is_the_same_loss(arch, backend):
+    # The trainer's call (return_logits=False): no logits, and the loss and gradients of the
+    # torch backend's full forward (capped in the loss or not, per softcap_in_loss).
+    m = make_model(arch)
+    idx = torch.randint(0, 100, (2, 13))
+    targets = torch.randint(0, 100, (2, 13))
+    m.backend = "torch"
+    _, ref_grads = _logits_and_grads(m, idx, targets)
+    ref_loss = m(idx, targets)[1]
+    m.backend = backend
+    m.zero_grad()
+    logits, loss = m(idx, targets, return_logits=False)
+    assert logits is None
+    loss.backward()
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert m(idx, return_logits=False)[0].shape == (2, 13, 100)  # no targets: logits as ever
+
+
 @needs_ext
 def test_ext_matches_torch_in_bfloat16():
     m = make_model("modern", torch.bfloat16)

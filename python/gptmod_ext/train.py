@@ -444,7 +444,7 @@ def evaluate(model, dataset, cfg: Config, device, autocast) -> dict:
         for _ in range(cfg.eval_iters):
             x, y = dataset.get_batch(split, cfg.batch_size, cfg.block_size, g, device)
             with autocast:
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)
             losses.append(loss.item())
         out[split] = sum(losses) / len(losses)
     model.train()
@@ -467,7 +467,7 @@ def evaluate_split(model, tokens, block_size: int, batch_size: int, device, auto
         y = y.masked_fill(done.to(y.device), -1)
         n = int((~done).sum())
         with autocast:
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)
         total, count = total + loss.item() * n, count + n
     model.train()
     return total / count, count
@@ -487,7 +487,7 @@ def evaluate_chat_split(model, dataset, block_size: int, batch_size: int, device
         n = int((y != -1).sum())
         if n:
             with autocast:
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)
             total, count = total + loss.item() * n, count + n
     model.train()
     return total / max(count, 1), count
@@ -906,7 +906,7 @@ def train_step(run: Run) -> tuple[float, float, torch.Tensor | None]:
         last = not env.ddp or micro == accum - 1
         with contextlib.nullcontext() if last else run.model.no_sync():
             with run.autocast:
-                _, loss = run.model(x, y)
+                _, loss = run.model(x, y, return_logits=False)
             loss = loss / accum
             run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
