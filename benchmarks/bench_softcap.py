@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 from pathlib import Path
 
 import torch
@@ -64,11 +65,11 @@ def main(argv=None) -> int:
         [[r["way"], f"{r['ms_per_step']:.1f}",
           "{median:.3f} ({q1:.3f}-{q3:.3f})".format(**r["time_vs_no_cap"]), str(r["rounds"])]
          for r in rows], ["l", "r", "r", "r"])
-    load = open("/proc/loadavg").read().split()[:3] if Path("/proc/loadavg").exists() else "-"
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     text = "\n".join([
         "# The logit soft-cap in a training step", "",
         f"- machine: {info['cpu_model']}, {info['usable_cpus']} CPUs, torch {info['torch']}, "
-        f"{args.threads} thread(s); load average at the end {' '.join(load)}",
+        f"{args.threads} thread(s); load average at the end {load}",
         "- model: the ablation grid's (4 x 128, 4 / 2 heads, vocab 4096), batch 16 x 128, "
         "fp32, ext backend; one optimizer step per call, the three ways round-robin",
         f"- command: `PYTHONPATH=python python benchmarks/bench_softcap.py --threads "
