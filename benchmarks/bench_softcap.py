@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     text = "\n".join([
         "# The logit soft-cap in a training step", "",
         f"- machine: {info['cpu_model']}, {info['usable_cpus']} CPUs, torch {info['torch']}, "
+        f"gptmod CPU build {info['cpu_capability']}, "
         f"{args.threads} thread(s); load average at the end {load}",
         "- model: the ablation grid's (4 x 128, 4 / 2 heads, vocab 4096), batch 16 x 128, "
         "fp32, ext backend; one optimizer step per call, the three ways round-robin",
