@@ -25,7 +25,7 @@ inline at::vec::Vectorized<double> vexp(const at::vec::Vectorized<double>& v) { 
 // z = cap * tanh(raw / cap), lane-wise (cap > 0).
 template <typename V>
 inline V vcap(const V& raw, const V& cap, const V& inv_cap) {
-  return cap * (raw * inv_cap).tanh();
+  return cap * vtanh(raw * inv_cap);
 }
 
 // One row: returns lse. The cap is monotonic, so the max of z is the cap of the max of raw.
