@@ -124,7 +124,7 @@ inline void softcap_row(acc_t* s,  // [n]
                         int64_t n, acc_t cap) {
   using V = at::vec::Vectorized<acc_t>;
   const acc_t inv_cap = acc_t(1) / cap;
-  at::vec::map([cap, inv_cap](V v) { return (v * V(inv_cap)).tanh() * V(cap); }, s, s, n);
+  at::vec::map([cap, inv_cap](V v) { return vtanh(v * V(inv_cap)) * V(cap); }, s, s, n);
 }
 
 }  // namespace CPU_CAPABILITY
